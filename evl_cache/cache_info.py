@@ -1,0 +1,66 @@
+"""What a cache holds, for `evl-cache info`: backbone, blocks, sampling, splits, statuses, classes, size."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .store import STATUS_NAMES, FeatureStore
+
+
+def cache_info(path: str | Path, failed: bool = False) -> dict:
+    """A JSON-ready description of the cache at `path` (with the failed videos' reasons if asked)."""
+    with FeatureStore(path) as store:
+        attrs = store.check_version()
+        status = store.column("status")
+        split = store.column("split")
+        counts = Counter(STATUS_NAMES[int(s)] for s in status)
+        by_split: dict[str, dict[str, int]] = {}
+        for s, st in zip(split, status):
+            by_split.setdefault(str(s), Counter())[STATUS_NAMES[int(st)]] += 1
+        info = {
+            "path": str(path),
+            "format": store.kind,
+            "format_version": attrs["format_version"],
+            "backbone": attrs["backbone"],
+            "blocks": attrs["blocks"],
+            "sampling": attrs["sampling"],
+            "preprocessing": attrs["preprocessing"],
+            "dtype": attrs["dtype"],
+            "videos": int(len(status)),
+            "status": {name: counts.get(name, 0) for name in STATUS_NAMES.values()},
+            "splits": {s: dict(c) for s, c in sorted(by_split.items())},
+            "classes": attrs["class_names"],
+            "bytes_on_disk": store.size_on_disk(),
+            "created": attrs.get("created"),
+            "versions": attrs.get("versions"),
+        }
+        if failed:
+            paths, errors = store.column("path"), store.column("error")
+            info["failed"] = [{"path": str(p), "error": str(e)}
+                              for p, e, s in zip(paths, errors, status) if s == 2]
+    return info
+
+
+def format_info(info: dict) -> str:
+    """The plain-text form of `cache_info`."""
+    backbone = info["backbone"]
+    sampling = info["sampling"]
+    lines = [
+        f"cache:      {info['path']} ({info['format']}, format v{info['format_version']}, {info['dtype']})",
+        f"backbone:   {backbone['model']} pretrained={backbone['pretrained']} sha256={backbone['weights_sha256'][:16]}",
+        f"            {backbone['image_size']} px, grid {backbone['patch_grid'][0]}x{backbone['patch_grid'][1]}, "
+        f"width {backbone['width']}, {backbone['heads']} heads, {backbone['layers']} blocks, embed {backbone['embed_dim']}",
+        f"blocks:     {info['blocks']}",
+        f"sampling:   {sampling['mode']} {sampling['frames']} frames x stride {sampling['stride']}, "
+        f"{sampling['eval_views']} eval views, {sampling['train_views']} train views",
+        f"videos:     {info['videos']} ({', '.join(f'{k} {v}' for k, v in info['status'].items())})",
+    ]
+    for split, counts in info["splits"].items():
+        lines.append(f"  {split:<9} {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}")
+    classes = info["classes"]
+    shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
+    lines.append(f"classes:    {len(classes)}: {shown}")
+    lines.append(f"size:       {info['bytes_on_disk'] / 1e6:.1f} MB on disk")
+    for item in info.get("failed", []):
+        lines.append(f"failed:     {item['path']}: {item['error']}")
+    return "\n".join(lines)

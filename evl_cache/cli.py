@@ -1,0 +1,91 @@
+"""The `evl-cache` command: a thin shell over the library's functions.
+
+Each command builds its config dataclass from flags (and an optional `--config` TOML file), calls the
+function, and turns `EvlCacheError` into a one-line message with exit code 1. Other exceptions are bugs
+and keep their traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .config import build_config, click_options, load_toml
+from .errors import EvlCacheError
+from .extract import ExtractConfig, extract
+
+
+def _setup_logging(verbose: bool) -> None:
+    """Plain, greppable lines on stderr. open_clip logs its steps on the root logger: warnings only."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: verbose or record.name != "root" or record.levelno >= logging.WARNING)
+    for noisy in ("huggingface_hub", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors(function: Callable) -> Callable:
+    """Run a command; a user error becomes one line on stderr and exit code 1."""
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            with logging_redirect_tqdm():
+                return function(*args, **kwargs)
+        except EvlCacheError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+def _config(cls: type, config_file: Path | None, section: str, options: dict) -> Any:
+    base = None
+    if config_file is not None:
+        values = load_toml(config_file)
+        base = build_config(cls, values.get(section, values))
+    return build_config(cls, options, base)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+@click.version_option(package_name="evl-cache")
+def main(verbose: bool) -> None:
+    """Train EVL video models on frozen CLIP features, extracted once into a cache."""
+    _setup_logging(verbose)
+
+
+@main.command("extract")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="TOML file with these options (its [extract] table, or top level); flags override it")
+@click.option("--list", "list_file", type=click.Path(path_type=Path),
+              help="one list for the whole dataset (same as --train-list; a CSV split column sets splits)")
+@click_options(ExtractConfig)
+@user_errors
+def extract_command(config_file: Path | None, list_file: Path | None, **options: Any) -> None:
+    """Run the frozen CLIP backbone once over every video and write the feature cache (resumable)."""
+    if list_file is not None:
+        options["train_list"] = options.get("train_list") or list_file
+    summary = extract(_config(ExtractConfig, config_file, "extract", options))
+    click.echo(summary.line())
+
+
+@main.command("info")
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
+@click.option("--failed", is_flag=True, help="list failed videos with their reasons")
+@user_errors
+def info_command(cache: Path, as_json: bool, failed: bool) -> None:
+    """Show what a cache holds: backbone, blocks, sampling, splits, statuses, classes, size."""
+    from .cache_info import cache_info, format_info
+    info = cache_info(cache, failed=failed)
+    click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
+
+
+if __name__ == "__main__":
+    main()

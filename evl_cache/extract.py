@@ -1,0 +1,432 @@
+"""Stage one: run the frozen backbone once over every video and write the cache.
+
+Videos are decoded in DataLoader worker processes (only the frames the sampling plan needs) while the
+main process batches clips through the backbone. Results are buffered per shard and each shard is
+written whole, then its status rows. A re-run of the same command skips finished shards and redoes
+the rest, so a killed extraction ends with the same cache as an uninterrupted one: batches never
+cross a shard boundary, and every random choice is seeded per (video, view).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import __version__
+from .backbone import BackboneSpec, FrozenBackbone, load_clip
+from .config import option, to_dict
+from .decode import decode_frames, probe_video
+from .errors import BadVideoError, CacheError, DatasetError, EvlCacheError
+from .pixels import augmented_clip, centre_crop
+from .sampling import SAMPLING_MODES, plan_views
+from .store import DONE, FAILED, PENDING, CacheLayout, FeatureStore, disk_usage, remove_store
+from .videos import VideoEntry, VideoList, find_videos
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    """Options of `evl-cache extract`."""
+    out: Path = option(None, "cache to write: *.zarr (Zarr v3) or *.h5 (HDF5)")
+    videos: Path | None = option(None, "folder of videos: <class>/<video> or <split>/<class>/<video>")
+    train_list: Path | None = option(None, "training list: 'path label' lines, or a CSV with a header")
+    val_list: Path | None = option(None, "validation list, same formats as --train-list")
+    data_root: Path | None = option(None, "folder the list paths are relative to [default: the list's folder]")
+    classes: Path | None = option(None, "class names: one per line, or the authors' JSON mapping")
+    model: str = option("ViT-B-16", "open_clip model name, or a path to an open_clip model-config JSON")
+    pretrained: str = option("openai", "open_clip pretrained tag, a local weights file, or none (random)")
+    blocks: int = option(4, "how many of the last backbone blocks to cache")
+    size: int | None = option(None, "input size in pixels [default: the model's own]")
+    frames: int = option(8, "frames per clip (T)")
+    stride: int = option(16, "frame stride of dense sampling")
+    sampling: str = option("dense", "frame sampling", choices=SAMPLING_MODES)
+    eval_views: int = option(3, "temporal views per validation/test video")
+    train_views: int = option(1, "cached views per training video (view 0 plain, others augmented)")
+    flip: bool = option(True, "horizontal flip in augmented training views (off for Something-Something)")
+    randaugment: bool = option(True, "RandAugment rand-m7-n4-mstd0.5-inc1 in augmented training views")
+    seed: int = option(0, "seed of every random choice (augmentation, random weights)")
+    shard_size: int = option(8, "videos per shard (the unit of writing and resuming)")
+    batch_size: int = option(8, "clips per backbone batch")
+    workers: int = option(2, "DataLoader worker processes that decode videos")
+    device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
+    overwrite: bool = option(False, "delete an existing cache at --out and start again")
+
+
+@dataclass
+class ExtractSummary:
+    """What an extraction did."""
+    cache: Path
+    videos: int
+    done: int
+    failed: int
+    skipped: int
+    clips: int
+    seconds: float
+    bytes_written: int
+    decoded_frames: int
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.clips / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"extract: {self.done} done, {self.failed} failed, {self.skipped} skipped (already done) "
+                f"of {self.videos} videos; {self.clips} clips in {self.seconds:.1f} s "
+                f"({self.clips_per_second:.2f} clips/s); {self.bytes_written / 1e6:.1f} MB written "
+                f"to {self.cache}")
+
+
+@dataclass
+class VideoClips:
+    """One video's decoded, cropped views, or the reason it failed."""
+    index: int
+    clips: torch.Tensor | None  # uint8 [V, T, 3, S, S]
+    num_frames: int
+    error: str
+    decoded_frames: int
+
+
+class ClipSource(Dataset):
+    """Decodes each video's planned views (runs in DataLoader workers)."""
+
+    def __init__(self, dataset: VideoList, indices: list[int], config: ExtractConfig, size: int):
+        self.root = dataset.root
+        self.entries = dataset.entries
+        self.indices = indices
+        self.config = config
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> VideoClips:
+        index = self.indices[i]
+        entry: VideoEntry = self.entries[index]
+        if entry.error:
+            return VideoClips(index, None, 0, entry.error, 0)
+        path = self.root / entry.path
+        try:
+            return self._load(index, entry, path)
+        except BadVideoError as error:
+            return VideoClips(index, None, 0, error.reason, 0)
+        except Exception as error:  # a decoder bug on one odd file must not stop 240,000 others
+            log.debug("unexpected error on %s", path, exc_info=True)
+            return VideoClips(index, None, 0, f"unexpected {type(error).__name__}: {error}", 0)
+
+    def _load(self, index: int, entry: VideoEntry, path: Path) -> VideoClips:
+        cfg = self.config
+        probe = probe_video(path)
+        plans = plan_views(probe.num_frames, entry.split, cfg.sampling, cfg.frames, cfg.stride,
+                           cfg.eval_views, cfg.train_views, cfg.seed, index)
+        wanted = sorted({i for plan in plans for i in plan.frame_indices})
+        decoded = decode_frames(path, wanted, short_side=self.size, probe=probe)
+        position = {frame: i for i, frame in enumerate(wanted)}
+        clips = []
+        for plan in plans:
+            frames = decoded.frames[[position[i] for i in plan.frame_indices]]
+            if plan.augment:
+                clips.append(augmented_clip(frames, self.size, plan.seed, cfg.flip, cfg.randaugment))
+            else:
+                clips.append(centre_crop(frames, self.size))
+        return VideoClips(index, torch.stack(clips), probe.num_frames, "", decoded.decoded_count)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' means CUDA when it is available."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvlCacheError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the numbers."""
+    import av
+    import h5py
+    import open_clip
+    import zarr
+    return {"evl_cache": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "av": av.__version__, "zarr": zarr.__version__, "h5py": h5py.__version__,
+            "numpy": np.__version__}
+
+
+def dataset_fingerprint(dataset: VideoList) -> str:
+    """sha256 of the video table and class names: two runs over different data never mix."""
+    digest = hashlib.sha256(json.dumps(dataset.class_names).encode())
+    for entry in dataset.entries:
+        digest.update(f"{entry.path}\t{entry.label}\t{entry.split}\t{entry.error}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_identity(config: ExtractConfig, spec: BackboneSpec, dataset: VideoList, views: int) -> dict:
+    """Everything that decides the cache's contents; a resume must match it exactly."""
+    size = config.size or spec.image_size
+    return {
+        "backbone": spec.to_dict(),
+        "blocks": list(range(spec.layers - config.blocks, spec.layers)),
+        "sampling": {"mode": config.sampling, "frames": config.frames, "stride": config.stride,
+                     "eval_views": config.eval_views, "train_views": config.train_views,
+                     "views": views, "seed": config.seed,
+                     "train_augmentation": {"random_resized_crop": [0.08, 1.0], "flip": config.flip,
+                                            "randaugment": "rand-m7-n4-mstd0.5-inc1" if config.randaugment
+                                            else None}},
+        "preprocessing": {"resize": "short_side", "crop": "centre", "size": size,
+                          "mean": list(spec.mean), "std": list(spec.std)},
+        "stored": ["tokens", "maps", "embed"],
+        "dtype": "float16",
+        "class_names": list(dataset.class_names),
+        "dataset": {"root": str(dataset.root.resolve()), "fingerprint": dataset_fingerprint(dataset),
+                    "videos": len(dataset.entries), "splits": dataset.count_by_split()},
+        "shard_size": config.shard_size,
+    }
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: cache has {a!r}, asked for {b!r}")
+    return diffs
+
+
+def _validate(config: ExtractConfig) -> None:
+    if config.out is None:
+        raise EvlCacheError("--out is required (a *.zarr or *.h5 path)")
+    for name in ("frames", "stride", "eval_views", "train_views", "shard_size", "batch_size", "blocks"):
+        if getattr(config, name) < 1:
+            raise EvlCacheError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.frames < 2:
+        raise EvlCacheError("--frames must be at least 2 (the temporal maps pair adjacent frames)")
+    if config.workers < 0:
+        raise EvlCacheError("--workers must be 0 or more")
+
+
+def open_or_create(config: ExtractConfig, identity: dict, layout: CacheLayout,
+                   dataset: VideoList) -> FeatureStore:
+    """Create the cache, or reopen it for resuming after checking it was made the same way."""
+    out = Path(config.out)
+    if out.exists() and config.overwrite:
+        remove_store(out)
+    if out.exists():
+        store = FeatureStore(out, mode="r+")
+        attrs = store.check_version()
+        diffs = _differences({k: attrs.get(k) for k in identity}, identity)
+        if diffs:
+            raise CacheError("exists with a different configuration (" + "; ".join(diffs) +
+                             "); pass --overwrite to start again", out)
+        return store
+    columns = {
+        "path": np.array([e.path for e in dataset.entries], dtype=object),
+        "label": np.array([e.label for e in dataset.entries], dtype=np.int32),
+        "split": np.array([e.split for e in dataset.entries], dtype=object),
+    }
+    attrs = {**identity, "extract_config": to_dict(config), "versions": library_versions(),
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return FeatureStore.create(out, layout, attrs, columns)
+
+
+class ShardWriter:
+    """Buffers one shard's features and writes them whole, status rows last."""
+
+    def __init__(self, store: FeatureStore, layout: CacheLayout, shard: int, count: int):
+        self.store, self.layout = store, layout
+        self.start = shard * layout.shard_size
+        self.count = count
+        self.buffers = {name: np.zeros((count,) + shape[1:], np.float16)
+                        for name, (shape, _) in layout.feature_arrays().items()}
+        self.frames = np.zeros(count, np.int32)
+        self.views = np.zeros(count, np.int16)
+        self.status = np.full(count, PENDING, np.uint8)
+        self.errors = [""] * count
+
+    def fail(self, index: int, reason: str) -> None:
+        row = index - self.start
+        self.status[row], self.errors[row] = FAILED, reason
+
+    def put(self, index: int, view_offset: int, num_frames: int, views_total: int, output) -> None:
+        """Store backbone output for consecutive views of one video (a slice of a batch)."""
+        row = index - self.start
+        count = output.embeddings.shape[0]
+        sl = slice(view_offset, view_offset + count)
+        for b, block in enumerate(self.layout.blocks):
+            self.buffers[f"tokens/block_{block}"][row, sl] = output.block_outputs[b]
+            self.buffers[f"maps/block_{block}/prev"][row, sl] = output.maps_prev[b]
+            self.buffers[f"maps/block_{block}/next"][row, sl] = output.maps_next[b]
+        self.buffers["embed"][row, sl] = output.embeddings
+        self.frames[row], self.views[row] = num_frames, views_total
+        if view_offset + count == views_total:
+            self.status[row] = DONE
+
+    def write(self) -> None:
+        store = self.store
+        if store.kind == "zarr":  # whole shard in one write; all-zero chunks are not stored
+            for name, values in self.buffers.items():
+                store.write_block(name, self.start, values)
+        else:  # HDF5 allocates every chunk it is given: write only the views a video has
+            for row in np.flatnonzero(self.status == DONE):
+                for name, values in self.buffers.items():
+                    store.array(name)[self.start + row, : self.views[row]] = values[row, : self.views[row]]
+        store.write_rows("frames", self.start, self.frames)
+        store.write_rows("views", self.start, self.views)
+        store.write_rows("error", self.start, np.array(self.errors, dtype=object))
+        store.write_rows("status", self.start, self.status)  # last: marks the shard finished
+        store.flush()
+
+
+@dataclass
+class _PendingClips:
+    index: int
+    view_offset: int
+    num_frames: int
+    views_total: int
+    clips: torch.Tensor
+
+
+def _to_numpy(output, start: int, stop: int):
+    """A slice of a BackboneOutput as float16 numpy arrays."""
+    def cast(t: torch.Tensor) -> np.ndarray:
+        return t[start:stop].to(torch.float16).cpu().numpy()
+    return type(output)([cast(t) for t in output.block_outputs], [cast(t) for t in output.maps_prev],
+                        [cast(t) for t in output.maps_next], cast(output.embeddings))
+
+
+def extract(config: ExtractConfig) -> ExtractSummary:
+    """Extract (or resume extracting) the cache that `config` describes."""
+    _validate(config)
+    dataset = find_videos(config.videos, config.train_list, config.val_list, config.data_root, config.classes)
+    device = resolve_device(config.device)
+    clip, spec = load_clip(config.model, config.pretrained, config.size, device, seed=config.seed)
+    backbone = FrozenBackbone(clip.visual, config.blocks, spec.mean, spec.std).to(device)
+    size = config.size or spec.image_size
+    splits = {e.split for e in dataset.entries}
+    views = max(config.train_views if "train" in splits else 1,
+                config.eval_views if splits - {"train"} else 1)
+    layout = CacheLayout(num_videos=len(dataset.entries), views=views, frames=config.frames,
+                         tokens=1 + spec.patch_grid[0] * spec.patch_grid[1], width=spec.width,
+                         grid=spec.patch_grid, embed_dim=spec.embed_dim,
+                         blocks=tuple(range(spec.layers - config.blocks, spec.layers)),
+                         shard_size=config.shard_size)
+    identity = cache_identity(config, spec, dataset, views)
+    store = open_or_create(config, identity, layout, dataset)
+    bytes_before = store.size_on_disk()
+    status = store.column("status")
+    num_shards = -(-layout.num_videos // layout.shard_size)
+    todo_shards = [s for s in range(num_shards)
+                   if (status[s * layout.shard_size:(s + 1) * layout.shard_size] == PENDING).any()]
+    todo = [i for s in todo_shards for i in range(s * layout.shard_size,
+                                                  min((s + 1) * layout.shard_size, layout.num_videos))]
+    skipped = layout.num_videos - len(todo)
+    log.info("extract: %d videos (%s), %d classes, %d shards to do, %d videos already done; backbone %s "
+             "(%s), blocks %s, device %s", layout.num_videos, dataset.count_by_split(),
+             len(dataset.class_names), len(todo_shards), skipped, spec.model, spec.pretrained,
+             list(layout.blocks), device)
+    metrics_path = Path(str(config.out) + ".extract.jsonl")
+    loader = DataLoader(ClipSource(dataset, todo, config, size), batch_size=None, shuffle=False,
+                        num_workers=config.workers, worker_init_fn=_worker_init,
+                        prefetch_factor=4 if config.workers else None,
+                        persistent_workers=False)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+    started = time.perf_counter()
+    totals = {"done": 0, "failed": 0, "clips": 0, "decoded": 0}
+    writer: ShardWriter | None = None
+    pending: list[_PendingClips] = []
+
+    def run_batch() -> None:
+        clips = torch.cat([p.clips for p in pending]).to(device, non_blocking=True)
+        with autocast:
+            output = backbone(clips)
+        offset = 0
+        for p in pending:
+            count = p.clips.shape[0]
+            writer.put(p.index, p.view_offset, p.num_frames, p.views_total,
+                       _to_numpy(output, offset, offset + count))
+            offset += count
+        totals["clips"] += offset
+        pending.clear()
+
+    def finish_shard() -> None:
+        if pending:
+            run_batch()
+        try:
+            writer.write()
+        except OSError as error:
+            reason = "disk full" if error.errno == errno.ENOSPC else error.strerror or str(error)
+            raise CacheError(f"{reason} while writing shard {writer.start // layout.shard_size}; shards "
+                             f"written before stay valid, re-run the same command to resume", config.out) from None
+        done = int((writer.status == DONE).sum())
+        failed = int((writer.status == FAILED).sum())
+        totals["done"] += done
+        elapsed = time.perf_counter() - started
+        with open(metrics_path, "a") as handle:
+            handle.write(json.dumps({"event": "shard", "shard": writer.start // layout.shard_size,
+                                     "done": done, "failed": failed, "clips_total": totals["clips"],
+                                     "seconds": round(elapsed, 3),
+                                     "clips_per_s": round(totals["clips"] / max(elapsed, 1e-9), 3)}) + "\n")
+
+    progress = tqdm(total=len(todo), unit="video", desc="extract", dynamic_ncols=True, smoothing=0.1)
+    try:
+        for item in loader:
+            shard = item.index // layout.shard_size
+            if writer is None or shard != writer.start // layout.shard_size:
+                if writer is not None:
+                    finish_shard()
+                count = min(layout.shard_size, layout.num_videos - shard * layout.shard_size)
+                writer = ShardWriter(store, layout, shard, count)
+            if item.clips is None:
+                writer.fail(item.index, item.error)
+                totals["failed"] += 1
+                log.warning("failed: %s: %s", dataset.entries[item.index].path, item.error)
+            else:
+                totals["decoded"] += item.decoded_frames
+                views_total = item.clips.shape[0]
+                offset = 0
+                while offset < views_total:
+                    room = config.batch_size - sum(p.clips.shape[0] for p in pending)
+                    take = min(room, views_total - offset)
+                    pending.append(_PendingClips(item.index, offset, item.num_frames, views_total,
+                                                 item.clips[offset:offset + take]))
+                    offset += take
+                    if sum(p.clips.shape[0] for p in pending) >= config.batch_size:
+                        run_batch()
+            progress.update(1)
+            elapsed = time.perf_counter() - started
+            progress.set_postfix(clips_per_s=f"{totals['clips'] / max(elapsed, 1e-9):.2f}",
+                                 failed=totals["failed"], refresh=False)
+        if writer is not None:
+            finish_shard()
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - started
+    summary = ExtractSummary(Path(config.out), layout.num_videos, totals["done"], totals["failed"], skipped,
+                             totals["clips"], seconds, max(store.size_on_disk() - bytes_before, 0),
+                             totals["decoded"])
+    store.close()
+    with open(metrics_path, "a") as handle:
+        handle.write(json.dumps({"event": "summary", **{k: (str(v) if isinstance(v, Path) else v)
+                                                         for k, v in dataclasses.asdict(summary).items()},
+                                 "config": to_dict(config), "versions": library_versions()}) + "\n")
+    log.info(summary.line())
+    if summary.done == 0 and summary.skipped == 0:
+        raise DatasetError(f"no video could be extracted ({summary.failed} failed); see the reasons above "
+                           f"or with `evl-cache info {config.out} --failed`")
+    return summary

@@ -1,0 +1,69 @@
+"""Pixel transforms from decoded frames to backbone-sized clips (uint8, [T, 3, S, S]).
+
+Evaluation views take the centre S x S crop of frames whose short side was resized to S. Augmented
+training views apply the authors' online augmentation once per clip, the same for every frame:
+random resized crop, horizontal flip, and RandAugment `rand-m7-n4-mstd0.5-inc1` (timm's
+implementation, which is what the authors used). All randomness comes from the view's seed, so a
+cached view is reproducible.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+RANDAUGMENT = "rand-m7-n4-mstd0.5-inc1"
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def centre_crop(frames: np.ndarray, size: int) -> torch.Tensor:
+    """[T, H, W, 3] uint8 with min(H, W) == size -> [T, 3, size, size] centre crop."""
+    height, width = frames.shape[1:3]
+    top, left = (height - size) // 2, (width - size) // 2
+    crop = frames[:, top:top + size, left:left + size]
+    return torch.from_numpy(np.ascontiguousarray(crop)).permute(0, 3, 1, 2).contiguous()
+
+
+def _resized_crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, h, w): area and aspect ratio drawn, centre crop fallback."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(*CROP_SCALE)
+        ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def augmented_clip(frames: np.ndarray, size: int, seed: int, flip: bool = True,
+                   randaugment: bool = True) -> torch.Tensor:
+    """The authors' training augmentation, identical across the clip's frames -> [T, 3, size, size]."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    rng = np.random.default_rng(seed)
+    height, width = frames.shape[1:3]
+    top, left, h, w = _resized_crop_box(height, width, rng)
+    do_flip = flip and rng.random() < 0.5
+    clip = frames[:, top:top + h, left:left + w]
+    if randaugment:
+        augment = rand_augment_transform(RANDAUGMENT, {"translate_const": int(size * 0.45),
+                                                       "img_mean": (124, 116, 104)})
+        op_seed = int(rng.integers(0, 2**31))
+        augmented = []
+        for frame in clip:
+            random.seed(op_seed)  # the same ops and magnitudes for every frame of the clip
+            augmented.append(np.asarray(augment(Image.fromarray(np.ascontiguousarray(frame)))))
+        clip = np.stack(augmented)
+    tensor = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2).float()
+    tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if do_flip:
+        tensor = tensor.flip(-1)
+    return tensor.round().clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,248 @@
+"""The feature cache on disk: one Zarr v3 group (`*.zarr`) or one HDF5 file (`*.h5`), same layout.
+
+Layout (N videos, V views, T frames, L = 1 + P tokens, C width, E embedding width):
+- `videos/{path,label,split,frames,views,status,error}`: one row per video;
+- `tokens/block_{b}`: [N, V, T, L, C] float16, one chunk per (video, view), one array per block;
+- `maps/block_{b}/prev`, `maps/block_{b}/next`: [N, V, T-1, P, P] float16;
+- `embed`: [N, V, T, E] float16.
+The root attribute `evl_cache` describes everything else (backbone, sampling, classes, versions).
+
+Rules from measurement (design.md): arrays are created at full size up front; a shard of videos is
+written whole, once; per-video rows are chunked like the shards; status is written after the data.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import CacheError
+
+FORMAT_VERSION = 1
+ATTR = "evl_cache"
+PENDING, DONE, FAILED = 0, 1, 2
+STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
+VIDEO_COLUMNS = ("path", "label", "split", "frames", "views", "status", "error")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The shapes of a cache's arrays."""
+    num_videos: int
+    views: int
+    frames: int
+    tokens: int
+    width: int
+    grid: tuple[int, int]
+    embed_dim: int
+    blocks: tuple[int, ...]
+    shard_size: int
+
+    def feature_arrays(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Name -> (shape, chunk shape) of every feature array."""
+        n, v, t = self.num_videos, self.views, self.frames
+        patches = self.grid[0] * self.grid[1]
+        arrays = {}
+        for b in self.blocks:
+            arrays[f"tokens/block_{b}"] = ((n, v, t, self.tokens, self.width), (1, 1, t, self.tokens, self.width))
+            for direction in ("prev", "next"):
+                arrays[f"maps/block_{b}/{direction}"] = ((n, v, t - 1, patches, patches),
+                                                         (1, 1, t - 1, patches, patches))
+        arrays["embed"] = ((n, v, t, self.embed_dim), (1, 1, t, self.embed_dim))
+        return arrays
+
+    def bytes_per_view(self) -> int:
+        return sum(2 * int(np.prod(chunk)) for _, chunk in self.feature_arrays().values())
+
+
+def _column_dtype(name: str) -> Any:
+    return {"path": str, "split": str, "error": str, "label": np.int32, "frames": np.int32,
+            "views": np.int16, "status": np.uint8}[name]
+
+
+class FeatureStore:
+    """A cache opened for reading or writing; the same interface over Zarr and HDF5."""
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        self.path = Path(path)
+        self.kind = store_kind(self.path)
+        self.mode = mode
+        if mode == "r" and not self.path.exists():
+            raise CacheError("cache not found", self.path)
+        try:
+            if self.kind == "zarr":
+                import zarr
+                self._root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
+            else:
+                import h5py
+                self._root = h5py.File(self.path, "r" if mode == "r" else "a")
+        except (OSError, ValueError) as error:
+            raise CacheError(f"cannot open cache: {error}", self.path) from None
+        self._arrays: dict[str, Any] = {}
+
+    # -- creation -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, layout: CacheLayout, attrs: dict,
+               columns: dict[str, np.ndarray]) -> "FeatureStore":
+        """Create a cache with every array at full size, the video table and the metadata."""
+        path = Path(path)
+        if path.exists():
+            raise CacheError("cache already exists", path)
+        if not path.parent.exists():
+            raise CacheError("output folder does not exist", path.parent)
+        if not os.access(path.parent, os.W_OK):
+            raise CacheError("output folder is not writable", path.parent)
+        store = cls(path, mode="w")
+        rows = (layout.shard_size,)
+        for name in VIDEO_COLUMNS:
+            store._create(f"videos/{name}", (layout.num_videos,), _column_dtype(name), rows, None)
+        for name, (shape, chunks) in layout.feature_arrays().items():
+            shards = (layout.shard_size,) + shape[1:]
+            store._create(name, shape, np.float16, chunks, shards)
+        for name, values in columns.items():
+            store.write_rows(name, 0, values)
+        store.set_attrs({**attrs, "format_version": FORMAT_VERSION})
+        return store
+
+    def _create(self, name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...],
+                shards: tuple[int, ...] | None) -> None:
+        chunks = tuple(min(c, max(s, 1)) for c, s in zip(chunks, shape))
+        if self.kind == "zarr":
+            if shards is not None:
+                shards = tuple(min(c, max(s, 1)) for c, s in zip(shards, shape))
+            self._root.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                                    compressors=None, fill_value=_fill(dtype))
+        else:
+            import h5py
+            h5_dtype = h5py.string_dtype() if dtype is str else dtype
+            self._root.create_dataset(name, shape=shape, dtype=h5_dtype, chunks=chunks if shape[0] else None,
+                                      fillvalue=None if dtype is str else _fill(dtype))
+
+    # -- metadata -------------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict:
+        """The cache's description (the root attribute `evl_cache`)."""
+        if self.kind == "zarr":
+            value = self._root.attrs.get(ATTR)
+        else:
+            import json
+            raw = self._root.attrs.get(ATTR)
+            value = json.loads(raw) if raw is not None else None
+        if value is None:
+            raise CacheError("not an evl-cache store (no 'evl_cache' attribute)", self.path)
+        return dict(value)
+
+    def set_attrs(self, attrs: dict) -> None:
+        if self.kind == "zarr":
+            self._root.attrs[ATTR] = attrs
+        else:
+            import json
+            self._root.attrs[ATTR] = json.dumps(attrs)
+
+    def check_version(self) -> dict:
+        """The attributes, after refusing a format version this code does not know."""
+        attrs = self.attrs
+        version = attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheError(f"cache format version {version} is not supported (this evl-cache reads "
+                             f"version {FORMAT_VERSION}); upgrade evl-cache or re-extract", self.path)
+        return attrs
+
+    # -- arrays ---------------------------------------------------------------------------------
+    def array(self, name: str) -> Any:
+        """The named array (a zarr Array or h5py Dataset; both index like numpy)."""
+        if name not in self._arrays:
+            try:
+                self._arrays[name] = self._root[name]
+            except KeyError:
+                raise CacheError(f"cache has no array {name!r}", self.path) from None
+        return self._arrays[name]
+
+    def has(self, name: str) -> bool:
+        try:
+            self.array(name)
+            return True
+        except CacheError:
+            return False
+
+    def column(self, name: str) -> np.ndarray:
+        """A whole per-video column, strings decoded."""
+        values = self.array(f"videos/{name}")
+        if self.kind == "h5" and _column_dtype(name) is str:
+            return np.array(values.asstr()[...], dtype=object)
+        return np.asarray(values[...])
+
+    def write_rows(self, name: str, start: int, values: Iterable) -> None:
+        """Write per-video rows start..start+len(values) of column `name`."""
+        values = np.asarray(list(values) if not isinstance(values, np.ndarray) else values)
+        if _column_dtype(name) is str:
+            values = values.astype(object if self.kind == "h5" else str)
+        self.array(f"videos/{name}")[start:start + len(values)] = values
+
+    def write_block(self, name: str, start: int, values: np.ndarray) -> None:
+        """Write rows start..start+len(values) of a feature array (a whole shard, in one call)."""
+        self.array(name)[start:start + len(values)] = values
+
+    def flush(self) -> None:
+        if self.kind == "h5":
+            self._root.flush()
+
+    def close(self) -> None:
+        if self.kind == "h5" and self._root:
+            self._root.close()
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def size_on_disk(self) -> int:
+        return disk_usage(self.path)
+
+    @property
+    def num_videos(self) -> int:
+        return int(self.array("videos/status").shape[0])
+
+
+def _fill(dtype: Any) -> Any:
+    if dtype is str:
+        return ""
+    if dtype == np.int32:
+        return -1
+    return 0
+
+
+def store_kind(path: str | Path) -> str:
+    """'zarr' for *.zarr, 'h5' for *.h5/*.hdf5; anything else is refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".zarr":
+        return "zarr"
+    if suffix in (".h5", ".hdf5"):
+        return "h5"
+    raise CacheError("cache path must end in .zarr (Zarr v3) or .h5 (HDF5)", path)
+
+
+def disk_usage(path: str | Path) -> int:
+    """Bytes a file or folder takes on disk (allocated blocks, so sparse files count right)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_blocks * 512
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            total += (Path(dirpath) / name).stat().st_blocks * 512
+    return total
+
+
+def remove_store(path: str | Path) -> None:
+    """Delete a cache (for --overwrite)."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
