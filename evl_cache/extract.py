@@ -178,7 +178,7 @@ def dataset_fingerprint(dataset: VideoList) -> str:
 def cache_identity(config: ExtractConfig, spec: BackboneSpec, dataset: VideoList, views: int) -> dict:
     """Everything that decides the cache's contents; a resume must match it exactly."""
     size = config.size or spec.image_size
-    return {
+    identity = {
         "backbone": spec.to_dict(),
         "blocks": list(range(spec.layers - config.blocks, spec.layers)),
         "sampling": {"mode": config.sampling, "frames": config.frames, "stride": config.stride,
@@ -196,6 +196,7 @@ def cache_identity(config: ExtractConfig, spec: BackboneSpec, dataset: VideoList
                     "videos": len(dataset.entries), "splits": dataset.count_by_split()},
         "shard_size": config.shard_size,
     }
+    return json.loads(json.dumps(identity))  # as stored: lists, not tuples
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -58,9 +58,15 @@ def augmented_clip(frames: np.ndarray, size: int, seed: int, flip: bool = True,
                                                        "img_mean": (124, 116, 104)})
         op_seed = int(rng.integers(0, 2**31))
         augmented = []
-        for frame in clip:
-            random.seed(op_seed)  # the same ops and magnitudes for every frame of the clip
-            augmented.append(np.asarray(augment(Image.fromarray(np.ascontiguousarray(frame)))))
+        saved = random.getstate(), np.random.get_state()
+        try:  # timm draws ops from numpy's and magnitudes from Python's global generators
+            for frame in clip:
+                random.seed(op_seed)  # the same ops and magnitudes for every frame of the clip
+                np.random.seed(op_seed)
+                augmented.append(np.asarray(augment(Image.fromarray(np.ascontiguousarray(frame)))))
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
         clip = np.stack(augmented)
     tensor = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2).float()
     tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

@@ -172,8 +172,9 @@ class FeatureStore:
     def column(self, name: str) -> np.ndarray:
         """A whole per-video column, strings decoded."""
         values = self.array(f"videos/{name}")
-        if self.kind == "h5" and _column_dtype(name) is str:
-            return np.array(values.asstr()[...], dtype=object)
+        if _column_dtype(name) is str:
+            raw = values.asstr()[...] if self.kind == "h5" else values[...]
+            return np.array([str(v) for v in raw], dtype=object)
         return np.asarray(values[...])
 
     def write_rows(self, name: str, start: int, values: Iterable) -> None:

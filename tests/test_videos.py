@@ -1,0 +1,80 @@
+"""Dataset discovery: class folders with or without a split level, list files, CSV, bad entries."""
+import json
+
+import pytest
+
+from evl_cache.errors import DatasetError
+from evl_cache.videos import find_videos, read_class_names
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+
+
+def test_split_level_and_sorted_classes(tmp_path):
+    for rel in ["train/b/1.mp4", "train/a/2.mp4", "validate/a/3.webm", "test/c/4.avi", "train/a/notes.txt"]:
+        _touch(tmp_path / rel)
+    found = find_videos(tmp_path)
+    assert found.class_names == ["a", "b", "c"]
+    assert [(e.path, e.label, e.split) for e in found.entries] == [
+        ("test/c/4.avi", 2, "test"), ("train/a/2.mp4", 0, "train"), ("train/b/1.mp4", 1, "train"),
+        ("validate/a/3.webm", 0, "val")]
+
+
+def test_no_split_level_and_symlink_loop(tmp_path):
+    _touch(tmp_path / "walk" / "x.mp4")
+    _touch(tmp_path / "run" / "sub" / "y.mkv")
+    (tmp_path / "run" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    found = find_videos(tmp_path)
+    assert found.class_names == ["run", "walk"]
+    assert {e.split for e in found.entries} == {"none"}
+    assert [e.path for e in found.entries] == ["run/sub/y.mkv", "walk/x.mp4"]
+
+
+def test_missing_or_empty_folder(tmp_path):
+    with pytest.raises(DatasetError, match="videos folder not found"):
+        find_videos(tmp_path / "nope")
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(DatasetError, match="no videos found"):
+        find_videos(tmp_path)
+
+
+def test_authors_list_format_with_bad_lines(tmp_path):
+    listing = tmp_path / "train.txt"
+    listing.write_text("a/1.mp4 0\nb/with space.mp4 2\nc/3.mp4 x\nlonely\n\nd/4.mp4 -1\n")
+    val = tmp_path / "val.txt"
+    val.write_text("v/1.mp4 1\n")
+    found = find_videos(train_list=listing, val_list=val, data_root=tmp_path / "root")
+    assert found.root == tmp_path / "root"
+    assert found.class_names == ["0", "1", "2"]
+    rows = [(e.path, e.label, e.split, bool(e.error)) for e in found.entries]
+    assert rows == [("a/1.mp4", 0, "train", False), ("b/with space.mp4", 2, "train", False),
+                    ("c/3.mp4", -1, "train", True), ("lonely", -1, "train", True),
+                    ("d/4.mp4", -1, "train", True), ("v/1.mp4", 1, "val", False)]
+    assert "train.txt line 3" in found.entries[2].error
+
+
+def test_list_labels_out_of_range_of_class_file(tmp_path):
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps({"walk": 1, "run": 0}))
+    assert read_class_names(classes) == ["run", "walk"]
+    listing = tmp_path / "l.txt"
+    listing.write_text("a.mp4 1\nb.mp4 2\n")
+    found = find_videos(train_list=listing, classes=classes)
+    assert found.class_names == ["run", "walk"]
+    assert found.entries[0].label == 1 and found.entries[1].label == -1
+    assert "out of range" in found.entries[1].error
+
+
+def test_csv_with_names_and_split(tmp_path):
+    table = tmp_path / "d.csv"
+    table.write_text("path,label,split\nx/1.mp4,walk,train\nx/2.mp4,run,validation\nx/3.mp4,,train\n")
+    found = find_videos(train_list=table)
+    assert found.class_names == ["run", "walk"]
+    assert [(e.label, e.split) for e in found.entries[:2]] == [(1, "train"), (0, "val")]
+    assert found.entries[2].error
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,class\na,b\n")
+    with pytest.raises(DatasetError, match="header with 'path' and 'label'"):
+        find_videos(train_list=bad)
