@@ -1,0 +1,321 @@
+"""Synthetic videos, written with PyAV: for tests, the demo and benchmarks, and for anyone who wants
+a small sample dataset to try the tool on.
+
+- `write_video` encodes an RGB array (libx264, mpeg4 or libvpx; optional audio; optional variable
+  frame rate).
+- `numbered_frames` / `read_frame_number` write each frame's index into its pixels, so a test can
+  tell exactly which frames a decoder returned.
+- `moving_shape_frames` and `make_sample_dataset` render a tiny action dataset: some classes differ
+  only by motion, others only by appearance.
+- `write_empty_file`, `write_text_file`, `truncate_file`, `write_audio_only` and `hollow_out_tail`
+  make the broken inputs that decoding must reject.
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from types import MappingProxyType
+
+import av
+import numpy as np
+
+# Audio codec and sample rate by file extension: Opus for WebM, AAC elsewhere.
+_AUDIO_CODECS = {".webm": ("libopus", 48000)}
+_DEFAULT_AUDIO_CODEC = ("aac", 44100)
+# No random IDs or version strings in the container: the same frames give the same bytes.
+_REPRODUCIBLE = {"fflags": "+bitexact"}
+# Variable-frame-rate timestamps are written in milliseconds (WebM's own time base).
+_VFR_TIME_BASE = Fraction(1, 1000)
+
+
+def _add_audio_stream(container: av.container.OutputContainer, path: Path) -> av.AudioStream:
+    """Add a mono audio stream (the codec suits the container); add every stream before muxing."""
+    codec, rate = _AUDIO_CODECS.get(path.suffix.lower(), _DEFAULT_AUDIO_CODEC)
+    return container.add_stream(codec, rate=rate, layout="mono")
+
+
+def _encode_sine(
+    container: av.container.OutputContainer, stream: av.AudioStream, seconds: float
+) -> None:
+    """Encode a quiet 440 Hz sine of `seconds` into `stream`."""
+    rate = stream.codec_context.sample_rate
+    t = np.arange(max(1, round(seconds * rate))) / rate
+    samples = (0.2 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)[None]
+    frame = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
+    frame.sample_rate = rate
+    frame.pts = 0
+    frame.time_base = Fraction(1, rate)
+    for packet in stream.encode(frame):
+        container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+
+
+def write_video(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: float = 25,
+    codec: str = "libx264",
+    audio: bool = False,
+    frame_times: Sequence[float] | None = None,
+    keyframe_interval: int | None = None,
+) -> Path:
+    """Encode RGB `frames` (uint8 [T, H, W, 3]) to `path`; the container follows the extension.
+
+    `codec` is "libx264" (.mp4/.mkv), "mpeg4" (.mp4/.avi/.mkv) or "libvpx" (.webm). Odd frame sizes
+    work with all three: libx264 then writes 4:4:4 chroma (4:2:0 needs even sizes). `audio` adds
+    a sine track (AAC, or Opus for .webm). `frame_times` (seconds, increasing) gives each frame its
+    own timestamp, for a variable frame rate; `fps` is then only the nominal rate.
+    `keyframe_interval` caps the GOP length (codec default otherwise).
+
+    The same arguments give the same bytes, except libx264 at sizes odd in both dimensions, whose
+    encoding varies slightly from run to run (the decoded frames differ, not only the bytes).
+    """
+    path = Path(path)
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+        raise ValueError(f"frames must be uint8 [T>0, H, W, 3], got {frames.dtype} {frames.shape}")
+    num_frames, height, width = frames.shape[:3]
+    rate = Fraction(fps).limit_denominator(1001)
+    if frame_times is None:
+        time_base = 1 / rate
+        pts = list(range(num_frames))
+        seconds = num_frames / float(rate)
+    else:
+        if len(frame_times) != num_frames:
+            raise ValueError(f"{len(frame_times)} frame_times for {num_frames} frames")
+        time_base = _VFR_TIME_BASE
+        pts = [round(t / time_base) for t in frame_times]
+        if any(b <= a for a, b in zip(pts, pts[1:])) or pts[0] < 0:
+            raise ValueError("frame_times must be non-negative and increase by at least 1 ms")
+        seconds = float(frame_times[-1]) + 1 / float(rate)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w", container_options=_REPRODUCIBLE) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height = width, height
+        stream.codec_context.time_base = time_base
+        stream.codec_context.thread_count = 1  # threaded encoders vary from run to run
+        if codec == "libx264" and (width % 2 or height % 2):
+            stream.pix_fmt = "yuv444p"
+        if keyframe_interval is not None:
+            stream.codec_context.gop_size = keyframe_interval
+        audio_stream = _add_audio_stream(container, path) if audio else None
+        for image, frame_pts in zip(frames, pts):
+            # Convert here: the conversion PyAV does inside `encode` varies from run to run.
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame = frame.reformat(format=stream.pix_fmt)
+            frame.pts = frame_pts
+            frame.time_base = time_base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+        if audio_stream is not None:
+            _encode_sine(container, audio_stream, seconds)
+    return path
+
+
+# --- frames that carry their own index ---------------------------------------------------------
+
+FRAME_NUMBER_BITS = 8  # frames 0 .. 255
+_BAR_DARK, _BAR_LIGHT = 16, 235
+
+
+def numbered_frames(num_frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Frames whose index is drawn as `FRAME_NUMBER_BITS` dark/light vertical bars (most significant
+    bit left) over the top half, above a static noise texture; `read_frame_number` reads it back,
+    also after lossy coding and resizing.
+    """
+    if num_frames > 2**FRAME_NUMBER_BITS:
+        raise ValueError(f"at most {2**FRAME_NUMBER_BITS} numbered frames, got {num_frames}")
+    rng = np.random.default_rng(seed)
+    texture = rng.integers(60, 196, size=(height, width, 3), dtype=np.uint8)
+    frames = np.repeat(texture[None], num_frames, axis=0)
+    edges = np.linspace(0, width, FRAME_NUMBER_BITS + 1).round().astype(int)
+    for index in range(num_frames):
+        for bit in range(FRAME_NUMBER_BITS):
+            on = (index >> (FRAME_NUMBER_BITS - 1 - bit)) & 1
+            shade = _BAR_LIGHT if on else _BAR_DARK
+            frames[index, : height // 2, edges[bit] : edges[bit + 1]] = shade
+    return frames
+
+
+def read_frame_number(frame: np.ndarray) -> int:
+    """The index `numbered_frames` drew into `frame` (RGB [H, W, 3], any size)."""
+    height, width = frame.shape[:2]
+    rows = frame[height // 10 : max(height // 10 + 1, 2 * height // 5)]
+    edges = np.linspace(0, width, FRAME_NUMBER_BITS + 1)
+    number = 0
+    for bit in range(FRAME_NUMBER_BITS):
+        left, right = edges[bit], edges[bit + 1]
+        margin = (right - left) / 4
+        bar = rows[:, int(left + margin) : max(int(left + margin) + 1, int(right - margin))]
+        number = (number << 1) | int(bar.mean() > (_BAR_DARK + _BAR_LIGHT) / 2)
+    return number
+
+
+# --- a tiny action dataset ---------------------------------------------------------------------
+
+SHAPES = ("square", "circle")
+DIRECTIONS = ("left", "right", "up", "down", "still")
+
+
+def moving_shape_frames(
+    num_frames: int,
+    height: int,
+    width: int,
+    shape: str,
+    color: Sequence[int],
+    direction: str,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """A `shape` ("square" or "circle") of RGB `color` moving in `direction` ("left", "right", "up",
+    "down" or "still") over a noisy textured background; its size, start, speed and the background
+    come from `rng`. Returns uint8 [num_frames, height, width, 3]; the shape stays inside the frame.
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    side = int(rng.integers(max(3, min(height, width) // 6), max(4, min(height, width) // 3) + 1))
+    base = rng.uniform(40, 200, size=3)
+    background = base + rng.normal(0, 18, size=(height, width, 3))
+
+    # Top-left corner per frame: uniform motion over a random part of the free range.
+    free_y, free_x = height - side, width - side
+    start_y, start_x = rng.uniform(0, free_y), rng.uniform(0, free_x)
+    progress = np.linspace(0.0, 1.0, num_frames)
+    ys, xs = np.full(num_frames, start_y), np.full(num_frames, start_x)
+    if direction in ("left", "right"):
+        travel = rng.uniform(0.4, 0.9) * free_x
+        first = rng.uniform(0, free_x - travel)
+        xs = first + travel * (progress if direction == "right" else 1 - progress)
+    elif direction in ("up", "down"):
+        travel = rng.uniform(0.4, 0.9) * free_y
+        first = rng.uniform(0, free_y - travel)
+        ys = first + travel * (progress if direction == "down" else 1 - progress)
+
+    grid_y, grid_x = np.mgrid[0:height, 0:width]
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        image = background + rng.normal(0, 3, size=background.shape)
+        if shape == "square":
+            inside = (grid_y >= ys[t]) & (grid_y < ys[t] + side)
+            inside &= (grid_x >= xs[t]) & (grid_x < xs[t] + side)
+        else:
+            radius = side / 2
+            inside = (grid_y - ys[t] - radius) ** 2 + (grid_x - xs[t] - radius) ** 2 <= radius**2
+        image[inside] = color
+        frames[t] = np.clip(image, 0, 255).astype(np.uint8)
+    return frames
+
+
+@dataclass(frozen=True)
+class ShapeClass:
+    """How the videos of one synthetic class look and move."""
+
+    shape: str
+    color: tuple[int, int, int]
+    direction: str
+
+
+# Two classes told apart only by motion, two only by appearance.
+SAMPLE_CLASSES: Mapping[str, ShapeClass] = MappingProxyType(
+    {
+        "slide_left": ShapeClass("square", (240, 200, 40), "left"),
+        "slide_right": ShapeClass("square", (240, 200, 40), "right"),
+        "red_still": ShapeClass("circle", (220, 40, 40), "still"),
+        "blue_still": ShapeClass("circle", (40, 60, 220), "still"),
+    }
+)
+SAMPLE_SPLITS: Mapping[str, int] = MappingProxyType({"train": 8, "val": 4})
+
+
+def make_sample_dataset(
+    root: str | Path,
+    classes: Mapping[str, ShapeClass] = SAMPLE_CLASSES,
+    videos_per_class: Mapping[str, int] = SAMPLE_SPLITS,
+    num_frames: int = 48,
+    size: tuple[int, int] = (64, 80),
+    seed: int = 0,
+) -> Path:
+    """Write `root/<split>/<class>/<class>_<nnn>.mp4` (libx264, 25 fps), `videos_per_class[split]`
+    videos per class and split, each `size` = (height, width). Every video draws its own size,
+    position, speed and background from `seed` and its own name, so the dataset is deterministic and
+    a video does not change when others are added.
+    """
+    root = Path(root)
+    height, width = size
+    for split, count in videos_per_class.items():
+        for name, spec in classes.items():
+            for number in range(count):
+                video_name = f"{name}_{number:03d}.mp4"
+                video_seed = zlib.crc32(f"{split}/{name}/{video_name}".encode())
+                rng = np.random.default_rng([seed, video_seed])
+                frames = moving_shape_frames(
+                    num_frames, height, width, spec.shape, spec.color, spec.direction, rng
+                )
+                write_video(root / split / name / video_name, frames)
+    return root
+
+
+# --- broken inputs -----------------------------------------------------------------------------
+
+
+def write_empty_file(path: str | Path) -> Path:
+    """A zero-byte file (a failed download)."""
+    path = Path(path)
+    path.write_bytes(b"")
+    return path
+
+
+def write_text_file(path: str | Path, text: str = "this is not a video\n") -> Path:
+    """A text file, usually under a video's name."""
+    path = Path(path)
+    path.write_text(text)
+    return path
+
+
+def truncate_file(path: str | Path, fraction: float) -> Path:
+    """Cut `path` in place to its first `fraction` of bytes (an interrupted download)."""
+    path = Path(path)
+    with path.open("r+b") as file:
+        file.truncate(int(path.stat().st_size * fraction))
+    return path
+
+
+def write_audio_only(path: str | Path, seconds: float = 1.0) -> Path:
+    """A file with a sine audio track and no video stream (AAC, or Opus for .webm)."""
+    path = Path(path)
+    with av.open(str(path), mode="w", container_options=_REPRODUCIBLE) as container:
+        _encode_sine(container, _add_audio_stream(container, path), seconds)
+    return path
+
+
+# An H.264 NAL unit of type 10, "end of sequence", behind its 4-byte length: a valid packet that
+# decodes to no picture.
+_H264_END_OF_SEQUENCE = b"\x00\x00\x00\x01\x0a"
+
+
+def hollow_out_tail(source: str | Path, destination: str | Path, count: int) -> Path:
+    """Copy an H.264 video (length-prefixed NAL units, as in .mp4 and .mkv) to `destination`,
+    replacing the payload of its last `count` video packets (decode order) with an end-of-sequence
+    unit: the container still lists those frames, but the decoder produces none of them.
+    """
+    destination = Path(destination)
+    with av.open(str(source)) as reader, av.open(str(destination), mode="w") as writer:
+        video_in = reader.streams.video[0]
+        video_out = writer.add_stream_from_template(video_in)
+        packets = [packet for packet in reader.demux(video_in) if packet.size > 0]
+        for position, packet in enumerate(packets):
+            if position >= len(packets) - count:
+                hollow = av.Packet(_H264_END_OF_SEQUENCE)
+                hollow.pts, hollow.dts, hollow.time_base = packet.pts, packet.dts, packet.time_base
+                packet = hollow
+            packet.stream = video_out
+            writer.mux(packet)
+    return destination

@@ -1,0 +1,295 @@
+"""Tests for evl_cache/decode.py, on videos written by evl_cache/synthetic.py.
+
+Every test video draws its frame index into its pixels (`numbered_frames`), so each test checks that
+`decode_frames` returned exactly the requested frames, in the requested order.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from evl_cache import decode
+from evl_cache.decode import DecodedFrames, decode_frames, probe_video, resized_size
+from evl_cache.errors import BadVideoError
+from evl_cache.synthetic import (
+    hollow_out_tail,
+    numbered_frames,
+    read_frame_number,
+    truncate_file,
+    write_audio_only,
+    write_empty_file,
+    write_text_file,
+    write_video,
+)
+
+NUM_FRAMES = 40
+KEYFRAME_INTERVAL = 10
+
+
+def frame_numbers(decoded: DecodedFrames) -> list[int]:
+    return [read_frame_number(frame) for frame in decoded.frames]
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("decode_videos")
+
+
+# name -> (codec, height, width, audio)
+VIDEOS = {
+    "x264.mp4": ("libx264", 64, 96, False),
+    "mpeg4.mp4": ("mpeg4", 64, 96, False),
+    "vp8.webm": ("libvpx", 64, 96, False),
+    "x264.mkv": ("libx264", 64, 96, False),
+    "portrait.mp4": ("libx264", 96, 48, False),
+    "odd_x264.mp4": ("libx264", 61, 97, False),
+    "odd_vp8.webm": ("libvpx", 61, 97, False),
+    "audio_aac.mp4": ("libx264", 64, 96, True),
+    "audio_opus.webm": ("libvpx", 64, 96, True),
+    "raw.h264": ("libx264", 64, 96, False),  # no container: no timestamps, duration or frame count
+    "x264.ts": ("libx264", 64, 96, False),  # timestamps that do not start at zero
+}
+
+
+@pytest.fixture(scope="module")
+def videos(video_dir: Path) -> dict[str, Path]:
+    written = {}
+    for name, (codec, height, width, audio) in VIDEOS.items():
+        frames = numbered_frames(NUM_FRAMES, height, width)
+        written[name] = write_video(
+            video_dir / name, frames, codec=codec, audio=audio, keyframe_interval=KEYFRAME_INTERVAL
+        )
+    return written
+
+
+@pytest.mark.parametrize("name", VIDEOS)
+def test_probe_counts_frames_and_reads_size(videos: dict[str, Path], name: str) -> None:
+    _, height, width, _ = VIDEOS[name]
+    probe = probe_video(videos[name])
+    assert probe.num_frames == NUM_FRAMES
+    assert (probe.width, probe.height) == (width, height)
+    assert probe.average_fps == pytest.approx(25, rel=1e-3)
+    if name == "raw.h264":
+        assert probe.frame_pts == ()
+    else:
+        assert len(probe.frame_pts) == NUM_FRAMES
+        assert list(probe.frame_pts) == sorted(probe.frame_pts)
+
+
+@pytest.mark.parametrize("name", VIDEOS)
+def test_decode_returns_requested_frames_in_order(videos: dict[str, Path], name: str) -> None:
+    indices = [37, 3, 3, 20, 0, 39, 39, 11]
+    decoded = decode_frames(videos[name], indices, short_side=32)
+    assert decoded.frames.dtype == np.uint8
+    assert decoded.frames.shape[0] == len(indices)
+    assert frame_numbers(decoded) == indices
+
+
+@pytest.mark.parametrize("name", ["x264.mp4", "mpeg4.mp4", "vp8.webm", "x264.mkv", "x264.ts"])
+def test_every_single_frame_after_a_seek(videos: dict[str, Path], name: str) -> None:
+    probe = probe_video(videos[name])
+    for index in range(NUM_FRAMES):
+        decoded = decode_frames(videos[name], [index], short_side=32, probe=probe)
+        assert frame_numbers(decoded) == [index]
+
+
+def test_libx264_test_video_reorders_frames(videos: dict[str, Path]) -> None:
+    """The B-frame tests only mean something if the decode order differs from display order."""
+    with av.open(str(videos["x264.mp4"])) as container:
+        stream = container.streams.video[0]
+        pts = [packet.pts for packet in container.demux(stream) if packet.size > 0]
+    assert pts != sorted(pts)
+
+
+def test_headers_without_frame_count_are_not_needed(videos: dict[str, Path]) -> None:
+    with av.open(str(videos["vp8.webm"])) as container:
+        assert container.streams.video[0].frames == 0  # WebM stores no frame count
+    assert probe_video(videos["vp8.webm"]).num_frames == NUM_FRAMES
+
+
+@pytest.fixture(scope="module")
+def long_video(video_dir: Path) -> Path:
+    """120 frames, a keyframe at least every 12."""
+    return write_video(video_dir / "long.mp4", numbered_frames(120, 64, 96), keyframe_interval=12)
+
+
+@pytest.mark.parametrize("window", [range(60, 88, 4), range(92, 120, 4)])
+def test_window_seeks_near_its_start_and_stops_after_its_end(
+    long_video: Path, window: range
+) -> None:
+    decoded = decode_frames(long_video, window, short_side=32)
+    assert frame_numbers(decoded) == list(window)
+    # At most a GOP before the window, and nothing after it.
+    assert decoded.decoded_count <= len(range(window[0], window[-1] + 1)) + 12
+
+
+def test_overshooting_seek_falls_back_to_decoding_from_the_start(
+    videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A demuxer that seeks past the wanted frame must not cost correctness."""
+
+    class OvershootingContainer:
+        def __init__(self, container: av.container.InputContainer):
+            self._container = container
+
+        def seek(self, offset: int, **kwargs: object) -> None:
+            self._container.seek(offset * 10, **kwargs)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._container, name)
+
+    open_video = decode._open_video
+
+    @contextlib.contextmanager
+    def open_overshooting(path):  # type: ignore[no-untyped-def]
+        with open_video(path) as (container, stream):
+            yield OvershootingContainer(container), stream
+
+    monkeypatch.setattr(decode, "_open_video", open_overshooting)
+    window = [12, 20, 28]
+    decoded = decode_frames(videos["x264.mp4"], window, short_side=32)
+    assert frame_numbers(decoded) == window
+    assert decoded.decoded_count > window[-1]  # it had to start over from frame 0
+
+
+def test_frames_without_timestamps_are_counted_from_the_start(
+    videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packets had timestamps but decoded frames do not: fall back to counting frames."""
+    decoded_frames = decode._decoded_frames
+
+    def frames_without_pts(container, stream):  # type: ignore[no-untyped-def]
+        for frame in decoded_frames(container, stream):
+            frame.pts = None
+            yield frame
+
+    monkeypatch.setattr(decode, "_decoded_frames", frames_without_pts)
+    window = [12, 20, 20]
+    decoded = decode_frames(videos["x264.mp4"], window, short_side=32)
+    assert frame_numbers(decoded) == window
+    assert decoded.decoded_count == 1 + 21  # one frame after the seek, then 0..20 from the start
+
+
+def test_stream_without_timestamps_stops_after_the_last_wanted_frame(
+    videos: dict[str, Path],
+) -> None:
+    decoded = decode_frames(videos["raw.h264"], [5, 2], short_side=32)
+    assert frame_numbers(decoded) == [5, 2]
+    assert decoded.decoded_count == 6
+
+
+@pytest.mark.parametrize(
+    ("name", "codec"), [("vfr.mp4", "libx264"), ("vfr.webm", "libvpx"), ("vfr.mkv", "mpeg4")]
+)
+def test_variable_frame_rate(video_dir: Path, name: str, codec: str) -> None:
+    rng = np.random.default_rng(7)
+    frame_times = np.concatenate([[0.0], np.cumsum(rng.uniform(0.01, 0.15, NUM_FRAMES - 1))])
+    path = write_video(
+        video_dir / name,
+        numbered_frames(NUM_FRAMES, 64, 96),
+        codec=codec,
+        frame_times=frame_times,
+        keyframe_interval=KEYFRAME_INTERVAL,
+    )
+    probe = probe_video(path)
+    assert probe.num_frames == NUM_FRAMES
+    seconds = np.array(probe.frame_pts, dtype=float) * float(probe.time_base)
+    np.testing.assert_allclose(seconds - seconds[0], frame_times, atol=1e-3)
+    assert probe.average_fps == pytest.approx((NUM_FRAMES - 1) / frame_times[-1], rel=1e-2)
+    indices = [31, 2, 17, 17, 38]
+    assert frame_numbers(decode_frames(path, indices, short_side=32, probe=probe)) == indices
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "short_side", "expected"),
+    [
+        (96, 64, 32, (48, 32)),
+        (48, 96, 32, (32, 64)),
+        (97, 61, 32, (51, 32)),  # 97 * 32 / 61 = 50.9
+        (96, 64, 128, (192, 128)),  # upscaling too
+        (64, 64, 20, (20, 20)),
+    ],
+)
+def test_resized_size_keeps_aspect_ratio(
+    width: int, height: int, short_side: int, expected: tuple[int, int]
+) -> None:
+    assert resized_size(width, height, short_side) == expected
+
+
+@pytest.mark.parametrize(("name", "shape"), [("x264.mp4", (48, 72)), ("portrait.mp4", (96, 48))])
+def test_frames_come_out_resized(
+    videos: dict[str, Path], name: str, shape: tuple[int, int]
+) -> None:
+    decoded = decode_frames(videos[name], [5, 6], short_side=48)
+    assert decoded.frames.shape == (2, *shape, 3)
+    assert frame_numbers(decoded) == [5, 6]
+
+
+def test_no_indices_gives_an_empty_batch(videos: dict[str, Path]) -> None:
+    decoded = decode_frames(videos["x264.mp4"], [], short_side=32)
+    assert decoded.frames.shape == (0, 32, 48, 3)
+    assert decoded.decoded_count == 0
+
+
+def test_numpy_indices_are_accepted(videos: dict[str, Path]) -> None:
+    indices = np.arange(4, 40, 8)
+    assert frame_numbers(decode_frames(videos["x264.mp4"], indices, short_side=32)) == list(indices)
+
+
+# --- bad inputs: each raises BadVideoError naming the file ---------------------------------------
+
+
+def _truncated_mp4(directory: Path) -> Path:
+    path = write_video(directory / "truncated.mp4", numbered_frames(NUM_FRAMES, 64, 96))
+    return truncate_file(path, 0.5)
+
+
+BAD_FILES = {
+    "zero_bytes": (lambda d: write_empty_file(d / "zero_bytes.mp4"), "empty file"),
+    "text": (lambda d: write_text_file(d / "text.mp4"), "cannot open"),
+    "truncated": (_truncated_mp4, "cannot open"),
+    "audio_only": (lambda d: write_audio_only(d / "audio_only.mp4"), "no video stream"),
+    "audio_only_webm": (lambda d: write_audio_only(d / "audio_only.webm"), "no video stream"),
+    "missing": (lambda d: d / "missing.mp4", "No such file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_files_raise_bad_video_error(tmp_path: Path, case: str) -> None:
+    make, reason = BAD_FILES[case]
+    path = make(tmp_path)
+    for call in (lambda: probe_video(path), lambda: decode_frames(path, [0], short_side=32)):
+        with pytest.raises(BadVideoError, match=reason) as error:
+            call()
+        assert path.name in str(error.value)
+        assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file_raises_bad_video_error(videos: dict[str, Path], tmp_path: Path) -> None:
+    path = tmp_path / "unreadable.mp4"
+    path.write_bytes(videos["x264.mp4"].read_bytes())
+    path.chmod(0)
+    with pytest.raises(BadVideoError, match="unreadable.mp4.*Permission denied"):
+        probe_video(path)
+
+
+@pytest.mark.parametrize("index", [-1, NUM_FRAMES])
+def test_index_out_of_range(videos: dict[str, Path], index: int) -> None:
+    with pytest.raises(BadVideoError, match=f"x264.mp4: frame index {index} out of range"):
+        decode_frames(videos["x264.mp4"], [0, index], short_side=32)
+
+
+def test_fewer_decoded_frames_than_probed(videos: dict[str, Path], tmp_path: Path) -> None:
+    hollow = hollow_out_tail(videos["x264.mp4"], tmp_path / "hollow.mp4", count=5)
+    probe = probe_video(hollow)
+    assert probe.num_frames == NUM_FRAMES  # the container still lists the hollow packets
+    early = [0, 10, 20]
+    assert frame_numbers(decode_frames(hollow, early, short_side=32, probe=probe)) == early
+    with pytest.raises(BadVideoError, match="hollow.mp4: decoded fewer frames than probed"):
+        decode_frames(hollow, [30, NUM_FRAMES - 1], short_side=32, probe=probe)
