@@ -18,7 +18,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .config import build_config, click_options, load_toml
 from .errors import EvlCacheError
+from .demo import DemoConfig, run_demo
+from .evaluate import EvalConfig, evaluate
 from .extract import ExtractConfig, extract
+from .train import TrainConfig, train
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -73,6 +76,40 @@ def extract_command(config_file: Path | None, list_file: Path | None, **options:
         options["train_list"] = options.get("train_list") or list_file
     summary = extract(_config(ExtractConfig, config_file, "extract", options))
     click.echo(summary.line())
+
+
+@main.command("train")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="TOML file with these options (its [train] table, or top level); flags override it")
+@click_options(TrainConfig)
+@user_errors
+def train_command(config_file: Path | None, **options: Any) -> None:
+    """Train the EVL decoder and head from a cache, evaluating on its validation split every epoch."""
+    summary = train(_config(TrainConfig, config_file, "train", options))
+    click.echo(summary.line())
+
+
+@main.command("eval")
+@click_options(EvalConfig)
+@click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
+@user_errors
+def eval_command(as_json: bool, **options: Any) -> None:
+    """Evaluate a trained run on a cache (its own by default): top-1, top-5, mean class accuracy."""
+    metrics = evaluate(build_config(EvalConfig, options))
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in metrics.items() if k != "per_class_accuracy"}, indent=2))
+    else:
+        click.echo(f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  mean class accuracy "
+                   f"{metrics['mean_class_accuracy']:.4f}  ({metrics['videos']} videos)")
+
+
+@main.command("demo")
+@click_options(DemoConfig)
+@user_errors
+def demo_command(**options: Any) -> None:
+    """Make a sample video dataset, extract it, train EVL and a no-temporal ablation, and evaluate."""
+    results = run_demo(build_config(DemoConfig, options))
+    click.echo("demo: " + ", ".join(f"{name} val top-1 {top1:.3f}" for name, top1 in results.items()))
 
 
 @main.command("info")

@@ -247,3 +247,11 @@ def remove_store(path: str | Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def cache_fingerprint(attrs: dict) -> str:
+    """sha256 of what decides a cache's contents (not when or with which library versions it was made)."""
+    import hashlib
+    import json
+    content = {k: v for k, v in attrs.items() if k not in ("created", "versions", "extract_config")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()

@@ -181,8 +181,8 @@ def moving_shape_frames(
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    side = int(rng.integers(max(3, min(height, width) // 6), max(4, min(height, width) // 3) + 1))
-    base = rng.uniform(40, 200, size=3)
+    side = int(rng.integers(max(3, min(height, width) // 4), max(4, min(height, width) // 2) + 1))
+    base = rng.uniform(50, 170) + rng.uniform(-15, 15, size=3)  # greyish: colour belongs to the shape
     background = base + rng.normal(0, 18, size=(height, width, 3))
 
     # Top-left corner per frame: uniform motion over a random part of the free range.
