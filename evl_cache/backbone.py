@@ -8,7 +8,6 @@ outputs and the adjacent-frame attention maps, plus the projected per-frame CLS 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -225,7 +224,3 @@ class FrozenBackbone(nn.Module):
             nexts.append(nxt)
         return BackboneOutput(outputs, prevs, nexts, embeddings.reshape(batch, frames, -1))
 
-
-def describe(spec: BackboneSpec) -> str:
-    """One line naming a backbone, for logs."""
-    return json.dumps({k: v for k, v in spec.to_dict().items() if k not in ("mean", "std")})

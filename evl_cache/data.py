@@ -172,6 +172,14 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
+def model_inputs(batch: dict, device: torch.device) -> tuple[list, list | None, list | None]:
+    """(block outputs, prev maps, next maps) of a batch, on `device`; maps None when not read."""
+    def move(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [t.to(device, non_blocking=True) for t in tensors]
+    return (move(batch["tokens"]), move(batch["maps_prev"]) if "maps_prev" in batch else None,
+            move(batch["maps_next"]) if "maps_next" in batch else None)
+
+
 def worker_init(_: int) -> None:
     """Each loader worker: one torch thread, few zarr threads (many workers share the cores)."""
     import zarr

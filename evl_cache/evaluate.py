@@ -6,13 +6,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from .config import option
-from .data import CacheDataset, collate, select_features, usable_videos, worker_init
+from .data import CacheDataset, collate, model_inputs, select_features, usable_videos, worker_init
 from .errors import CacheError, CheckpointError, EvlCacheError
 from .metrics import average_views, classification_metrics, plot_confusion, write_per_class_csv
 from .store import FeatureStore
@@ -40,9 +39,7 @@ def predict_views(model: torch.nn.Module, loader: DataLoader, device: torch.devi
     model.eval()
     probabilities, logits, videos, labels = [], [], [], []
     for batch in loader:
-        tokens = [t.to(device, non_blocking=True) for t in batch["tokens"]]
-        prev = [m.to(device) for m in batch["maps_prev"]] if "maps_prev" in batch else None
-        nxt = [m.to(device) for m in batch["maps_next"]] if "maps_next" in batch else None
+        tokens, prev, nxt = model_inputs(batch, device)
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
             out = model(tokens, prev, nxt).float()
         logits.append(out.cpu())

@@ -30,7 +30,7 @@ from .decode import decode_frames, probe_video
 from .errors import BadVideoError, CacheError, DatasetError, EvlCacheError
 from .pixels import augmented_clip, centre_crop
 from .sampling import SAMPLING_MODES, plan_views
-from .store import DONE, FAILED, PENDING, CacheLayout, FeatureStore, disk_usage, remove_store
+from .store import DONE, FAILED, PENDING, CacheLayout, FeatureStore, remove_store
 from .videos import VideoEntry, VideoList, find_videos
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -24,8 +23,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import option, to_dict
-from .data import CacheDataset, collate, holdout_split, select_features, usable_videos, worker_init
-from .errors import CheckpointError, EvlCacheError
+from .data import (CacheDataset, collate, holdout_split, model_inputs, select_features, usable_videos,
+                   worker_init)
+from .errors import EvlCacheError
 from .evaluate import predict_views, write_evaluation
 from .extract import library_versions, resolve_device
 from .metrics import average_views, classification_metrics, plot_curves
@@ -102,13 +102,6 @@ def build_model(run_config: dict) -> EVLModel:
     decoder = dict(run_config["decoder"])
     decoder["grid"] = tuple(decoder["grid"])
     return EVLModel(DecoderConfig(**decoder))
-
-
-def _batch_to(batch: dict, device: torch.device) -> tuple[list, list | None, list | None]:
-    tokens = [t.to(device, non_blocking=True) for t in batch["tokens"]]
-    prev = [m.to(device, non_blocking=True) for m in batch["maps_prev"]] if "maps_prev" in batch else None
-    nxt = [m.to(device, non_blocking=True) for m in batch["maps_next"]] if "maps_next" in batch else None
-    return tokens, prev, nxt
 
 
 def _atomic_save(write, path: Path) -> None:
@@ -268,7 +261,7 @@ def train(config: TrainConfig) -> TrainSummary:
             wait += time.perf_counter() - fetch_start
             if step >= total_steps:
                 break
-            tokens, prev, nxt = _batch_to(batch, device)
+            tokens, prev, nxt = model_inputs(batch, device)
             labels = batch["label"].to(device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 logits = model(tokens, prev, nxt)

@@ -1,13 +1,11 @@
 """Stage two: training from the cache learns, resumes exactly, refuses what the cache cannot serve."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
