@@ -171,3 +171,42 @@ def test_info_reports_the_cache(messy_cache):
     assert {Path(f["path"]).name for f in info["failed"]} >= {"empty.mp4", "text.mp4"}
     text = CliRunner().invoke(main, ["info", str(out)]).output
     assert "EVL-Tiny" in text and "failed" in text
+
+
+def test_full_disk_stops_cleanly_and_resumes(sample_videos, tmp_path, monkeypatch):
+    import errno
+    out = tmp_path / "full.zarr"
+    original = FeatureStore.write_block
+    calls = {"n": 0}
+
+    def failing_write(self, name, start, values):
+        if start >= 6:  # the third shard of 3 videos onwards: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        calls["n"] += 1
+        return original(self, name, start, values)
+
+    monkeypatch.setattr(FeatureStore, "write_block", failing_write)
+    with pytest.raises(CacheError, match="disk full while writing shard 2; shards written before stay valid"):
+        extract(ExtractConfig(out=out, videos=sample_videos, **TINY))
+    with FeatureStore(out) as store:
+        status = store.column("status")
+    assert (status[:6] == DONE).all() and (status[6:] == PENDING).all()
+    monkeypatch.setattr(FeatureStore, "write_block", original)
+    summary = extract(ExtractConfig(out=out, videos=sample_videos, **TINY))
+    assert summary.skipped == 6 and summary.done == summary.videos - 6
+
+
+def test_options_from_a_toml_file(sample_videos, tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[extract]\nvideos = "{sample_videos}"\nmodel = "EVL-Tiny"\npretrained = "none"\n'
+                      f'frames = 3\nstride = 2\nblocks = 1\nworkers = 0\n')
+    out = tmp_path / "t.zarr"
+    result = CliRunner().invoke(main, ["extract", "--config", str(recipe), "--out", str(out), "--frames", "5"])
+    assert result.exit_code == 0, result.output
+    with FeatureStore(out) as store:
+        attrs = store.attrs
+    assert attrs["sampling"]["frames"] == 5 and attrs["sampling"]["stride"] == 2 and attrs["blocks"] == [3]
+    assert attrs["extract_config"]["model"] == "EVL-Tiny"
+    recipe.write_text('[extract]\nframs = 3\n')
+    result = CliRunner().invoke(main, ["extract", "--config", str(recipe), "--out", str(out)])
+    assert result.exit_code == 1 and "unknown option(s) frams" in result.output
