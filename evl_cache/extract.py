@@ -26,10 +26,9 @@ from tqdm import tqdm
 from . import __version__
 from .backbone import BackboneSpec, FrozenBackbone, load_clip
 from .config import option, to_dict
-from .decode import decode_frames, probe_video
-from .errors import BadVideoError, CacheError, DatasetError, EvlCacheError
-from .pixels import augmented_clip, centre_crop
-from .sampling import SAMPLING_MODES, plan_views
+from .clips import ClipSpec, VideoClips, read_video_clips
+from .errors import CacheError, DatasetError, EvlCacheError
+from .sampling import SAMPLING_MODES
 from .store import DONE, FAILED, PENDING, CacheLayout, FeatureStore, remove_store
 from .videos import VideoEntry, VideoList, find_videos
 
@@ -88,25 +87,14 @@ class ExtractSummary:
                 f"to {self.cache}")
 
 
-@dataclass
-class VideoClips:
-    """One video's decoded, cropped views, or the reason it failed."""
-    index: int
-    clips: torch.Tensor | None  # uint8 [V, T, 3, S, S]
-    num_frames: int
-    error: str
-    decoded_frames: int
-
-
 class ClipSource(Dataset):
     """Decodes each video's planned views (runs in DataLoader workers)."""
 
-    def __init__(self, dataset: VideoList, indices: list[int], config: ExtractConfig, size: int):
+    def __init__(self, dataset: VideoList, indices: list[int], spec: ClipSpec):
         self.root = dataset.root
         self.entries = dataset.entries
         self.indices = indices
-        self.config = config
-        self.size = size
+        self.spec = spec
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -116,31 +104,7 @@ class ClipSource(Dataset):
         entry: VideoEntry = self.entries[index]
         if entry.error:
             return VideoClips(index, None, 0, entry.error, 0)
-        path = self.root / entry.path
-        try:
-            return self._load(index, entry, path)
-        except BadVideoError as error:
-            return VideoClips(index, None, 0, error.reason, 0)
-        except Exception as error:  # a decoder bug on one odd file must not stop 240,000 others
-            log.debug("unexpected error on %s", path, exc_info=True)
-            return VideoClips(index, None, 0, f"unexpected {type(error).__name__}: {error}", 0)
-
-    def _load(self, index: int, entry: VideoEntry, path: Path) -> VideoClips:
-        cfg = self.config
-        probe = probe_video(path)
-        plans = plan_views(probe.num_frames, entry.split, cfg.sampling, cfg.frames, cfg.stride,
-                           cfg.eval_views, cfg.train_views, cfg.seed, index)
-        wanted = sorted({i for plan in plans for i in plan.frame_indices})
-        decoded = decode_frames(path, wanted, short_side=self.size, probe=probe)
-        position = {frame: i for i, frame in enumerate(wanted)}
-        clips = []
-        for plan in plans:
-            frames = decoded.frames[[position[i] for i in plan.frame_indices]]
-            if plan.augment:
-                clips.append(augmented_clip(frames, self.size, plan.seed, cfg.flip, cfg.randaugment))
-            else:
-                clips.append(centre_crop(frames, self.size))
-        return VideoClips(index, torch.stack(clips), probe.num_frames, "", decoded.decoded_count)
+        return read_video_clips(self.root / entry.path, entry.split, index, self.spec)
 
 
 def _worker_init(_: int) -> None:
@@ -342,7 +306,9 @@ def extract(config: ExtractConfig) -> ExtractSummary:
              len(dataset.class_names), len(todo_shards), skipped, spec.model, spec.pretrained,
              list(layout.blocks), device)
     metrics_path = Path(str(config.out) + ".extract.jsonl")
-    loader = DataLoader(ClipSource(dataset, todo, config, size), batch_size=None, shuffle=False,
+    spec = ClipSpec(config.sampling, config.frames, config.stride, config.eval_views, config.train_views, size,
+                    config.seed, config.flip, config.randaugment)
+    loader = DataLoader(ClipSource(dataset, todo, spec), batch_size=None, shuffle=False,
                         num_workers=config.workers, worker_init_fn=_worker_init,
                         prefetch_factor=4 if config.workers else None,
                         persistent_workers=False)

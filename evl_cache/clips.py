@@ -1,0 +1,80 @@
+"""From a video file to its planned views as backbone-sized uint8 clips.
+
+Used by extraction (in DataLoader workers) and by prediction on new videos, so both see exactly the
+same pixels for the same sampling: plan the views, decode the union of their frames once, then crop
+(evaluation views) or augment (training views) each.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .decode import decode_frames, probe_video
+from .errors import BadVideoError
+from .pixels import augmented_clip, centre_crop
+from .sampling import plan_views
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """How a video becomes clips: sampling, views, input size and augmentation."""
+    mode: str
+    frames: int
+    stride: int
+    eval_views: int
+    train_views: int
+    size: int
+    seed: int
+    flip: bool = True
+    randaugment: bool = True
+
+    @classmethod
+    def from_cache(cls, attrs: dict) -> "ClipSpec":
+        """The spec a cache (or a run's record of its cache) was extracted with."""
+        sampling, augmentation = attrs["sampling"], attrs["sampling"]["train_augmentation"]
+        return cls(sampling["mode"], sampling["frames"], sampling["stride"], sampling["eval_views"],
+                   sampling["train_views"], attrs["preprocessing"]["size"], sampling["seed"],
+                   augmentation["flip"], augmentation["randaugment"] is not None)
+
+
+@dataclass
+class VideoClips:
+    """One video's views, or the reason it failed."""
+    index: int
+    clips: torch.Tensor | None  # uint8 [V, T, 3, S, S]
+    num_frames: int
+    error: str
+    decoded_frames: int
+
+
+def _load(path: Path, split: str, index: int, spec: ClipSpec) -> VideoClips:
+    probe = probe_video(path)
+    plans = plan_views(probe.num_frames, split, spec.mode, spec.frames, spec.stride, spec.eval_views,
+                       spec.train_views, spec.seed, index)
+    wanted = sorted({i for plan in plans for i in plan.frame_indices})
+    decoded = decode_frames(path, wanted, short_side=spec.size, probe=probe)
+    position = {frame: i for i, frame in enumerate(wanted)}
+    clips = []
+    for plan in plans:
+        frames = decoded.frames[[position[i] for i in plan.frame_indices]]
+        if plan.augment:
+            clips.append(augmented_clip(frames, spec.size, plan.seed, spec.flip, spec.randaugment))
+        else:
+            clips.append(centre_crop(frames, spec.size))
+    return VideoClips(index, torch.stack(clips), probe.num_frames, "", decoded.decoded_count)
+
+
+def read_video_clips(path: str | Path, split: str, index: int, spec: ClipSpec) -> VideoClips:
+    """The video's views per `spec`; a bad video gives `clips=None` and a one-line reason, never raises."""
+    try:
+        return _load(Path(path), split, index, spec)
+    except BadVideoError as error:
+        return VideoClips(index, None, 0, error.reason, 0)
+    except Exception as error:  # a decoder bug on one odd file must not stop 240,000 others
+        log.debug("unexpected error on %s", path, exc_info=True)
+        return VideoClips(index, None, 0, f"unexpected {type(error).__name__}: {error}", 0)
