@@ -14,7 +14,7 @@ import torch
 
 from .decode import decode_frames, probe_video
 from .errors import BadVideoError
-from .pixels import augmented_clip, centre_crop
+from .pixels import CROP_SCALE, RANDAUGMENT, augmented_clip, centre_crop
 from .sampling import plan_views
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,18 @@ class ClipSpec:
         return cls(sampling["mode"], sampling["frames"], sampling["stride"], sampling["eval_views"],
                    sampling["train_views"], attrs["preprocessing"]["size"], sampling["seed"],
                    augmentation["flip"], augmentation["randaugment"] is not None)
+
+
+    def sampling_record(self) -> dict:
+        """The cache's `sampling` attribute for this spec (`from_cache` reads it back)."""
+        return {"mode": self.mode, "frames": self.frames, "stride": self.stride, "eval_views": self.eval_views,
+                "train_views": self.train_views, "seed": self.seed,
+                "train_augmentation": {"random_resized_crop": list(CROP_SCALE), "flip": self.flip,
+                                       "randaugment": RANDAUGMENT if self.randaugment else None}}
+
+    def preprocessing_record(self, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
+        """The cache's `preprocessing` attribute: short side resized to `size`, centre crop, mean/std."""
+        return {"resize": "short_side", "crop": "centre", "size": self.size, "mean": list(mean), "std": list(std)}
 
 
 @dataclass

@@ -139,26 +139,20 @@ def dataset_fingerprint(dataset: VideoList) -> str:
     return digest.hexdigest()
 
 
-def cache_identity(config: ExtractConfig, spec: BackboneSpec, dataset: VideoList, views: int) -> dict:
+def cache_identity(spec: BackboneSpec, clip_spec: ClipSpec, blocks: int, dataset: VideoList, views: int,
+                   shard_size: int) -> dict:
     """Everything that decides the cache's contents; a resume must match it exactly."""
-    size = config.size or spec.image_size
     identity = {
         "backbone": spec.to_dict(),
-        "blocks": list(range(spec.layers - config.blocks, spec.layers)),
-        "sampling": {"mode": config.sampling, "frames": config.frames, "stride": config.stride,
-                     "eval_views": config.eval_views, "train_views": config.train_views,
-                     "views": views, "seed": config.seed,
-                     "train_augmentation": {"random_resized_crop": [0.08, 1.0], "flip": config.flip,
-                                            "randaugment": "rand-m7-n4-mstd0.5-inc1" if config.randaugment
-                                            else None}},
-        "preprocessing": {"resize": "short_side", "crop": "centre", "size": size,
-                          "mean": list(spec.mean), "std": list(spec.std)},
+        "blocks": list(range(spec.layers - blocks, spec.layers)),
+        "sampling": {**clip_spec.sampling_record(), "views": views},
+        "preprocessing": clip_spec.preprocessing_record(spec.mean, spec.std),
         "stored": ["tokens", "maps", "embed"],
         "dtype": "float16",
         "class_names": list(dataset.class_names),
         "dataset": {"root": str(dataset.root.resolve()), "fingerprint": dataset_fingerprint(dataset),
                     "videos": len(dataset.entries), "splits": dataset.count_by_split()},
-        "shard_size": config.shard_size,
+        "shard_size": shard_size,
     }
     return json.loads(json.dumps(identity))  # as stored: lists, not tuples
 
@@ -291,7 +285,9 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                          grid=spec.patch_grid, embed_dim=spec.embed_dim,
                          blocks=tuple(range(spec.layers - config.blocks, spec.layers)),
                          shard_size=config.shard_size)
-    identity = cache_identity(config, spec, dataset, views)
+    clip_spec = ClipSpec(config.sampling, config.frames, config.stride, config.eval_views, config.train_views,
+                         size, config.seed, config.flip, config.randaugment)
+    identity = cache_identity(spec, clip_spec, config.blocks, dataset, views, config.shard_size)
     store = open_or_create(config, identity, layout, dataset)
     bytes_before = store.size_on_disk()
     status = store.column("status")
@@ -306,9 +302,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
              len(dataset.class_names), len(todo_shards), skipped, spec.model, spec.pretrained,
              list(layout.blocks), device)
     metrics_path = Path(str(config.out) + ".extract.jsonl")
-    spec = ClipSpec(config.sampling, config.frames, config.stride, config.eval_views, config.train_views, size,
-                    config.seed, config.flip, config.randaugment)
-    loader = DataLoader(ClipSource(dataset, todo, spec), batch_size=None, shuffle=False,
+    loader = DataLoader(ClipSource(dataset, todo, clip_spec), batch_size=None, shuffle=False,
                         num_workers=config.workers, worker_init_fn=_worker_init,
                         prefetch_factor=4 if config.workers else None,
                         persistent_workers=False)
