@@ -19,8 +19,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .config import build_config, click_options, load_toml
 from .errors import EvlCacheError
 from .demo import DemoConfig, run_demo
-from .evaluate import EvalConfig, evaluate
+from .evaluate import EvalConfig, evaluate, load_run
+from .evl_checkpoints import ImportConfig, export_evl, import_evl
 from .extract import ExtractConfig, extract
+from .predict import PredictConfig, predict
 from .train import TrainConfig, train
 
 
@@ -101,6 +103,49 @@ def eval_command(as_json: bool, **options: Any) -> None:
     else:
         click.echo(f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  mean class accuracy "
                    f"{metrics['mean_class_accuracy']:.4f}  ({metrics['videos']} videos)")
+
+
+@main.command("predict")
+@click.argument("videos", nargs=-1, required=True)
+@click_options(PredictConfig)
+@click.option("--json", "as_json", is_flag=True, help="print per-video probabilities and logits as JSON")
+@user_errors
+def predict_command(videos: tuple[str, ...], as_json: bool, **options: Any) -> None:
+    """Classify new videos with a run (backbone and decoder online, the run's sampling and views)."""
+    config = build_config(PredictConfig, {**options, "videos": list(videos)})
+    predictions = predict(config)
+    class_names = load_run(config.run)["cache"]["class_names"]
+    if as_json:
+        click.echo(json.dumps([{"path": p.path, "error": p.error, "classes": class_names,
+                                "probabilities": p.probabilities, "logits": p.logits} for p in predictions],
+                              indent=2))
+        return
+    for p in predictions:
+        if p.error:
+            click.echo(f"{p.path}: error: {p.error}", err=True)
+        else:
+            top = ", ".join(f"{name} {prob:.3f}" for name, prob in p.top(class_names, config.topk))
+            click.echo(f"{p.path}: {top}")
+
+
+@main.command("import-evl")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click_options(ImportConfig)
+@user_errors
+def import_evl_command(checkpoint: Path, **options: Any) -> None:
+    """Turn a checkpoint of the EVL authors' release into a run that eval and predict accept."""
+    out = import_evl(build_config(ImportConfig, {**options, "checkpoint": checkpoint}))
+    click.echo(f"import-evl: wrote run {out}")
+
+
+@main.command("export-evl")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="checkpoint file to write")
+@click.option("--weights", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@user_errors
+def export_evl_command(run: Path, out: Path, weights: str) -> None:
+    """Write a run's decoder and head in the EVL authors' checkpoint format."""
+    click.echo(f"export-evl: wrote {export_evl(run, out, weights)}")
 
 
 @main.command("demo")

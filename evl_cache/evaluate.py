@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from .config import option
 from .data import CacheDataset, collate, model_inputs, select_features, usable_videos, worker_init
 from .errors import CacheError, CheckpointError, EvlCacheError
+from .model import DecoderConfig, EVLModel
 from .metrics import average_views, classification_metrics, plot_confusion, write_per_class_csv
 from .store import FeatureStore
 
@@ -66,6 +67,13 @@ def load_run(run: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def build_model(run_config: dict) -> EVLModel:
+    """The model a run's config.json describes."""
+    decoder = dict(run_config["decoder"])
+    decoder["grid"] = tuple(decoder["grid"])
+    return EVLModel(DecoderConfig(**decoder))
+
+
 def check_cache_serves_run(attrs: dict, run_config: dict, path: Path) -> None:
     """Refuse a cache whose backbone, preprocessing or classes differ from the run's."""
     run_cache = run_config["cache"]
@@ -86,11 +94,12 @@ def check_cache_serves_run(attrs: dict, run_config: dict, path: Path) -> None:
 def evaluate(config: EvalConfig) -> dict:
     """Metrics of a run on a cache's split; writes eval/per-class/confusion files into the run folder."""
     from .extract import resolve_device
-    from .train import build_model
 
     if config.run is None:
         raise EvlCacheError("--run is required")
     run_config = load_run(config.run)
+    if config.features is None and not run_config["cache"].get("path"):
+        raise EvlCacheError("this run has no cache of its own (it was imported): pass --features CACHE")
     features = Path(config.features or run_config["cache"]["path"])
     weights_path = Path(config.run) / f"{config.weights}.safetensors"
     if not weights_path.exists():
@@ -103,9 +112,9 @@ def evaluate(config: EvalConfig) -> dict:
         videos = usable_videos(store, splits)
     if len(videos) == 0:
         raise EvlCacheError(f"no finished, labelled videos in split {config.split!r}", features)
-    train = run_config["train"]
-    selection = select_features(attrs, train["layers"], run_config["decoder"]["frames"], train["frame_step"],
-                                train["temporal_cross_attention"])
+    decoder = run_config["decoder"]
+    selection = select_features(attrs, decoder["layers"], decoder["frames"], run_config["selection"]["frame_step"],
+                                decoder["temporal_cross_attention"])
     model = build_model(run_config).to(device)
     try:
         model.load_state_dict(load_file(weights_path))

@@ -97,13 +97,6 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def build_model(run_config: dict) -> EVLModel:
-    """The model a run's config.json describes."""
-    decoder = dict(run_config["decoder"])
-    decoder["grid"] = tuple(decoder["grid"])
-    return EVLModel(DecoderConfig(**decoder))
-
-
 def _atomic_save(write, path: Path) -> None:
     tmp = path.with_name(path.name + ".partial")
     write(tmp)

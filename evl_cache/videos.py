@@ -166,6 +166,29 @@ def read_list(path: str | Path, data_root: str | Path | None, split: str,
     return VideoList(root, entries, list(class_names))
 
 
+def expand_video_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Video paths from files, folders (searched recursively) and list files (.txt: a path first on each
+    line; .csv: a `path` column; relative to the list's folder). Missing paths are kept, to fail later
+    with their own message."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += _video_files(item)
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            rows = csv.DictReader(item.read_text(encoding="utf-8").splitlines())
+            paths += [item.parent / row["path"] for row in rows if row.get("path")]
+        elif item.suffix.lower() == ".txt" and item.is_file():
+            for line in item.read_text(encoding="utf-8").splitlines():
+                if line.strip() and not line.lstrip().startswith("#"):
+                    path, _, last = line.strip().rpartition(" ")
+                    paths.append(item.parent / (path if path and last.lstrip("-").isdigit() else line.strip()))
+        else:
+            paths.append(item)
+    if not paths:
+        raise DatasetError("no videos given")
+    return paths
+
+
 def find_videos(videos: str | Path | None = None, train_list: str | Path | None = None,
                 val_list: str | Path | None = None, data_root: str | Path | None = None,
                 classes: str | Path | None = None) -> VideoList:

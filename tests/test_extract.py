@@ -165,7 +165,7 @@ def test_info_reports_the_cache(messy_cache):
     out, summary = messy_cache
     result = CliRunner().invoke(main, ["info", str(out), "--json", "--failed"])
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert info["status"]["done"] == summary.done and info["status"]["failed"] == summary.failed
     assert info["blocks"] == [2, 3] and info["classes"] == ["bad", "good"]
     assert {Path(f["path"]).name for f in info["failed"]} >= {"empty.mp4", "text.mp4"}

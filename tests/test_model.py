@@ -74,7 +74,7 @@ def naive_forward(model: EVLModel, block_outputs, maps_prev, maps_next, features
     h, w = config.grid
     patches, frames = h * w, config.frames
     batch = block_outputs[0].shape[0]
-    x = params["decoder.cls_token"].expand(batch, WIDTH)
+    x = params["decoder.cls_token"].expand(batch, config.width)
     for i in range(config.layers):
         layer = f"decoder.decoder_layers.{i}"
         f = block_outputs[i].to(x.dtype)
@@ -101,15 +101,16 @@ def naive_forward(model: EVLModel, block_outputs, maps_prev, maps_next, features
                     f_new[:, t, 1:] = f_new[:, t, 1:] + term
         tokens = naive_layer_norm(f_new.flatten(1, 2), params, f"{layer}.norm3")
         # plain multi-head attention: every token through W_k and W_v
-        head_dim = WIDTH // HEADS
+        heads = config.heads
+        head_dim = config.qkv_dim // heads
         q = naive_linear(naive_layer_norm(x, params, f"{layer}.norm1"), params, f"{layer}.attn.q_proj")
         k = naive_linear(tokens, params, f"{layer}.attn.k_proj")
         v = naive_linear(tokens, params, f"{layer}.attn.v_proj")
-        q = q.view(batch, HEADS, 1, head_dim)
-        k = k.view(batch, -1, HEADS, head_dim).transpose(1, 2)
-        v = v.view(batch, -1, HEADS, head_dim).transpose(1, 2)
+        q = q.view(batch, heads, 1, head_dim)
+        k = k.view(batch, -1, heads, head_dim).transpose(1, 2)
+        v = v.view(batch, -1, heads, head_dim).transpose(1, 2)
         attention = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(head_dim), dim=-1)
-        x = x + naive_linear((attention @ v).reshape(batch, WIDTH), params, f"{layer}.attn.out_proj")
+        x = x + naive_linear((attention @ v).reshape(batch, config.qkv_dim), params, f"{layer}.attn.out_proj")
         hidden = naive_linear(naive_layer_norm(x, params, f"{layer}.norm2"), params, f"{layer}.mlp.fc1")
         x = x + naive_linear(hidden * torch.sigmoid(1.702 * hidden), params, f"{layer}.mlp.fc2")
     if features_only:

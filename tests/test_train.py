@@ -49,7 +49,7 @@ def test_tiny_run_learns_and_writes_its_run_folder(learnable_cache, tmp_path):
                                   "val_top1", "val_top5"} <= set(epochs[0])
     result = CliRunner().invoke(main, ["eval", "--run", str(out), "--workers", "0", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["top1"] == pytest.approx(max(r["val_top1"] for r in epochs))
+    assert json.loads(result.stdout)["top1"] == pytest.approx(max(r["val_top1"] for r in epochs))
 
 
 def test_two_layer_run_reads_only_two_blocks_and_no_maps_when_off(learnable_cache, tmp_path, monkeypatch):

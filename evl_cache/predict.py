@@ -1,0 +1,122 @@
+"""Predict classes of new videos with a run: backbone and decoder online, the run's own sampling.
+
+The backbone's outputs pass through float16, as they do in a cache, so a video predicted here gets the
+same logits as the same video evaluated from a cache.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .backbone import FrozenBackbone, load_clip
+from .clips import ClipSpec, read_video_clips
+from .config import option
+from .data import FeatureSelection
+from .errors import CheckpointError, EvlCacheError
+from .evaluate import build_model, load_run
+from .extract import resolve_device
+from .model import EVLModel
+from .videos import expand_video_inputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictConfig:
+    """Options of `evl-cache predict`."""
+    videos: list[str] = option([], "video files, folders of videos, or list files", cli=False)
+    run: Path = option(None, "run folder (trained, or imported with import-evl)")
+    topk: int = option(5, "classes to show per video")
+    weights: str = option("best", "which weights of the run: best or last", choices=("best", "last"))
+    pretrained: str | None = option(None, "backbone weights file to use instead of the run's tag/file "
+                                          "(must have the run's sha256)")
+    device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
+
+
+@dataclass
+class Prediction:
+    """One video's result: averaged probabilities and logits over its views, or an error."""
+    path: str
+    error: str = ""
+    probabilities: list[float] = field(default_factory=list)
+    logits: list[float] = field(default_factory=list)
+
+    def top(self, class_names: list[str], k: int) -> list[tuple[str, float]]:
+        order = sorted(range(len(self.probabilities)), key=lambda i: -self.probabilities[i])[:k]
+        return [(class_names[i], self.probabilities[i]) for i in order]
+
+
+class OnlineModel:
+    """A run's backbone and decoder together: clips in, per-view logits out."""
+
+    def __init__(self, run: str | Path, weights: str = "best", pretrained: str | None = None,
+                 device: str = "auto"):
+        self.run_config = load_run(run)
+        cache = self.run_config["cache"]
+        backbone = cache["backbone"]
+        self.device = resolve_device(device)
+        clip, spec = load_clip(backbone["model"], pretrained or backbone["pretrained"], cache["preprocessing"]["size"],
+                               self.device, seed=cache["sampling"]["seed"])
+        if spec.weights_sha256 != backbone["weights_sha256"]:
+            raise CheckpointError(f"backbone weights sha256 {spec.weights_sha256[:12]} differ from the run's "
+                                  f"{backbone['weights_sha256'][:12]}", pretrained or backbone["pretrained"])
+        selection = self.run_config["selection"]
+        self.selection = FeatureSelection(tuple(selection["blocks"]), selection["frame_start"], selection["frames"],
+                                          selection["frame_step"], selection["maps"])
+        self.backbone = FrozenBackbone(clip.visual, len(self.selection.blocks), spec.mean, spec.std).to(self.device)
+        if self.backbone.block_indices != list(self.selection.blocks):
+            raise CheckpointError("the run's blocks are not the backbone's last blocks", run)
+        self.model: EVLModel = build_model(self.run_config).to(self.device).eval()
+        weights_path = Path(run) / f"{weights}.safetensors"
+        if not weights_path.exists():
+            raise CheckpointError(f"no {weights} weights in the run", weights_path)
+        self.model.load_state_dict(load_file(weights_path))
+        self.clip_spec = ClipSpec.from_cache(cache)
+        self.class_names: list[str] = cache["class_names"]
+
+    @torch.no_grad()
+    def logits(self, clips: torch.Tensor) -> torch.Tensor:
+        """uint8 clips [V, T, 3, S, S] -> logits [V, classes]."""
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+            output = self.backbone(clips.to(self.device))
+        frames = self.selection.frame_indices
+        pairs = slice(self.selection.frame_start, self.selection.frame_start + self.selection.frames - 1)
+
+        def as_cached(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(torch.float16).float()
+
+        tokens = [as_cached(t[:, frames]) for t in output.block_outputs]
+        prev = [as_cached(m[:, pairs]) for m in output.maps_prev] if self.selection.maps else None
+        nxt = [as_cached(m[:, pairs]) for m in output.maps_next] if self.selection.maps else None
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+            return self.model(tokens, prev, nxt).float().cpu()
+
+    def predict(self, path: str | Path) -> Prediction:
+        """Views of the video per the run's sampling; softmax and logits averaged over them."""
+        clips = read_video_clips(path, "val", 0, self.clip_spec)
+        if clips.clips is None:
+            return Prediction(str(path), error=clips.error)
+        logits = self.logits(clips.clips)
+        return Prediction(str(path), probabilities=logits.softmax(-1).mean(0).tolist(),
+                          logits=logits.mean(0).tolist())
+
+
+def predict(config: PredictConfig) -> list[Prediction]:
+    """Predictions for every video named by `config.videos`; bad videos carry their error."""
+    if config.run is None:
+        raise EvlCacheError("--run is required")
+    paths = expand_video_inputs(config.videos)
+    online = OnlineModel(config.run, config.weights, config.pretrained, config.device)
+    predictions = []
+    for path in paths:
+        prediction = online.predict(path)
+        if prediction.error:
+            log.warning("failed: %s: %s", path, prediction.error)
+        predictions.append(prediction)
+    if predictions and all(p.error for p in predictions):
+        raise EvlCacheError(f"no video could be predicted ({len(predictions)} failed)")
+    return predictions
