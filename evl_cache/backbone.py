@@ -94,6 +94,19 @@ def _sha256_state(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def model_geometry(model: str, image_size: int | None = None) -> dict:
+    """Image-tower shapes from the open_clip model config alone (no weights are built or loaded)."""
+    import open_clip
+
+    config = open_clip.get_model_config(_register_model_name(model))
+    vision = config["vision_cfg"]
+    size = image_size or vision["image_size"]
+    size = size if isinstance(size, int) else size[0]
+    patch = vision["patch_size"]
+    return {"width": vision["width"], "layers": vision["layers"], "patch_grid": (size // patch, size // patch),
+            "embed_dim": config["embed_dim"], "image_size": size}
+
+
 def load_clip(model: str, pretrained: str = "openai", image_size: int | None = None,
               device: str | torch.device = "cpu", seed: int = 0) -> tuple[nn.Module, BackboneSpec]:
     """Build an open_clip CLIP model with frozen weights and describe it.

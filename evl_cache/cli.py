@@ -148,6 +148,32 @@ def export_evl_command(run: Path, out: Path, weights: str) -> None:
     click.echo(f"export-evl: wrote {export_evl(run, out, weights)}")
 
 
+@main.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--only", multiple=True, help="run only this named run (repeatable)")
+@click.option("--dry-run", is_flag=True, help="print what would run, the cache size it needs, and what exists")
+@user_errors
+def run_command(recipe: Path, only: tuple[str, ...], dry_run: bool) -> None:
+    """Run a study recipe: extract once, train and evaluate every run, write a results table."""
+    from .study import load_study, plan, run_study
+    study = load_study(recipe)
+    if dry_run:
+        click.echo(plan(study))
+        return
+    rows = run_study(study, list(only) or None)
+    failed = [row.name for row in rows if row.status == "failed"]
+    click.echo(f"study: {len(rows) - len(failed)} runs ok, {len(failed)} failed; results in {study.out}/results.md")
+
+
+@main.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@user_errors
+def compare_command(runs: tuple[Path, ...]) -> None:
+    """Print the results table (options that differ, top-1, top-5, ...) for finished runs."""
+    from .results import markdown_table, read_run
+    click.echo(markdown_table([read_run(run) for run in runs]), nl=False)
+
+
 @main.command("demo")
 @click_options(DemoConfig)
 @user_errors

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import __version__
-from .backbone import BackboneSpec, FrozenBackbone, load_clip
+from .backbone import BackboneSpec, FrozenBackbone, load_clip, model_geometry
 from .config import option, to_dict
 from .clips import ClipSpec, VideoClips, read_video_clips
 from .errors import CacheError, DatasetError, EvlCacheError
@@ -157,6 +157,26 @@ def cache_identity(spec: BackboneSpec, clip_spec: ClipSpec, blocks: int, dataset
     return json.loads(json.dumps(identity))  # as stored: lists, not tuples
 
 
+def cache_layout(config: ExtractConfig, dataset: VideoList, width: int, layers: int, grid: tuple[int, int],
+                 embed_dim: int) -> CacheLayout:
+    """The shapes a cache of `dataset` will have: views per video are the most any split needs."""
+    splits = {e.split for e in dataset.entries}
+    views = max(config.train_views if "train" in splits else 1, config.eval_views if splits - {"train"} else 1)
+    return CacheLayout(num_videos=len(dataset.entries), views=views, frames=config.frames,
+                       tokens=1 + grid[0] * grid[1], width=width, grid=tuple(grid), embed_dim=embed_dim,
+                       blocks=tuple(range(layers - config.blocks, layers)), shard_size=config.shard_size)
+
+
+def planned_bytes(config: ExtractConfig, dataset: VideoList) -> int:
+    """Bytes the cache's features will take, from the model config's shapes alone (nothing decoded):
+    every video's own views (train videos `train_views`, others `eval_views`) times bytes per view."""
+    geometry = model_geometry(config.model, config.size)
+    layout = cache_layout(config, dataset, geometry["width"], geometry["layers"], geometry["patch_grid"],
+                          geometry["embed_dim"])
+    views = sum(config.train_views if e.split == "train" else config.eval_views for e in dataset.entries)
+    return views * layout.bytes_per_view()
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     diffs = []
     for key in sorted(set(old) | set(new)):
@@ -277,14 +297,8 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     clip, spec = load_clip(config.model, config.pretrained, config.size, device, seed=config.seed)
     backbone = FrozenBackbone(clip.visual, config.blocks, spec.mean, spec.std).to(device)
     size = config.size or spec.image_size
-    splits = {e.split for e in dataset.entries}
-    views = max(config.train_views if "train" in splits else 1,
-                config.eval_views if splits - {"train"} else 1)
-    layout = CacheLayout(num_videos=len(dataset.entries), views=views, frames=config.frames,
-                         tokens=1 + spec.patch_grid[0] * spec.patch_grid[1], width=spec.width,
-                         grid=spec.patch_grid, embed_dim=spec.embed_dim,
-                         blocks=tuple(range(spec.layers - config.blocks, spec.layers)),
-                         shard_size=config.shard_size)
+    layout = cache_layout(config, dataset, spec.width, spec.layers, spec.patch_grid, spec.embed_dim)
+    views = layout.views
     clip_spec = ClipSpec(config.sampling, config.frames, config.stride, config.eval_views, config.train_views,
                          size, config.seed, config.flip, config.randaugment)
     identity = cache_identity(spec, clip_spec, config.blocks, dataset, views, config.shard_size)

@@ -1,0 +1,106 @@
+"""Study recipes: one cache, many runs, a results table that matches the runs' own files."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from evl_cache.cli import main
+from evl_cache.errors import EvlCacheError
+from evl_cache.results import read_run
+from evl_cache.study import load_study, run_study
+
+RECIPE = """
+[study]
+out = "{out}"
+sample_videos = true
+
+[extract]
+videos = "{out}/videos"
+out = "{out}/feats.zarr"
+model = "EVL-Tiny"
+pretrained = "none"
+frames = 4
+stride = 3
+eval_views = 2
+blocks = 2
+workers = 0
+
+[train]
+epochs = 2
+batch_size = 16
+heads = 2
+workers = 0
+
+[runs.full]
+layers = 2
+
+[runs.one_layer]
+layers = 1
+
+[runs.too_deep]
+layers = 3
+
+[runs.no_tca]
+layers = 2
+temporal_cross_attention = false
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(RECIPE.format(out=tmp_path / "study"))
+    return path
+
+
+def test_study_runs_resumes_and_reports(recipe, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["run", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "sample videos will be made" in result.stdout and "run full: will train" in result.stdout
+    rows = run_study(load_study(recipe), only=["full"])  # a partly finished study
+    assert [r.status for r in rows] == ["finished", "missing", "missing", "missing"]
+    dry = runner.invoke(main, ["run", str(recipe), "--dry-run"]).stdout
+    assert "feats.zarr complete" in dry and "GB of features" in dry
+    assert "run full: finished: will skip" in dry and "run one_layer: will train" in dry
+    mtime = (tmp_path / "study" / "runs" / "full" / "last.safetensors").stat().st_mtime
+    result = runner.invoke(main, ["run", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "3 runs ok, 1 failed" in result.stdout
+    assert (tmp_path / "study" / "runs" / "full" / "last.safetensors").stat().st_mtime == mtime  # skipped
+    study = tmp_path / "study"
+    table = (study / "results.md").read_text()
+    assert "too_deep" in table and "failed: " in table and "--layers 3 needs 3 cached blocks" in table
+    assert (study / "results.png").exists()
+    csv_rows = (study / "results.csv").read_text().splitlines()
+    header = csv_rows[0].split(",")
+    assert header[:3] == ["run", "layers", "temporal_cross_attention"]
+    for line in csv_rows[1:]:
+        cells = dict(zip(header, line.split(",")))
+        if cells["run"] == "too_deep":
+            continue
+        summary = [json.loads(x) for x in (study / "runs" / cells["run"] / "metrics.jsonl").read_text().splitlines()][-1]
+        assert float(cells["top1"]) == pytest.approx(summary["val_top1"], abs=5e-5)
+        assert float(cells["top5"]) == pytest.approx(summary["val_top5"], abs=5e-5)
+    compare = runner.invoke(main, ["compare", str(study / "runs" / "full"), str(study / "runs" / "one_layer")])
+    assert compare.exit_code == 0 and "| run | layers | top1 |" in compare.stdout
+    assert f"{read_run(study / 'runs' / 'one_layer').top1:.4f}" in compare.stdout
+
+
+def test_recipe_errors_name_the_table(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[extract]\nout = "x.zarr"\n[runs.a]\nlayrs = 2\n')
+    with pytest.raises(EvlCacheError, match=r"\[runs.a\]: unknown option\(s\) layrs"):
+        load_study(path)
+    path.write_text('[extract]\nout = "x.zarr"\n[trian]\n')
+    with pytest.raises(EvlCacheError, match="unknown table"):
+        load_study(path)
+
+
+def test_shipped_recipes_parse():
+    from pathlib import Path
+    recipes = sorted((Path(__file__).parent.parent / "pipelines").glob("*.toml"))
+    assert {p.stem for p in recipes} >= {"sample", "k400_vitb16_8f", "k400_ablations", "ucf101_hmdb51", "ssv2"}
+    for path in recipes:
+        study = load_study(path)
+        assert study.runs, path
