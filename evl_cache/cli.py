@@ -17,6 +17,7 @@ import click
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .config import build_config, click_options, load_toml
+from .distributed import is_main_process
 from .errors import EvlCacheError
 from .demo import DemoConfig, run_demo
 from .evaluate import EvalConfig, evaluate, load_run
@@ -77,7 +78,8 @@ def extract_command(config_file: Path | None, list_file: Path | None, **options:
     if list_file is not None:
         options["train_list"] = options.get("train_list") or list_file
     summary = extract(_config(ExtractConfig, config_file, "extract", options))
-    click.echo(summary.line())
+    if is_main_process():
+        click.echo(summary.line())
 
 
 @main.command("train")

@@ -27,9 +27,10 @@ from . import __version__
 from .backbone import BackboneSpec, FrozenBackbone, load_clip, model_geometry
 from .config import option, to_dict
 from .clips import ClipSpec, VideoClips, read_video_clips
+from .distributed import Process, broadcast_error, init_process, sum_across
 from .errors import CacheError, DatasetError, EvlCacheError
 from .sampling import SAMPLING_MODES
-from .store import DONE, FAILED, PENDING, CacheLayout, FeatureStore, remove_store
+from .store import DONE, FAILED, PENDING, CacheLayout, FeatureStore, remove_store, store_kind
 from .videos import VideoEntry, VideoList, find_videos
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,25 @@ def _validate(config: ExtractConfig) -> None:
         raise EvlCacheError("--workers must be 0 or more")
 
 
+def _open_store_together(process: Process, config: ExtractConfig, identity: dict, layout: CacheLayout,
+                         dataset: VideoList) -> FeatureStore:
+    """The main process creates (or checks) the cache first; the others then open it, checking it too."""
+    store, error = None, None
+    if process.is_main:
+        try:
+            store = open_or_create(config, identity, layout, dataset)
+        except EvlCacheError as raised:
+            error = raised
+    first_error = broadcast_error(process, str(error) if error else None)
+    if error is not None:
+        raise error
+    if first_error:
+        raise CacheError(f"the main process failed: {first_error}")
+    if store is None:
+        store = open_or_create(dataclasses.replace(config, overwrite=False), identity, layout, dataset)
+    return store
+
+
 def open_or_create(config: ExtractConfig, identity: dict, layout: CacheLayout,
                    dataset: VideoList) -> FeatureStore:
     """Create the cache, or reopen it for resuming after checking it was made the same way."""
@@ -293,7 +313,10 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     """Extract (or resume extracting) the cache that `config` describes."""
     _validate(config)
     dataset = find_videos(config.videos, config.train_list, config.val_list, config.data_root, config.classes)
-    device = resolve_device(config.device)
+    process = init_process(resolve_device(config.device))
+    device = process.device(resolve_device(config.device))
+    if process.world_size > 1 and store_kind(config.out) == "h5":
+        raise CacheError("HDF5 takes one writer per file: under torchrun, extract to a .zarr cache", config.out)
     clip, spec = load_clip(config.model, config.pretrained, config.size, device, seed=config.seed)
     backbone = FrozenBackbone(clip.visual, config.blocks, spec.mean, spec.std).to(device)
     size = config.size or spec.image_size
@@ -302,19 +325,18 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     clip_spec = ClipSpec(config.sampling, config.frames, config.stride, config.eval_views, config.train_views,
                          size, config.seed, config.flip, config.randaugment)
     identity = cache_identity(spec, clip_spec, config.blocks, dataset, views, config.shard_size)
-    store = open_or_create(config, identity, layout, dataset)
+    store = _open_store_together(process, config, identity, layout, dataset)
     bytes_before = store.size_on_disk()
     status = store.column("status")
     num_shards = -(-layout.num_videos // layout.shard_size)
-    todo_shards = [s for s in range(num_shards)
+    todo_shards = [s for s in range(process.rank, num_shards, process.world_size)  # shard s: rank s % world
                    if (status[s * layout.shard_size:(s + 1) * layout.shard_size] == PENDING).any()]
     todo = [i for s in todo_shards for i in range(s * layout.shard_size,
                                                   min((s + 1) * layout.shard_size, layout.num_videos))]
-    skipped = layout.num_videos - len(todo)
-    log.info("extract: %d videos (%s), %d classes, %d shards to do, %d videos already done; backbone %s "
-             "(%s), blocks %s, device %s", layout.num_videos, dataset.count_by_split(),
-             len(dataset.class_names), len(todo_shards), skipped, spec.model, spec.pretrained,
-             list(layout.blocks), device)
+    log.info("extract: %d videos (%s), %d classes; process %d of %d has %d shards to do (%d videos); backbone "
+             "%s (%s), blocks %s, device %s", layout.num_videos, dataset.count_by_split(),
+             len(dataset.class_names), process.rank, process.world_size, len(todo_shards), len(todo),
+             spec.model, spec.pretrained, list(layout.blocks), device)
     metrics_path = Path(str(config.out) + ".extract.jsonl")
     loader = DataLoader(ClipSource(dataset, todo, clip_spec), batch_size=None, shuffle=False,
                         num_workers=config.workers, worker_init_fn=_worker_init,
@@ -353,12 +375,15 @@ def extract(config: ExtractConfig) -> ExtractSummary:
         totals["done"] += done
         elapsed = time.perf_counter() - started
         with open(metrics_path, "a") as handle:
-            handle.write(json.dumps({"event": "shard", "shard": writer.start // layout.shard_size,
+            handle.write(json.dumps({"event": "shard", "rank": process.rank,
+                                     "shard": writer.start // layout.shard_size,
                                      "done": done, "failed": failed, "clips_total": totals["clips"],
                                      "seconds": round(elapsed, 3),
                                      "clips_per_s": round(totals["clips"] / max(elapsed, 1e-9), 3)}) + "\n")
 
-    progress = tqdm(total=len(todo), unit="video", desc="extract", dynamic_ncols=True, smoothing=0.1)
+    progress = tqdm(total=len(todo), unit="video", desc="extract", dynamic_ncols=True, smoothing=0.1,
+                    disable=not process.is_main)
+    error = None
     try:
         for item in loader:
             shard = item.index // layout.shard_size
@@ -389,13 +414,24 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                                  failed=totals["failed"], refresh=False)
         if writer is not None:
             finish_shard()
+    except EvlCacheError as raised:  # every process must hear of it, or the others would wait forever
+        error = raised
     finally:
         progress.close()
+    first_error = broadcast_error(process, str(error) if error else None)
+    if error is not None:
+        raise error
+    if first_error:
+        raise CacheError(f"another process failed: {first_error}")
+    done, failed, clips, decoded, todo_count = sum_across(
+        process, [totals["done"], totals["failed"], totals["clips"], totals["decoded"], len(todo)])
     seconds = time.perf_counter() - started
-    summary = ExtractSummary(Path(config.out), layout.num_videos, totals["done"], totals["failed"], skipped,
-                             totals["clips"], seconds, max(store.size_on_disk() - bytes_before, 0),
-                             totals["decoded"])
+    summary = ExtractSummary(Path(config.out), layout.num_videos, int(done), int(failed),
+                             layout.num_videos - int(todo_count), int(clips), seconds,
+                             max(store.size_on_disk() - bytes_before, 0), int(decoded))
     store.close()
+    if not process.is_main:
+        return summary
     with open(metrics_path, "a") as handle:
         handle.write(json.dumps({"event": "summary", **{k: (str(v) if isinstance(v, Path) else v)
                                                          for k, v in dataclasses.asdict(summary).items()},

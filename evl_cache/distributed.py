@@ -1,0 +1,71 @@
+"""Processes under `torchrun`: which one this is, and the few collective steps the stages need.
+
+Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op for one process, so the
+same command runs on one CPU, one GPU or many.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process's place in the job."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: torch.device) -> torch.device:
+        """One GPU per local process under torchrun."""
+        if device.type == "cuda" and self.world_size > 1:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a torchrun job (works before the job is joined)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def init_process(device: torch.device) -> Process:
+    """Join the torchrun job if there is one (NCCL on CUDA, gloo otherwise)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Process()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return Process(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def barrier(process: Process) -> None:
+    if process.world_size > 1:
+        dist.barrier()
+
+
+def sum_across(process: Process, values: list[float]) -> list[float]:
+    """Element-wise sum of `values` over all processes."""
+    if process.world_size == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast_error(process: Process, message: str | None) -> str | None:
+    """The first non-empty error message of any process, seen by all (so all stop together)."""
+    if process.world_size == 1:
+        return message
+    messages: list[str | None] = [None] * process.world_size
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m), None)

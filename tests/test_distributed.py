@@ -1,0 +1,90 @@
+"""Several processes under torchrun (gloo, CPU): the same results as one process."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evl_cache.store import DONE, PENDING, FeatureStore
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _extract_args(videos, out):
+    return ["extract", "--videos", str(videos), "--out", str(out), "--model", "EVL-Tiny", "--pretrained", "none",
+            "--frames", "4", "--stride", "3", "--eval-views", "2", "--train-views", "2", "--blocks", "2",
+            "--shard-size", "2", "--workers", "0", "--batch-size", "2"]
+
+
+def _torchrun(args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+            str(29500 + os.getpid() % 1000), "-m", "evl_cache.cli"] + args
+
+
+def _all_arrays(path):
+    import zarr
+    group = zarr.open_group(str(path), mode="r")
+
+    def walk(g, prefix=""):
+        for name, member in g.members():
+            if isinstance(member, zarr.Group):
+                yield from walk(member, prefix + name + "/")
+            else:
+                yield prefix + name
+    return {name: np.asarray(group[name][...]) for name in walk(group)}
+
+
+@pytest.fixture(scope="module")
+def reference_cache(sample_videos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    subprocess.run([sys.executable, "-m", "evl_cache.cli"] + _extract_args(sample_videos, out), env=ONE_THREAD,
+                   check=True, capture_output=True)
+    return out
+
+
+def test_two_process_extraction_equals_one_process(sample_videos, reference_cache, tmp_path):
+    out = tmp_path / "two.zarr"
+    result = subprocess.run(_torchrun(_extract_args(sample_videos, out)), env=ONE_THREAD, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("extract: ") == 1  # one summary, from the main process
+    ranks = {line.split('"rank": ')[1][0] for line in Path(str(out) + ".extract.jsonl").read_text().splitlines()
+             if '"rank"' in line}
+    assert ranks == {"0", "1"}
+    a, b = _all_arrays(reference_cache), _all_arrays(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_killed_two_process_extraction_resumes(sample_videos, reference_cache, tmp_path):
+    out = tmp_path / "killed.zarr"
+    process = subprocess.Popen(_torchrun(_extract_args(sample_videos, out)), env=ONE_THREAD,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = Path(str(out) + ".extract.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"shard"') >= 2:
+            break
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    with FeatureStore(out) as store:
+        status = store.column("status")
+    assert (status == PENDING).any() and (status == DONE).any(), "the kill did not land mid-way"
+    result = subprocess.run(_torchrun(_extract_args(sample_videos, out)), env=ONE_THREAD, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _all_arrays(reference_cache), _all_arrays(out)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_hdf5_under_torchrun_is_refused(sample_videos, tmp_path):
+    result = subprocess.run(_torchrun(_extract_args(sample_videos, tmp_path / "x.h5")), env=ONE_THREAD,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "under torchrun, extract to a .zarr cache" in result.stderr
