@@ -20,11 +20,12 @@ from .config import build_config, click_options, load_toml
 from .distributed import is_main_process
 from .errors import EvlCacheError
 from .demo import DemoConfig, run_demo
-from .evaluate import EvalConfig, evaluate, load_run
+from .evaluate import EvalConfig, evaluate
 from .evl_checkpoints import ImportConfig, export_evl, import_evl
 from .extract import ExtractConfig, extract
-from .predict import PredictConfig, predict
+from .predict import PredictConfig, predict, predicted_class_names
 from .train import TrainConfig, train
+from .zeroshot import ZeroShotConfig, zeroshot
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -90,7 +91,8 @@ def extract_command(config_file: Path | None, list_file: Path | None, **options:
 def train_command(config_file: Path | None, **options: Any) -> None:
     """Train the EVL decoder and head from a cache, evaluating on its validation split every epoch."""
     summary = train(_config(TrainConfig, config_file, "train", options))
-    click.echo(summary.line())
+    if is_main_process():
+        click.echo(summary.line())
 
 
 @main.command("eval")
@@ -107,6 +109,21 @@ def eval_command(as_json: bool, **options: Any) -> None:
                    f"{metrics['mean_class_accuracy']:.4f}  ({metrics['videos']} videos)")
 
 
+@main.command("zeroshot")
+@click_options(ZeroShotConfig)
+@click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
+@user_errors
+def zeroshot_command(as_json: bool, **options: Any) -> None:
+    """CLIP zero-shot accuracy from the cached frame embeddings and class-name prompts (no training)."""
+    result = zeroshot(build_config(ZeroShotConfig, options))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"zero-shot top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  mean class accuracy "
+                   f"{result['mean_class_accuracy']:.4f}  ({result['videos']} videos, {result['classes']} classes, "
+                   f"{len(result['templates'])} template(s))")
+
+
 @main.command("predict")
 @click.argument("videos", nargs=-1, required=True)
 @click_options(PredictConfig)
@@ -116,7 +133,7 @@ def predict_command(videos: tuple[str, ...], as_json: bool, **options: Any) -> N
     """Classify new videos with a run (backbone and decoder online, the run's sampling and views)."""
     config = build_config(PredictConfig, {**options, "videos": list(videos)})
     predictions = predict(config)
-    class_names = load_run(config.run)["cache"]["class_names"]
+    class_names = predicted_class_names(config)
     if as_json:
         click.echo(json.dumps([{"path": p.path, "error": p.error, "classes": class_names,
                                 "probabilities": p.probabilities, "logits": p.logits} for p in predictions],

@@ -1,7 +1,7 @@
 """A Dataset over the cache that reads only what a run needs.
 
 A run that uses N decoder layers reads the last N cached blocks and nothing else; a run without
-temporal cross-attention reads no maps. The store is opened lazily in each DataLoader worker, so
+temporal cross-attention reads no maps; a text-head run reads only the per-frame CLIP embeddings. The store is opened lazily in each DataLoader worker, so
 memory stays flat however large the cache is, unless `in_memory` asks to hold the selection in RAM.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import CacheError
+from .errors import CacheError, EvlCacheError
 from .store import DONE, FeatureStore
 
 
@@ -25,6 +25,7 @@ class FeatureSelection:
     frames: int                  # frames used
     frame_step: int              # 1: adjacent cached frames; k: every k-th (no maps then)
     maps: bool                   # read the temporal maps
+    embed: bool = False          # read the per-frame CLIP embeddings (`embed`)
 
     @property
     def frame_indices(self) -> list[int]:
@@ -58,6 +59,41 @@ def select_features(attrs: dict, layers: int, frames: int | None, frame_step: in
                             frame_step, cross_attention)
 
 
+def select_embeddings(attrs: dict, frames: int | None, frame_step: int) -> FeatureSelection:
+    """What a text-head run needs: the per-frame CLIP embeddings only (no blocks, no maps)."""
+    if "embed" not in attrs.get("stored", ["embed"]):
+        raise CacheError(f"the text heads need the cached per-frame CLIP embeddings; this cache holds "
+                         f"{attrs.get('stored')}")
+    cached_frames = int(attrs["sampling"]["frames"])
+    frames = cached_frames if frames is None else frames
+    span = (frames - 1) * frame_step + 1
+    if frames < 1 or span > cached_frames:
+        raise CacheError(f"--frames {frames} with --frame-step {frame_step} spans {span} cached frames; "
+                         f"the cache holds {cached_frames} per clip")
+    return FeatureSelection((), (cached_frames - span) // 2, frames, frame_step, False, embed=True)
+
+
+def class_label_map(cache_names: list[str], names: list[str], allow_rename: bool = False) -> np.ndarray:
+    """For each cache label, its index in `names` (-1: not scored), or a reason the list doesn't fit.
+
+    `names` are matched to the cache's class names by name (a subset, in any order). With
+    `allow_rename`, a list of exactly as many names as the cache has classes, not all of them cache
+    classes, renames the cache's classes in order (readable names for CamelCase folders or ids).
+    """
+    if len(set(names)) != len(names):
+        raise EvlCacheError(f"class list has duplicate names: {sorted({n for n in names if names.count(n) > 1})[:5]}")
+    unknown = [n for n in names if n not in cache_names]
+    if not unknown:
+        position = {name: i for i, name in enumerate(names)}
+        return np.array([position.get(name, -1) for name in cache_names], dtype=np.int64)
+    if allow_rename and len(names) == len(cache_names):
+        return np.arange(len(cache_names), dtype=np.int64)
+    raise EvlCacheError(f"{len(unknown)} of {len(names)} class names are not classes of the cache (e.g. "
+                        f"{unknown[:3]}); give names of the cache's classes (any subset)"
+                        + (f", or one name per cache class ({len(cache_names)}) in the cache's order to rename them"
+                           if allow_rename else ""))
+
+
 def usable_videos(store: FeatureStore, splits: tuple[str, ...]) -> np.ndarray:
     """Indices of finished, labelled videos in the given splits."""
     status, split, label = store.column("status"), store.column("split"), store.column("label")
@@ -85,10 +121,11 @@ class CacheDataset(Dataset):
 
     views='random': one item per video, its view drawn per epoch (seeded); 'first': view 0 only;
     'all': one item per (video, view), for evaluation with views averaged afterwards.
+    label_map: a run's label for each cache label (a run on a subset or another order of the classes).
     """
 
     def __init__(self, path: str | Path, videos: np.ndarray, selection: FeatureSelection,
-                 views: str = "all", seed: int = 0, in_memory: bool = False):
+                 views: str = "all", seed: int = 0, in_memory: bool = False, label_map: np.ndarray | None = None):
         self.path = Path(path)
         self.selection = selection
         self.views_mode = views
@@ -96,6 +133,8 @@ class CacheDataset(Dataset):
         self.epoch = 0
         with FeatureStore(self.path) as store:
             self.labels = store.column("label")
+            if label_map is not None:
+                self.labels = np.where(self.labels >= 0, np.asarray(label_map)[np.maximum(self.labels, 0)], -1)
             view_counts = store.column("views")
         self.videos = np.asarray(videos, dtype=np.int64)
         self.view_counts = view_counts
@@ -119,6 +158,8 @@ class CacheDataset(Dataset):
         names = [f"tokens/block_{b}" for b in self.selection.blocks]
         if self.selection.maps:
             names += [f"maps/block_{b}/{d}" for b in self.selection.blocks for d in ("prev", "next")]
+        if self.selection.embed:
+            names.append("embed")
         return names
 
     def bytes_per_item(self) -> int:
@@ -157,7 +198,27 @@ class CacheDataset(Dataset):
                                  for b in sel.blocks]
             item["maps_next"] = [torch.from_numpy(self._read(f"maps/block_{b}/next", video, view)[pairs])
                                  for b in sel.blocks]
+        if sel.embed:
+            item["embed"] = torch.from_numpy(self._read("embed", video, view)[frames])
         return item
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """One epoch's micro-batches: a permutation seeded by (seed, epoch) cut into global micro-batches,
+    of which this process takes its share. Any number of processes sees the same global batches, so a
+    run on one process and a run on several follow the same data order."""
+
+    def __init__(self, size: int, micro_batch: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1):
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        self.global_batches = [order[i:i + micro_batch] for i in range(0, size, micro_batch)]
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.global_batches)
+
+    def __iter__(self):
+        for batch in self.global_batches:
+            yield torch.tensor_split(batch, self.world_size)[self.rank].tolist()
 
 
 def collate(items: list[dict]) -> dict:
@@ -169,13 +230,18 @@ def collate(items: list[dict]) -> dict:
     if "maps_prev" in items[0]:
         batch["maps_prev"] = [torch.stack(ms) for ms in zip(*(it["maps_prev"] for it in items))]
         batch["maps_next"] = [torch.stack(ms) for ms in zip(*(it["maps_next"] for it in items))]
+    if "embed" in items[0]:
+        batch["embed"] = torch.stack([it["embed"] for it in items])
     return batch
 
 
-def model_inputs(batch: dict, device: torch.device) -> tuple[list, list | None, list | None]:
-    """(block outputs, prev maps, next maps) of a batch, on `device`; maps None when not read."""
+def model_inputs(batch: dict, device: torch.device) -> tuple:
+    """The model's arguments from a batch, on `device`: (block outputs, prev maps, next maps), maps None
+    when not read; or (per-frame embeddings,) for a text-head run."""
     def move(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [t.to(device, non_blocking=True) for t in tensors]
+    if "embed" in batch and not batch["tokens"]:
+        return (batch["embed"].to(device, non_blocking=True),)
     return (move(batch["tokens"]), move(batch["maps_prev"]) if "maps_prev" in batch else None,
             move(batch["maps_next"]) if "maps_next" in batch else None)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,8 @@ def init_process(device: torch.device) -> Process:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        # the main process evaluates alone between epochs: give the others time to wait for it
+        dist.init_process_group(backend, timeout=timedelta(hours=2))
     return Process(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -60,6 +62,15 @@ def sum_across(process: Process, values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def gather_objects(process: Process, value: object) -> list:
+    """`value` from every process, in rank order."""
+    if process.world_size == 1:
+        return [value]
+    values: list = [None] * process.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def broadcast_error(process: Process, message: str | None) -> str | None:

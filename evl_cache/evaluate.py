@@ -1,4 +1,9 @@
-"""Evaluate a trained run on a cache: views averaged per video, top-1/top-5, per-class files."""
+"""Evaluate a trained run on a cache: views averaged per video, top-1/top-5, per-class files.
+
+Also what every run needs to be rebuilt: `build_model` (the linear EVL head, or the text and
+clip-text heads with CLIP's text tower loaded from the run's backbone), and the weights a run saves and
+loads (the frozen text tower is left out: it is rebuilt from the backbone and checked by hash).
+"""
 from __future__ import annotations
 
 import json
@@ -8,14 +13,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import option
-from .data import CacheDataset, collate, model_inputs, select_features, usable_videos, worker_init
+from .data import (CacheDataset, FeatureSelection, class_label_map, collate, model_inputs, select_embeddings,
+                   select_features, usable_videos, worker_init)
 from .errors import CacheError, CheckpointError, EvlCacheError
-from .model import DecoderConfig, EVLModel
+from .model import ClipTextModel, DecoderConfig, EVLModel, TextHeadModel
 from .metrics import average_views, classification_metrics, plot_confusion, write_per_class_csv
 from .store import FeatureStore
+from .videos import read_class_names
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,11 @@ class EvalConfig:
     batch_size: int = option(64, "clips per batch")
     workers: int = option(2, "DataLoader worker processes")
     device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
+    classes: Path | None = option(None, "class names to score against (text and clip-text runs): names of "
+                                        "the cache's classes (a subset), or one per cache class in its order "
+                                        "(a rename) [default: the run's own]")
+    pretrained: str | None = option(None, "CLIP weights file for the text tower instead of the run's tag/file "
+                                          "(must have the run's sha256)")
 
 
 @torch.no_grad()
@@ -40,9 +53,9 @@ def predict_views(model: torch.nn.Module, loader: DataLoader, device: torch.devi
     model.eval()
     probabilities, logits, videos, labels = [], [], [], []
     for batch in loader:
-        tokens, prev, nxt = model_inputs(batch, device)
+        inputs = model_inputs(batch, device)
         with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-            out = model(tokens, prev, nxt).float()
+            out = model(*inputs).float()
         logits.append(out.cpu())
         probabilities.append(out.softmax(-1).cpu())
         videos.append(batch["video"])
@@ -51,9 +64,16 @@ def predict_views(model: torch.nn.Module, loader: DataLoader, device: torch.devi
     return torch.cat(probabilities), torch.cat(logits), torch.cat(videos), torch.cat(labels)
 
 
-def write_evaluation(out: Path, name: str, metrics: dict, class_names: list[str]) -> None:
-    """eval_NAME.json, per_class_NAME.csv and confusion_NAME.png in the run folder."""
+def write_evaluation(out: Path, name: str, metrics: dict, class_names: list[str],
+                     novel_names: list[str] | None = None) -> None:
+    """eval_NAME.json, per_class_NAME.csv and confusion_NAME.png in the run folder; for base-to-novel
+    metrics (`add_novel`) also per_class_NAME_novel.csv and confusion_NAME_novel.png."""
     summary = {k: v for k, v in metrics.items() if k != "confusion"}
+    if "novel" in metrics:
+        novel = metrics["novel"]
+        summary["novel"] = {k: v for k, v in novel.items() if k != "confusion"}
+        write_per_class_csv(out / f"per_class_{name}_novel.csv", novel, novel_names)
+        plot_confusion(out / f"confusion_{name}_novel.png", novel["confusion"], novel_names)
     (out / f"eval_{name}.json").write_text(json.dumps(summary, indent=2))
     write_per_class_csv(out / f"per_class_{name}.csv", metrics, class_names)
     plot_confusion(out / f"confusion_{name}.png", metrics["confusion"], class_names)
@@ -67,11 +87,84 @@ def load_run(run: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def build_model(run_config: dict) -> EVLModel:
-    """The model a run's config.json describes."""
+def run_head(run_config: dict) -> dict:
+    """A run's head record: kind linear, text or clip-text, and for the text heads their class names,
+    novel classes (base-to-novel), prompt tokens, templates and what of the text tower trains."""
+    return run_config.get("head") or {"kind": "linear"}
+
+
+def run_class_names(run_config: dict) -> list[str]:
+    """The classes a run scores by default: those it was trained on."""
+    return run_head(run_config).get("class_names") or run_config["cache"]["class_names"]
+
+
+def build_model(run_config: dict, class_names: list[str] | None = None, pretrained: str | None = None) -> nn.Module:
+    """The model a run's config.json describes, on the CPU.
+
+    Text and clip-text runs load CLIP's text tower from the run's backbone record (`pretrained`: a
+    weights file instead of the recorded tag or file; the sha256 must match) and score `class_names`
+    (default: the run's own). A linear head has a fixed class list.
+    """
+    head = run_head(run_config)
+    if head["kind"] == "linear":
+        if class_names is not None:
+            raise EvlCacheError("only text and clip-text runs score another class list (--classes); this run has "
+                                "a linear head")
+        decoder = dict(run_config["decoder"])
+        decoder["grid"] = tuple(decoder["grid"])
+        return EVLModel(DecoderConfig(**decoder))
+    from .text import ClassPrompts, load_text_tower
+
+    cache = run_config["cache"]
+    tower, tokenizer = load_text_tower(cache["backbone"], cache["sampling"]["seed"], pretrained)
+    prompts = ClassPrompts(tower, tokenizer, class_names or run_class_names(run_config), head["templates"],
+                           head["prompt_tokens"], head["tune"] == "text")
+    if head["kind"] == "text":
+        return TextHeadModel(prompts)
     decoder = dict(run_config["decoder"])
     decoder["grid"] = tuple(decoder["grid"])
-    return EVLModel(DecoderConfig(**decoder))
+    return ClipTextModel(DecoderConfig(**decoder), cache["backbone"]["embed_dim"], prompts)
+
+
+def saved_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a run saves: the state dict without the frozen parts rebuilt from the backbone."""
+    rebuilt = getattr(model, "rebuilt_prefixes", ())
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(rebuilt)}
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load saved weights; every key the model saves must be there, and nothing else."""
+    rebuilt = getattr(model, "rebuilt_prefixes", ())
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights and not k.startswith(rebuilt)]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not fit the run's model: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}", path)
+    try:
+        model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:
+        raise CheckpointError(f"weights do not fit the run's model: {str(error).splitlines()[0]}", path) from None
+
+
+def run_selection(attrs: dict, run_config: dict) -> FeatureSelection:
+    """What the run reads from a cache (checked against that cache's attributes)."""
+    selection = run_config["selection"]
+    if selection.get("embed"):
+        return select_embeddings(attrs, selection["frames"], selection["frame_step"])
+    decoder = run_config["decoder"]
+    return select_features(attrs, decoder["layers"], decoder["frames"], selection["frame_step"],
+                           decoder["temporal_cross_attention"])
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """The base-to-novel summary of ViFi-CLIP: 2 B N / (B + N)."""
+    return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
+
+
+def add_novel(metrics: dict, novel: dict) -> dict:
+    """Base metrics with the novel classes' metrics and the harmonic mean of the two top-1s."""
+    return {**metrics, "novel": novel, "harmonic_mean": harmonic_mean(metrics["top1"], novel["top1"])}
 
 
 def check_cache_serves_run(attrs: dict, run_config: dict, path: Path) -> None:
@@ -87,7 +180,7 @@ def check_cache_serves_run(attrs: dict, run_config: dict, path: Path) -> None:
         if attrs["sampling"][key] != run_cache["sampling"][key]:
             raise CacheError(f"sampling {key} is {attrs['sampling'][key]}, the run was trained on "
                              f"{run_cache['sampling'][key]}", path)
-    if attrs["class_names"] != run_cache["class_names"]:
+    if run_head(run_config)["kind"] == "linear" and attrs["class_names"] != run_cache["class_names"]:
         raise CacheError("class names differ from the run's", path)
 
 
@@ -105,29 +198,57 @@ def evaluate(config: EvalConfig) -> dict:
     if not weights_path.exists():
         raise CheckpointError(f"no {config.weights} weights in the run", weights_path)
     device = resolve_device(config.device)
+    head = run_head(run_config)
+    if config.classes is not None and head["kind"] == "linear":
+        raise EvlCacheError("only text and clip-text runs score another class list (--classes); this run has "
+                            "a linear head")
     with FeatureStore(features) as store:
         attrs = store.check_version()
         check_cache_serves_run(attrs, run_config, features)
         splits = ("train", "val", "test", "none") if config.split == "all" else (config.split,)
         videos = usable_videos(store, splits)
+        cache_labels = store.column("label")
     if len(videos) == 0:
         raise EvlCacheError(f"no finished, labelled videos in split {config.split!r}", features)
-    decoder = run_config["decoder"]
-    selection = select_features(attrs, decoder["layers"], decoder["frames"], run_config["selection"]["frame_step"],
-                                decoder["temporal_cross_attention"])
-    model = build_model(run_config).to(device)
-    try:
-        model.load_state_dict(load_file(weights_path))
-    except RuntimeError as error:
-        raise CheckpointError(f"weights do not fit the run's model: {str(error).splitlines()[0]}",
-                              weights_path) from None
-    loader = DataLoader(CacheDataset(features, videos, selection, views="all"), batch_size=config.batch_size,
-                        collate_fn=collate, num_workers=config.workers, worker_init_fn=worker_init)
-    scores = average_views(*predict_views(model, loader, device, device.type == "cuda"))
-    metrics = classification_metrics(scores["probabilities"], scores["labels"], len(attrs["class_names"]))
+    # Which class lists to score: --classes, or the run's own (and, for base-to-novel, its novel classes).
+    if config.classes is not None:
+        class_lists = {"": read_class_names(config.classes)}
+    else:
+        class_lists = {"": run_class_names(run_config)}
+        if head.get("novel_classes"):
+            class_lists["novel"] = head["novel_classes"]
+    selection = run_selection(attrs, run_config)
+    model = build_model(run_config, class_lists[""] if head["kind"] != "linear" else None, config.pretrained)
+    model = model.to(device)
+    load_weights(model, load_file(weights_path), weights_path)
+    results = {}
+    for part, names in class_lists.items():
+        label_map = class_label_map(attrs["class_names"], names, allow_rename=config.classes is not None)
+        scored = videos[label_map[cache_labels[videos]] >= 0]
+        if len(scored) == 0:
+            raise EvlCacheError(f"no videos of the {part or 'given'} classes in split {config.split!r}", features)
+        if len(scored) < len(videos):
+            log.info("eval: %d of %d videos belong to the %s classes (%d)", len(scored), len(videos),
+                     part or "scored", len(names))
+        if head["kind"] != "linear":
+            model.text.set_classes(names)
+        loader = DataLoader(CacheDataset(features, scored, selection, views="all", label_map=label_map),
+                            batch_size=config.batch_size, collate_fn=collate, num_workers=config.workers,
+                            worker_init_fn=worker_init)
+        scores = average_views(*predict_views(model, loader, device, device.type == "cuda"))
+        results[part] = classification_metrics(scores["probabilities"], scores["labels"], len(names))
+    metrics = results[""] if "novel" not in results else add_novel(results[""], results["novel"])
     name = config.split if config.features is None else f"{config.split}_{Path(features).stem}"
-    write_evaluation(Path(config.run), name, metrics, attrs["class_names"])
+    if config.classes is not None:
+        name += f"_{Path(config.classes).stem}"
+    write_evaluation(Path(config.run), name, metrics, class_lists[""], class_lists.get("novel"))
+    if "novel" in results:
+        log.info("eval: base-to-novel: base top-1 %.4f, novel top-1 %.4f, harmonic mean %.4f", metrics["top1"],
+                 metrics["novel"]["top1"], metrics["harmonic_mean"])
     log.info("eval: %s on %s (%s, %d videos): top-1 %.4f, top-5 %.4f, mean class accuracy %.4f",
              config.run, features, config.split, metrics["videos"], metrics["top1"], metrics["top5"],
              metrics["mean_class_accuracy"])
-    return {k: v for k, v in metrics.items() if k != "confusion"}
+    summary = {k: v for k, v in metrics.items() if k != "confusion"}
+    if "novel" in summary:
+        summary["novel"] = {k: v for k, v in summary["novel"].items() if k != "confusion"}
+    return summary

@@ -156,7 +156,9 @@ def import_evl(config: ImportConfig) -> Path:
 
 def export_evl(run: str | Path, out: str | Path, weights: str = "best") -> Path:
     """Write a run's weights as an authors' checkpoint (`{'model': {'module.' + name: tensor}}`)."""
-    load_run(run)
+    head = (load_run(run).get("head") or {"kind": "linear"})["kind"]
+    if head != "linear":
+        raise CheckpointError(f"a {head} run has no EVL linear head: the authors' format cannot hold it", run)
     path = Path(run) / f"{weights}.safetensors"
     if not path.exists():
         raise CheckpointError(f"no {weights} weights in the run", path)

@@ -98,10 +98,10 @@ class Attention(nn.Module):
         head_dim = self.q_proj.out_features // heads
         q = self.q_proj(query).view(batch, heads, head_dim)
         q_through_k = torch.einsum("bhd,hdc->bhc", q, self.k_proj.weight.view(heads, head_dim, width))
-        # q_h . b_k,h is the same for every token, so the softmax cancels it; adding it costs nothing and
-        # keeps the key bias in the graph (a zero gradient, not None, for DDP and the optimizer).
-        key_bias = (q * self.k_proj.bias.view(heads, head_dim)).sum(-1, keepdim=True)
-        logits = (q_through_k @ tokens.transpose(1, 2) + key_bias) / math.sqrt(head_dim)
+        # q_h . b_k,h is the same for every token, so the softmax cancels it: it is left out. The key bias
+        # stays in the graph through a term that is exactly zero, so its gradient is exactly zero (not
+        # None, for DDP; and not rounding noise, which AdamW would blow up into full-size random steps).
+        logits = q_through_k @ tokens.transpose(1, 2) / math.sqrt(head_dim) + 0.0 * self.k_proj.bias.sum()
         weights = torch.softmax(logits, dim=-1)  # [B, H, J]
         mixed = weights @ tokens  # [B, H, C]
         values = torch.einsum("bhc,hdc->bhd", mixed, self.v_proj.weight.view(heads, head_dim, width))
@@ -328,3 +328,57 @@ class EVLModel(nn.Module):
                  maps_next: list[Tensor] | None = None) -> Tensor:
         """The decoder output x [B, C] before the head (for other heads, e.g. CLIP text)."""
         return self.decoder(block_outputs, maps_prev, maps_next)
+
+
+class TextHeadModel(nn.Module):
+    """ViFi-CLIP's text side alone, from the cache (`--head text`): no decoder, the image side frozen.
+
+    The video embedding is the per-frame CLIP embeddings [B, T, E] averaged over frames and
+    L2-normalised; `text` gives the L2-normalised class embeddings [K, E] (learned prompts, a tuned
+    text tower, or both) and CLIP's logit scale; logits = exp(logit_scale) * cosine similarity.
+    """
+
+    def __init__(self, text: nn.Module):
+        super().__init__()
+        self.text = text
+
+    @property
+    def rebuilt_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes left out of saved weights: the frozen text tower, rebuilt from the backbone."""
+        return () if self.text.tune_tower else ("text.tower.",)
+
+    def forward(self, embeddings: Tensor) -> Tensor:
+        """Class logits [B, K] of cached per-frame embeddings [B, T, E] (any float dtype)."""
+        video = F.normalize(embeddings.float().mean(1), dim=-1)
+        return self.text.tower.logit_scale.exp() * video @ self.text().t()
+
+
+class ClipTextModel(nn.Module):
+    """EVL's decoder with a CLIP-text head (`--head clip-text`): open-vocabulary video recognition.
+
+    The decoder output x goes through LayerNorm, dropout and a Linear(C, E) into CLIP's joint space,
+    is L2-normalised, and is scored against the class embeddings of `text` by CLIP's logit scale
+    times the cosine similarity. The classes are names, not rows of a weight matrix, so the trained
+    model scores any class list (`text.set_classes`).
+    """
+
+    def __init__(self, config: DecoderConfig, embed_dim: int, text: nn.Module):
+        super().__init__()
+        self.config = config
+        self.decoder = Decoder(config)
+        self.proj = nn.Sequential(
+            LayerNorm(config.width),
+            nn.Dropout(config.head_dropout),
+            nn.Linear(config.width, embed_dim),
+        )
+        self.text = text
+
+    @property
+    def rebuilt_prefixes(self) -> tuple[str, ...]:
+        return () if self.text.tune_tower else ("text.tower.",)
+
+    def forward(self, block_outputs: list[Tensor], maps_prev: list[Tensor] | None = None,
+                maps_next: list[Tensor] | None = None) -> Tensor:
+        """Class logits [B, K]; arguments as in `EVLModel.forward`."""
+        video = F.normalize(self.proj(self.decoder(block_outputs, maps_prev, maps_next)).float(), dim=-1)
+        return self.text.tower.logit_scale.exp() * video @ self.text().t()

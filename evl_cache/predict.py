@@ -17,10 +17,9 @@ from .clips import ClipSpec, read_video_clips
 from .config import option
 from .data import FeatureSelection
 from .errors import CheckpointError, EvlCacheError
-from .evaluate import build_model, load_run
+from .evaluate import build_model, load_run, load_weights, run_class_names, run_head
 from .extract import resolve_device
-from .model import EVLModel
-from .videos import expand_video_inputs
+from .videos import expand_video_inputs, read_class_names
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +34,8 @@ class PredictConfig:
     pretrained: str | None = option(None, "backbone weights file to use instead of the run's tag/file "
                                           "(must have the run's sha256)")
     device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
+    classes: Path | None = option(None, "class names to score against, one per line (text and clip-text runs) "
+                                        "[default: the run's own]")
 
 
 @dataclass
@@ -54,8 +55,11 @@ class OnlineModel:
     """A run's backbone and decoder together: clips in, per-view logits out."""
 
     def __init__(self, run: str | Path, weights: str = "best", pretrained: str | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", classes: list[str] | None = None):
         self.run_config = load_run(run)
+        if classes is not None and run_head(self.run_config)["kind"] == "linear":
+            raise EvlCacheError("only text and clip-text runs score another class list (--classes); this run has "
+                                "a linear head")
         cache = self.run_config["cache"]
         backbone = cache["backbone"]
         self.device = resolve_device(device)
@@ -66,17 +70,19 @@ class OnlineModel:
                                   f"{backbone['weights_sha256'][:12]}", pretrained or backbone["pretrained"])
         selection = self.run_config["selection"]
         self.selection = FeatureSelection(tuple(selection["blocks"]), selection["frame_start"], selection["frames"],
-                                          selection["frame_step"], selection["maps"])
-        self.backbone = FrozenBackbone(clip.visual, len(self.selection.blocks), spec.mean, spec.std).to(self.device)
-        if self.backbone.block_indices != list(self.selection.blocks):
+                                          selection["frame_step"], selection["maps"], selection.get("embed", False))
+        # A text-head run needs only the per-frame embeddings: capture one block, use none.
+        blocks = max(len(self.selection.blocks), 1)
+        self.backbone = FrozenBackbone(clip.visual, blocks, spec.mean, spec.std).to(self.device)
+        if not self.selection.embed and self.backbone.block_indices != list(self.selection.blocks):
             raise CheckpointError("the run's blocks are not the backbone's last blocks", run)
-        self.model: EVLModel = build_model(self.run_config).to(self.device).eval()
+        self.class_names: list[str] = list(classes) if classes is not None else run_class_names(self.run_config)
+        self.model = build_model(self.run_config, classes, pretrained).to(self.device).eval()
         weights_path = Path(run) / f"{weights}.safetensors"
         if not weights_path.exists():
             raise CheckpointError(f"no {weights} weights in the run", weights_path)
-        self.model.load_state_dict(load_file(weights_path))
+        load_weights(self.model, load_file(weights_path), weights_path)
         self.clip_spec = ClipSpec.from_cache(cache)
-        self.class_names: list[str] = cache["class_names"]
 
     @torch.no_grad()
     def logits(self, clips: torch.Tensor) -> torch.Tensor:
@@ -89,6 +95,9 @@ class OnlineModel:
         def as_cached(tensor: torch.Tensor) -> torch.Tensor:
             return tensor.to(torch.float16).float()
 
+        if self.selection.embed:
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+                return self.model(as_cached(output.embeddings[:, frames])).float().cpu()
         tokens = [as_cached(t[:, frames]) for t in output.block_outputs]
         prev = [as_cached(m[:, pairs]) for m in output.maps_prev] if self.selection.maps else None
         nxt = [as_cached(m[:, pairs]) for m in output.maps_next] if self.selection.maps else None
@@ -105,12 +114,22 @@ class OnlineModel:
                           logits=logits.mean(0).tolist())
 
 
+def prediction_classes(config: PredictConfig) -> list[str] | None:
+    """The class list of `--classes`, or None for the run's own."""
+    return read_class_names(config.classes) if config.classes is not None else None
+
+
+def predicted_class_names(config: PredictConfig) -> list[str]:
+    """The names the probabilities of `predict(config)` belong to, in order."""
+    return prediction_classes(config) or run_class_names(load_run(config.run))
+
+
 def predict(config: PredictConfig) -> list[Prediction]:
     """Predictions for every video named by `config.videos`; bad videos carry their error."""
     if config.run is None:
         raise EvlCacheError("--run is required")
     paths = expand_video_inputs(config.videos)
-    online = OnlineModel(config.run, config.weights, config.pretrained, config.device)
+    online = OnlineModel(config.run, config.weights, config.pretrained, config.device, prediction_classes(config))
     predictions = []
     for path in paths:
         prediction = online.predict(path)

@@ -7,6 +7,7 @@ generator all restart from the saved state.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,21 +17,27 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import option, to_dict
-from .data import (CacheDataset, collate, holdout_split, model_inputs, select_features, usable_videos,
-                   worker_init)
+from .data import (CacheDataset, EpochBatches, collate, holdout_split, model_inputs, select_features,
+                   usable_videos, worker_init)
+from .distributed import barrier, broadcast_error, gather_objects, init_process, sum_across
 from .errors import EvlCacheError
-from .evaluate import predict_views, write_evaluation
+from .data import class_label_map, select_embeddings
+from .evaluate import add_novel, build_model, load_weights, predict_views, saved_weights, write_evaluation
 from .extract import library_versions, resolve_device
 from .metrics import average_views, classification_metrics, plot_curves
 from .model import DecoderConfig, EVLModel
 from .store import FeatureStore, cache_fingerprint
+from .text import BARE_NAME, read_templates
+from .videos import read_class_names
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,20 @@ class TrainConfig:
     temporal_conv: bool = option(True, "depthwise temporal convolution")
     temporal_pos_embed: bool = option(True, "temporal position embedding")
     temporal_cross_attention: bool = option(True, "temporal cross-attention on the cached maps")
+    head: str = option("linear", "classification head: linear (EVL's), text (CLIP's text tower on the cached "
+                                 "frame embeddings, ViFi-CLIP's text side; no decoder) or clip-text (the decoder "
+                                 "projected into CLIP's space, scored against class-name text embeddings)",
+                       choices=("linear", "text", "clip-text"))
+    prompt_tokens: int | None = option(None, "text heads: learned prompt context vectors before each class name "
+                                             "(CoOp) [default: 16 for --head text, 0 for clip-text]")
+    templates: Path | None = option(None, "text heads with --prompt-tokens 0: prompt templates, one per line with "
+                                          "{} for the class name, averaged [default: the bare class name]")
+    tune: str = option("none", "text heads: what of CLIP's text tower trains: none (frozen) or text (all of it)",
+                       choices=("none", "text"))
+    base_classes: Path | None = option(None, "text heads, base-to-novel: train on these classes (one name per "
+                                             "line) and report base, novel and harmonic-mean accuracy")
+    pretrained: str | None = option(None, "text heads: CLIP weights file for the text tower instead of the "
+                                          "cache's tag/file (must have the cache's sha256)")
     frames: int | None = option(None, "frames per clip [default: all cached]; fewer take a centred window")
     frame_step: int = option(1, "use every k-th cached frame (needs --no-temporal-cross-attention if > 1)")
     train_views: str = option("all", "cached training views: all (one drawn per epoch) or first",
@@ -71,7 +92,7 @@ class TrainConfig:
 
 
 # Options that may change between a run and its resumption (they do not change the result).
-RESUMABLE_CHANGES = {"resume", "overwrite", "workers", "device", "in_memory"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "workers", "device", "in_memory", "pretrained"}
 
 
 @dataclass
@@ -86,7 +107,10 @@ class TrainSummary:
     def line(self) -> str:
         return (f"train: {self.epochs} epochs, {self.steps} steps in {self.seconds:.1f} s; best val top-1 "
                 f"{self.best_top1:.4f}; last val top-1 {self.final.get('top1', float('nan')):.4f} "
-                f"top-5 {self.final.get('top5', float('nan')):.4f}; run in {self.run}")
+                f"top-5 {self.final.get('top5', float('nan')):.4f}"
+                + (f"; novel top-1 {self.final['novel']['top1']:.4f}, harmonic mean "
+                   f"{self.final['harmonic_mean']:.4f}" if "novel" in self.final else "")
+                + f"; run in {self.run}")
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -103,8 +127,8 @@ def _atomic_save(write, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_run_folder(config: TrainConfig, run_config: dict) -> dict | None:
-    """Create the run folder, or check a resumed one; returns the saved training state if resuming."""
+def _prepare_run_folder(config: TrainConfig, run_config: dict) -> None:
+    """Create the run folder, or check that a resumed one was started with the same options."""
     out = Path(config.out)
     if out.exists() and config.overwrite:
         shutil.rmtree(out)
@@ -122,14 +146,18 @@ def _prepare_run_folder(config: TrainConfig, run_config: dict) -> dict | None:
             diffs.append("the cache differs from the one the run started on")
         if diffs:
             raise EvlCacheError("cannot resume with different options (" + "; ".join(diffs) + ")", out)
-        latest = out / "checkpoints" / "LATEST"
-        if latest.exists():
-            state_dir = out / "checkpoints" / latest.read_text().strip()
-            return {"weights": load_file(state_dir / "weights.safetensors"),
-                    **torch.load(state_dir / "state.pt", weights_only=False)}
-        return None
+        return
     saved_config.write_text(json.dumps(run_config, indent=2))
-    return None
+
+
+def _latest_state(out: Path) -> dict | None:
+    """The weights and training state of the last finished epoch, if any."""
+    latest = out / "checkpoints" / "LATEST"
+    if not latest.exists():
+        return None
+    state_dir = out / "checkpoints" / latest.read_text().strip()
+    return {"weights": load_file(state_dir / "weights.safetensors"),
+            **torch.load(state_dir / "state.pt", weights_only=False)}
 
 
 def _save_checkpoint(out: Path, model: EVLModel, state: dict) -> None:
@@ -142,7 +170,7 @@ def _save_checkpoint(out: Path, model: EVLModel, state: dict) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = saved_weights(model)
     save_file(weights, tmp / "weights.safetensors")
     torch.save(state, tmp / "state.pt")
     os.replace(tmp, folder)
@@ -159,7 +187,8 @@ def train(config: TrainConfig) -> TrainSummary:
         raise EvlCacheError("--features and --out are required")
     if config.batch_size % config.grad_accum:
         raise EvlCacheError(f"--batch-size {config.batch_size} does not divide by --grad-accum {config.grad_accum}")
-    device = resolve_device(config.device)
+    process = init_process(resolve_device(config.device))
+    device = process.device(resolve_device(config.device))
     torch.manual_seed(config.seed)
 
     # The cache: what it holds, which videos train and which evaluate.
@@ -174,40 +203,68 @@ def train(config: TrainConfig) -> TrainSummary:
             log.info("train: no validation split in the cache; holding out %d of %d videos (--val-fraction %s)",
                      len(val_videos), len(pool), config.val_fraction)
         fingerprint = cache_fingerprint(attrs)
+        cache_labels = store.column("label")
+    head = _head_record(config, attrs["class_names"])
+    train_videos, val_videos, novel_videos, label_map, novel_map = _videos_of_head(
+        head, attrs["class_names"], cache_labels, train_videos, val_videos)
     if len(train_videos) == 0:
         raise EvlCacheError("the cache has no finished, labelled training videos", config.features)
-    selection = select_features(attrs, config.layers, config.frames, config.frame_step,
-                                config.temporal_cross_attention)
+    if config.head == "text":  # CLIP's frame embeddings only: no blocks, no maps, no decoder
+        selection = select_embeddings(attrs, config.frames, config.frame_step)
+    else:
+        selection = select_features(attrs, config.layers, config.frames, config.frame_step,
+                                    config.temporal_cross_attention)
     backbone = attrs["backbone"]
     decoder_config = DecoderConfig(
         width=backbone["width"], grid=tuple(backbone["patch_grid"]), frames=selection.frames,
-        num_classes=len(attrs["class_names"]), layers=config.layers, heads=config.heads or backbone["heads"],
+        num_classes=len(head.get("class_names", attrs["class_names"])), layers=config.layers, heads=config.heads or backbone["heads"],
         qkv_dim=config.qkv_dim, mlp_factor=config.mlp_factor, mlp_dropout=config.mlp_dropout,
         head_dropout=config.head_dropout, temporal_conv=config.temporal_conv,
         temporal_pos_embed=config.temporal_pos_embed, temporal_cross_attention=config.temporal_cross_attention)
     run_config = {
-        "train": to_dict(config), "decoder": asdict(decoder_config), "selection": asdict(selection),
+        "train": to_dict(config), "head": head,
+        "decoder": None if config.head == "text" else asdict(decoder_config), "selection": asdict(selection),
         "cache": {"path": str(Path(config.features).resolve()), "fingerprint": fingerprint,
                   "backbone": backbone, "blocks": attrs["blocks"], "sampling": attrs["sampling"],
                   "preprocessing": attrs["preprocessing"], "class_names": attrs["class_names"]},
-        "videos": {"train": len(train_videos), "val": len(val_videos)},
+        "videos": {"train": len(train_videos), "val": len(val_videos),
+                   **({"val_novel": len(novel_videos)} if len(novel_videos) else {})},
         "versions": library_versions(),
     }
     out = Path(config.out)
-    resumed = _prepare_run_folder(config, run_config)
+    error = None
+    if process.is_main:  # only the main process writes the run folder
+        try:
+            _prepare_run_folder(config, run_config)
+        except EvlCacheError as raised:
+            error = raised
+    first_error = broadcast_error(process, str(error) if error else None)
+    if error is not None:
+        raise error
+    if first_error:
+        raise EvlCacheError(f"the main process failed: {first_error}")
+    resumed = _latest_state(out) if config.resume else None
 
-    # Model, optimizer, schedule.
-    model = EVLModel(decoder_config).to(device)
+    # Model (the same initial weights in every process), optimizer, schedule.
+    model = build_model(run_config, pretrained=config.pretrained).to(device)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if process.world_size > 1 else model
+    if process.rank:  # dropout draws its own masks in each process
+        torch.manual_seed(config.seed + 1_000_003 * process.rank)
     micro_batch = config.batch_size // config.grad_accum
     train_set = CacheDataset(config.features, train_videos, selection,
                              views="random" if config.train_views == "all" else "first",
-                             seed=config.seed, in_memory=config.in_memory)
-    val_set = CacheDataset(config.features, val_videos, selection, views="all", in_memory=config.in_memory)
+                             seed=config.seed, in_memory=config.in_memory, label_map=label_map)
+    val_set = CacheDataset(config.features, val_videos, selection, views="all", in_memory=config.in_memory,
+                           label_map=label_map)
+    novel_set = CacheDataset(config.features, novel_videos, selection, views="all", in_memory=config.in_memory,
+                             label_map=novel_map) if len(novel_videos) else None
     micro_per_epoch = math.ceil(len(train_set) / micro_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
     total_steps = config.steps or config.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # a frozen text tower stays out
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_lr(step, total_steps, config.warmup_steps))
     use_amp = device.type == "cuda"
@@ -215,76 +272,95 @@ def train(config: TrainConfig) -> TrainSummary:
     start_epoch, step, best_top1 = 0, 0, -1.0
     metrics_path = out / "metrics.jsonl"
     if resumed is not None:
-        model.load_state_dict(resumed["weights"])
+        load_weights(model, resumed["weights"], out)
         optimizer.load_state_dict(resumed["optimizer"])
         schedule.load_state_dict(resumed["schedule"])
         scaler.load_state_dict(resumed["scaler"])
-        torch.set_rng_state(resumed["torch_rng"])
+        rng_states = resumed["torch_rng"]
+        torch.set_rng_state(rng_states[process.rank] if len(rng_states) == process.world_size else rng_states[0])
         start_epoch, step, best_top1 = resumed["epoch"] + 1, resumed["step"], resumed["best_top1"]
         kept = [line for line in metrics_path.read_text().splitlines()
                 if json.loads(line).get("epoch", -1) <= resumed["epoch"]]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        if process.is_main:
+            metrics_path.write_text("".join(line + "\n" for line in kept))
         log.info("train: resuming %s after epoch %d (step %d)", out, resumed["epoch"], step)
     elif config.resume:
         log.info("train: nothing to resume in %s; starting from the beginning", out)
-    log.info("train: %d train / %d val videos, %d classes, %d decoder parameters, %d steps (%d epochs of %d), "
-             "device %s, reading blocks %s%s", len(train_videos), len(val_videos), decoder_config.num_classes,
-             sum(p.numel() for p in model.parameters()), total_steps, epochs, steps_per_epoch, device,
-             list(selection.blocks), " and maps" if selection.maps else "")
+    if process.world_size > 1 and micro_batch % process.world_size:
+        raise EvlCacheError(f"--batch-size {config.batch_size} / --grad-accum {config.grad_accum} does not split "
+                            f"evenly over {process.world_size} processes")
+    log.info("train: %d train / %d val videos, %d classes, %d trained parameters, %d steps (%d epochs of %d), "
+             "device %s, %d process(es), reading blocks %s%s", len(train_videos), len(val_videos),
+             decoder_config.num_classes, sum(p.numel() for p in trained), total_steps, epochs,
+             steps_per_epoch, device, process.world_size, list(selection.blocks),
+             " and maps" if selection.maps else " and the frame embeddings" if selection.embed else "")
     loader_options = dict(collate_fn=collate, num_workers=config.workers, worker_init_fn=worker_init,
                           pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
                           prefetch_factor=4 if config.workers else None)
-    val_loader = DataLoader(val_set, batch_size=micro_batch, shuffle=False, **loader_options)
+    # Loaders get their own generator: they must not draw from the global one that dropout uses.
+    val_loader = DataLoader(val_set, batch_size=micro_batch, shuffle=False, generator=torch.Generator(),
+                            **loader_options)
     started = time.perf_counter()
     final: dict = {}
 
     for epoch in range(start_epoch, epochs):
         # Train one epoch: the order and the drawn views depend only on (seed, epoch).
+        # Every process sees the same global batches and takes its share; a step's loss is the mean
+        # over the step's whole global batch, however it is split over processes and micro-batches.
         train_set.set_epoch(epoch)
-        order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        loader = DataLoader(train_set, batch_size=micro_batch, shuffle=True, generator=order,
+        batches = EpochBatches(len(train_set), micro_batch, config.seed, epoch, process.rank, process.world_size)
+        sizes = [len(b) for b in batches.global_batches]
+        loader = DataLoader(train_set, batch_sampler=batches, generator=torch.Generator(),
                             **{**loader_options, "persistent_workers": False})
         model.train()
         epoch_start = time.perf_counter()
         wait, loss_sum, correct, seen = 0.0, 0.0, 0, 0
         progress = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
-                        dynamic_ncols=True, leave=False)
+                        dynamic_ncols=True, leave=False, disable=not process.is_main)
         fetch_start = time.perf_counter()
         for i, batch in enumerate(loader):
             wait += time.perf_counter() - fetch_start
             if step >= total_steps:
                 break
-            tokens, prev, nxt = model_inputs(batch, device)
+            group = slice(i - i % config.grad_accum, i - i % config.grad_accum + config.grad_accum)
+            ends_step = (i + 1) % config.grad_accum == 0 or i + 1 == len(sizes)
+            inputs = model_inputs(batch, device)
             labels = batch["label"].to(device)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                logits = model(tokens, prev, nxt)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-            scaler.scale(loss / config.grad_accum).backward()
-            if (i + 1) % config.grad_accum == 0 or i + 1 == len(loader):
+            sync = contextlib.nullcontext() if ends_step or net is model else net.no_sync()
+            with sync:
+                with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                    logits = net(*inputs)
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing,
+                                           reduction="sum")
+                scaler.scale(loss * process.world_size / sum(sizes[group])).backward()
+            if ends_step:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 schedule.step()
                 step += 1
-            loss_sum += float(loss.detach()) * len(labels)
+            loss_sum += float(loss.detach())
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss_sum / seen:.4f}",
+            progress.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}",
                                  clips_per_s=f"{seen / (time.perf_counter() - epoch_start):.1f}", refresh=False)
             fetch_start = time.perf_counter()
         progress.close()
         train_seconds = time.perf_counter() - epoch_start
+        loss_sum, correct, seen, wait = sum_across(process, [loss_sum, correct, seen, wait / process.world_size])
+        rng_states = gather_objects(process, torch.get_rng_state())
+        if not process.is_main:  # the main process evaluates and writes; the others go on to the next epoch
+            continue
 
         # Evaluate: softmax averaged over each video's cached views.
-        evaluation = classification_metrics(**_video_scores(model, val_loader, device, use_amp),
-                                            num_classes=decoder_config.num_classes)
+        evaluation = _validate(model, val_loader, novel_set, head, device, use_amp)
         record = {"event": "epoch", "epoch": epoch, "step": step, "lr": schedule.get_last_lr()[0],
                   "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
                   "train_clips_per_s": seen / train_seconds, "data_wait_share": wait / train_seconds,
                   "epoch_seconds": time.perf_counter() - epoch_start,
                   "val_top1": evaluation["top1"], "val_top5": evaluation["top5"],
-                  "val_mean_class_accuracy": evaluation["mean_class_accuracy"]}
+                  "val_mean_class_accuracy": evaluation["mean_class_accuracy"], **_novel_record(evaluation)}
         with open(metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         log.info("epoch %d/%d: loss %.4f, train top-1 %.3f, val top-1 %.3f top-5 %.3f, lr %.2e, "
@@ -293,23 +369,25 @@ def train(config: TrainConfig) -> TrainSummary:
                  100 * record["data_wait_share"])
         if evaluation["top1"] > best_top1:
             best_top1 = evaluation["top1"]
-            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            weights = saved_weights(model)
             _atomic_save(lambda p: save_file(weights, p), out / "best.safetensors")
         _save_checkpoint(out, model, {"epoch": epoch, "step": step, "best_top1": best_top1,
                                       "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                                      "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()})
+                                      "scaler": scaler.state_dict(), "torch_rng": rng_states})
         final = evaluation
 
+    barrier(process)
+    if not process.is_main:
+        return TrainSummary(out, epochs, step, time.perf_counter() - started, best_top1, final)
     if not final:  # resumed a run that had already finished: evaluate its last weights
-        final = classification_metrics(**_video_scores(model, val_loader, device, use_amp),
-                                       num_classes=decoder_config.num_classes)
-    write_evaluation(out, "val", final, attrs["class_names"])
+        final = _validate(model, val_loader, novel_set, head, device, use_amp)
+    write_evaluation(out, "val", final, head.get("class_names", attrs["class_names"]), head.get("novel_classes"))
     plot_curves(out / "curve.png", metrics_path)
     summary = TrainSummary(out, epochs, step, time.perf_counter() - started, best_top1, final)
     with open(metrics_path, "a") as handle:
         handle.write(json.dumps({"event": "summary", "seconds": summary.seconds, "steps": step,
                                  "best_val_top1": best_top1, "val_top1": final["top1"],
-                                 "val_top5": final["top5"]}) + "\n")
+                                 "val_top5": final["top5"], **_novel_record(final)}) + "\n")
     log.info(summary.line())
     return summary
 
@@ -318,3 +396,89 @@ def _video_scores(model: EVLModel, loader: DataLoader, device: torch.device, use
     """Per-video averaged probabilities and labels, in the form classification_metrics takes."""
     scores = average_views(*predict_views(model, loader, device, use_amp))
     return {"probabilities": scores["probabilities"], "labels": scores["labels"]}
+
+
+def _validate(model: torch.nn.Module, loader: DataLoader, novel_set: CacheDataset | None, head: dict,
+              device: torch.device, use_amp: bool) -> dict:
+    """Metrics over the run's classes; for base-to-novel also over the novel classes (scored against the
+    novel names only, as ViFi-CLIP does) under "novel", with the harmonic mean of the two top-1s."""
+    num_classes = len(head["class_names"]) if "class_names" in head else model.config.num_classes
+    metrics = classification_metrics(**_video_scores(model, loader, device, use_amp), num_classes=num_classes)
+    if novel_set is None:
+        return metrics
+    novel_loader = DataLoader(novel_set, batch_size=loader.batch_size, collate_fn=collate,
+                              num_workers=loader.num_workers, worker_init_fn=worker_init)
+    model.text.set_classes(head["novel_classes"])
+    try:
+        novel = classification_metrics(**_video_scores(model, novel_loader, device, use_amp),
+                                       num_classes=len(head["novel_classes"]))
+    finally:
+        model.text.set_classes(head["class_names"])
+    return add_novel(metrics, novel)
+
+
+def _novel_record(metrics: dict) -> dict:
+    """The novel classes' figures for metrics.jsonl (empty unless base-to-novel)."""
+    if "novel" not in metrics:
+        return {}
+    return {"val_novel_top1": metrics["novel"]["top1"], "val_novel_top5": metrics["novel"]["top5"],
+            "val_harmonic_mean": metrics["harmonic_mean"]}
+
+
+def _head_record(config: TrainConfig, cache_names: list[str]) -> dict:
+    """The run's head: its kind and, for the text heads, the classes it trains on (the base classes for
+    base-to-novel), the novel classes, prompt tokens, templates and what of the text tower trains."""
+    text_only = {"--prompt-tokens": config.prompt_tokens is not None, "--templates": config.templates is not None,
+                 "--tune text": config.tune != "none", "--base-classes": config.base_classes is not None,
+                 "--pretrained": config.pretrained is not None}
+    if config.head == "linear":
+        given = [flag for flag, is_given in text_only.items() if is_given]
+        if given:
+            raise EvlCacheError(f"{', '.join(given)}: only for --head text or --head clip-text")
+        return {"kind": "linear"}
+    names, novel = list(cache_names), []
+    if config.base_classes is not None:
+        base = read_class_names(config.base_classes)
+        unknown = [name for name in base if name not in cache_names]
+        if unknown:
+            raise EvlCacheError(f"{len(unknown)} base classes are not classes of the cache (e.g. {unknown[:3]})",
+                                config.base_classes)
+        names = [name for name in cache_names if name in base]
+        novel = [name for name in cache_names if name not in base]
+        if not novel:
+            raise EvlCacheError("the base classes are all of the cache's classes: none is left as novel",
+                                config.base_classes)
+    prompt_tokens = config.prompt_tokens if config.prompt_tokens is not None else 16 if config.head == "text" else 0
+    if prompt_tokens < 0:
+        raise EvlCacheError("--prompt-tokens must be 0 or more")
+    if prompt_tokens and config.templates is not None:
+        raise EvlCacheError("--templates apply to --prompt-tokens 0 (learned prompts are 'context name.')")
+    if config.head == "text" and prompt_tokens == 0 and config.tune == "none":
+        raise EvlCacheError("--head text with --prompt-tokens 0 and --tune none trains nothing: that is "
+                            "`evl-cache zeroshot`")
+    return {"kind": config.head, "class_names": names, "novel_classes": novel, "prompt_tokens": prompt_tokens,
+            "templates": read_templates(config.templates) if config.templates else [BARE_NAME],
+            "tune": config.tune}
+
+
+def _videos_of_head(head: dict, cache_names: list[str], cache_labels: np.ndarray, train_videos: np.ndarray,
+                    val_videos: np.ndarray) -> tuple:
+    """(train, val and novel val videos, label maps of the run's and the novel classes) for the head.
+
+    A linear head trains on every class, with the cache's labels. A text head's classes may be a subset
+    (base-to-novel): videos of other classes leave training, and validation splits into base and novel.
+    """
+    none = np.empty(0, dtype=np.int64)
+    if head["kind"] == "linear":
+        return train_videos, val_videos, none, None, None
+
+    def of_classes(videos: np.ndarray, label_map: np.ndarray) -> np.ndarray:
+        videos = np.asarray(videos, dtype=np.int64)
+        return videos[label_map[cache_labels[videos]] >= 0]
+
+    label_map = class_label_map(cache_names, head["class_names"])
+    novel_map = class_label_map(cache_names, head["novel_classes"]) if head["novel_classes"] else None
+    novel_videos = of_classes(val_videos, novel_map) if novel_map is not None else none
+    if novel_map is not None and len(novel_videos) == 0:
+        raise EvlCacheError("base-to-novel needs validation videos of the novel classes; the cache has none")
+    return of_classes(train_videos, label_map), of_classes(val_videos, label_map), novel_videos, label_map, novel_map

@@ -88,3 +88,28 @@ def test_hdf5_under_torchrun_is_refused(sample_videos, tmp_path):
     result = subprocess.run(_torchrun(_extract_args(sample_videos, tmp_path / "x.h5")), env=ONE_THREAD,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "under torchrun, extract to a .zarr cache" in result.stderr
+
+
+def _train_args(cache, out):
+    return ["train", "--features", str(cache), "--out", str(out), "--layers", "2", "--epochs", "3",
+            "--batch-size", "8", "--lr", "3e-3", "--mlp-dropout", "0", "--head-dropout", "0", "--heads", "2",
+            "--workers", "0"]
+
+
+def test_two_process_training_equals_one_process(reference_cache, tmp_path):
+    from safetensors.torch import load_file
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = subprocess.run([sys.executable, "-m", "evl_cache.cli"] + _train_args(reference_cache, one),
+                            env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run(_torchrun(_train_args(reference_cache, two)), env=ONE_THREAD, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr and result.stdout.count("train: ") == 1
+    a, b = load_file(one / "last.safetensors"), load_file(two / "last.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:  # the same global batches; only the order of float reductions differs
+        torch_close = np.allclose(a[name].numpy(), b[name].numpy(), rtol=1e-4, atol=1e-5)
+        assert torch_close, (name, float((a[name] - b[name]).abs().max()))
+    metrics = [line for line in (two / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line]
+    assert len(metrics) == 3  # written once, by the main process
