@@ -1,8 +1,9 @@
 """A Dataset over the cache that reads only what a run needs.
 
 A run that uses N decoder layers reads the last N cached blocks and nothing else; a run without
-temporal cross-attention reads no maps; a text-head run reads only the per-frame CLIP embeddings. The store is opened lazily in each DataLoader worker, so
-memory stays flat however large the cache is, unless `in_memory` asks to hold the selection in RAM.
+temporal cross-attention reads no maps; a text-head run reads only the per-frame CLIP embeddings.
+The store is opened lazily in each DataLoader worker, so memory stays flat however large the cache
+is, unless `in_memory` asks to hold the selection in RAM.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import CacheError, EvlCacheError
-from .store import DONE, FeatureStore
+from .store import DONE, FeatureStore, location
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class CacheDataset(Dataset):
 
     def __init__(self, path: str | Path, videos: np.ndarray, selection: FeatureSelection,
                  views: str = "all", seed: int = 0, in_memory: bool = False, label_map: np.ndarray | None = None):
-        self.path = Path(path)
+        self.path = location(path)
         self.selection = selection
         self.views_mode = views
         self.seed = seed

@@ -35,7 +35,7 @@ from .evaluate import add_novel, build_model, load_weights, predict_views, saved
 from .extract import library_versions, resolve_device
 from .metrics import average_views, classification_metrics, plot_curves
 from .model import DecoderConfig, EVLModel
-from .store import FeatureStore, cache_fingerprint
+from .store import FeatureStore, cache_fingerprint, is_url
 from .text import BARE_NAME, read_templates
 from .videos import read_class_names
 
@@ -217,14 +217,16 @@ def train(config: TrainConfig) -> TrainSummary:
     backbone = attrs["backbone"]
     decoder_config = DecoderConfig(
         width=backbone["width"], grid=tuple(backbone["patch_grid"]), frames=selection.frames,
-        num_classes=len(head.get("class_names", attrs["class_names"])), layers=config.layers, heads=config.heads or backbone["heads"],
+        num_classes=len(head.get("class_names", attrs["class_names"])), layers=config.layers,
+        heads=config.heads or backbone["heads"],
         qkv_dim=config.qkv_dim, mlp_factor=config.mlp_factor, mlp_dropout=config.mlp_dropout,
         head_dropout=config.head_dropout, temporal_conv=config.temporal_conv,
         temporal_pos_embed=config.temporal_pos_embed, temporal_cross_attention=config.temporal_cross_attention)
     run_config = {
         "train": to_dict(config), "head": head,
         "decoder": None if config.head == "text" else asdict(decoder_config), "selection": asdict(selection),
-        "cache": {"path": str(Path(config.features).resolve()), "fingerprint": fingerprint,
+        "cache": {"path": str(config.features if is_url(config.features) else Path(config.features).resolve()),
+                  "fingerprint": fingerprint,
                   "backbone": backbone, "blocks": attrs["blocks"], "sampling": attrs["sampling"],
                   "preprocessing": attrs["preprocessing"], "class_names": attrs["class_names"]},
         "videos": {"train": len(train_videos), "val": len(val_videos),

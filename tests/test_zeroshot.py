@@ -83,12 +83,14 @@ def test_zeroshot_command_renames_or_subsets_the_classes(cache, tmp_path):
                                   "--classes", str(readable)])
     assert result.exit_code == 0, result.output
     renamed = json.loads(result.stdout)
-    assert renamed["videos"] == 8 and list(renamed["per_class_accuracy"])[0] == "a clip of " + names[0].replace("_", " ")
+    assert renamed["videos"] == 8
+    assert list(renamed["per_class_accuracy"])[0] == "a clip of " + names[0].replace("_", " ")
 
     subset = tmp_path / "subset.txt"  # cache names: only those classes' videos, scored over them
     subset.write_text(f"{names[2]}\n{names[0]}\n")
     result = zeroshot(ZeroShotConfig(features=cache, classes=subset, workers=0))
-    assert result["videos"] == 4 and result["classes"] == 2 and list(result["per_class_accuracy"]) == [names[2], names[0]]
+    assert result["videos"] == 4 and result["classes"] == 2
+    assert list(result["per_class_accuracy"]) == [names[2], names[0]]
 
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("a\nb\nc\n")
