@@ -203,11 +203,11 @@ def demo_command(**options: Any) -> None:
 
 
 @main.command("info")
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache")  # a path or an fsspec URL
 @click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
 @click.option("--failed", is_flag=True, help="list failed videos with their reasons")
 @user_errors
-def info_command(cache: Path, as_json: bool, failed: bool) -> None:
+def info_command(cache: str, as_json: bool, failed: bool) -> None:
     """Show what a cache holds: backbone, blocks, sampling, splits, statuses, classes, size."""
     from .cache_info import cache_info, format_info
     info = cache_info(cache, failed=failed)

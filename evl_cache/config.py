@@ -67,7 +67,7 @@ def click_options(cls: type) -> Callable[[Callable], Callable]:
                 elif tp in (int, float, str):
                     kwargs["type"] = tp
                 elif tp is Path:
-                    kwargs["type"] = click.Path(path_type=Path)
+                    kwargs["type"] = str  # made a Path (or kept as an fsspec URL) by build_config
                 else:
                     kwargs["type"] = str
                 kwargs["help"] = meta["help"] + shown
@@ -81,8 +81,9 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     tp, optional = _base_type(_field_types(cls)[name])
     if value is None:
         return None
-    if tp is Path:
-        return Path(value)
+    if tp is Path:  # an fsspec URL (memory://, s3://, file://) stays a string: Path would mangle '//'
+        return str(value) if "://" in str(value) and not str(value).startswith("file://") else \
+            Path(str(value).removeprefix("file://"))
     if tp is float and isinstance(value, int):
         return float(value)
     if tp in (int, float, str, bool) and not isinstance(value, tp):

@@ -22,7 +22,7 @@ from .data import (CacheDataset, FeatureSelection, class_label_map, collate, mod
 from .errors import CacheError, CheckpointError, EvlCacheError
 from .model import ClipTextModel, DecoderConfig, EVLModel, TextHeadModel
 from .metrics import average_views, classification_metrics, plot_confusion, write_per_class_csv
-from .store import FeatureStore
+from .store import FeatureStore, location
 from .videos import read_class_names
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def evaluate(config: EvalConfig) -> dict:
     run_config = load_run(config.run)
     if config.features is None and not run_config["cache"].get("path"):
         raise EvlCacheError("this run has no cache of its own (it was imported): pass --features CACHE")
-    features = Path(config.features or run_config["cache"]["path"])
+    features = location(config.features or run_config["cache"]["path"])
     weights_path = Path(config.run) / f"{config.weights}.safetensors"
     if not weights_path.exists():
         raise CheckpointError(f"no {config.weights} weights in the run", weights_path)
@@ -238,7 +238,7 @@ def evaluate(config: EvalConfig) -> dict:
         scores = average_views(*predict_views(model, loader, device, device.type == "cuda"))
         results[part] = classification_metrics(scores["probabilities"], scores["labels"], len(names))
     metrics = results[""] if "novel" not in results else add_novel(results[""], results["novel"])
-    name = config.split if config.features is None else f"{config.split}_{Path(features).stem}"
+    name = config.split if config.features is None else f"{config.split}_{Path(str(features).split('://')[-1]).stem}"
     if config.classes is not None:
         name += f"_{Path(config.classes).stem}"
     write_evaluation(Path(config.run), name, metrics, class_lists[""], class_lists.get("novel"))

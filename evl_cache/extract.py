@@ -3,8 +3,8 @@
 Videos are decoded in DataLoader worker processes (only the frames the sampling plan needs) while the
 main process batches clips through the backbone. Results are buffered per shard and each shard is
 written whole, then its status rows. A re-run of the same command skips finished shards and redoes
-the rest, so a killed extraction ends with the same cache as an uninterrupted one: batches never
-cross a shard boundary, and every random choice is seeded per (video, view).
+the pending videos of the others, so a killed extraction ends with the same cache as an uninterrupted
+one: batches never cross a shard boundary, and every random choice is seeded per (video, view).
 """
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ from .clips import ClipSpec, VideoClips, read_video_clips
 from .distributed import Process, broadcast_error, init_process, sum_across
 from .errors import CacheError, DatasetError, EvlCacheError
 from .sampling import SAMPLING_MODES
-from .store import DONE, FAILED, PENDING, CacheLayout, FeatureStore, remove_store, store_kind
+from .store import (DONE, FAILED, PENDING, CacheLayout, FeatureStore, is_url, location, remove_store,
+                    store_exists, store_kind)
+from .store import remove_partial_files, video_checksum
 from .videos import VideoEntry, VideoList, find_videos
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ class ExtractConfig:
     shard_size: int = option(8, "videos per shard (the unit of writing and resuming)")
     batch_size: int = option(8, "clips per backbone batch")
     workers: int = option(2, "DataLoader worker processes that decode videos")
+    decode_timeout: float = option(120.0, "seconds one video may take to decode; a slower (or hanging) one is "
+                                          "recorded as failed (0: no limit)")
     device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
     overwrite: bool = option(False, "delete an existing cache at --out and start again")
 
@@ -67,7 +71,7 @@ class ExtractConfig:
 @dataclass
 class ExtractSummary:
     """What an extraction did."""
-    cache: Path
+    cache: str | Path
     videos: int
     done: int
     failed: int
@@ -91,11 +95,12 @@ class ExtractSummary:
 class ClipSource(Dataset):
     """Decodes each video's planned views (runs in DataLoader workers)."""
 
-    def __init__(self, dataset: VideoList, indices: list[int], spec: ClipSpec):
+    def __init__(self, dataset: VideoList, indices: list[int], spec: ClipSpec, timeout: float | None = None):
         self.root = dataset.root
         self.entries = dataset.entries
         self.indices = indices
         self.spec = spec
+        self.timeout = timeout  # seconds per video, enforced in the process that decodes
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -105,7 +110,7 @@ class ClipSource(Dataset):
         entry: VideoEntry = self.entries[index]
         if entry.error:
             return VideoClips(index, None, 0, entry.error, 0)
-        return read_video_clips(self.root / entry.path, entry.split, index, self.spec)
+        return read_video_clips(self.root / entry.path, entry.split, index, self.spec, self.timeout)
 
 
 def _worker_init(_: int) -> None:
@@ -199,6 +204,8 @@ def _validate(config: ExtractConfig) -> None:
         raise EvlCacheError("--frames must be at least 2 (the temporal maps pair adjacent frames)")
     if config.workers < 0:
         raise EvlCacheError("--workers must be 0 or more")
+    if config.decode_timeout < 0:
+        raise EvlCacheError("--decode-timeout must be 0 (no limit) or more")
 
 
 def _open_store_together(process: Process, config: ExtractConfig, identity: dict, layout: CacheLayout,
@@ -208,6 +215,7 @@ def _open_store_together(process: Process, config: ExtractConfig, identity: dict
     if process.is_main:
         try:
             store = open_or_create(config, identity, layout, dataset)
+            remove_partial_files(config.out)  # left by a killed run; no process writes yet
         except EvlCacheError as raised:
             error = raised
     first_error = broadcast_error(process, str(error) if error else None)
@@ -223,10 +231,10 @@ def _open_store_together(process: Process, config: ExtractConfig, identity: dict
 def open_or_create(config: ExtractConfig, identity: dict, layout: CacheLayout,
                    dataset: VideoList) -> FeatureStore:
     """Create the cache, or reopen it for resuming after checking it was made the same way."""
-    out = Path(config.out)
-    if out.exists() and config.overwrite:
+    out = location(config.out)
+    if store_exists(out) and config.overwrite:
         remove_store(out)
-    if out.exists():
+    if store_exists(out):
         store = FeatureStore(out, mode="r+")
         attrs = store.check_version()
         diffs = _differences({k: attrs.get(k) for k in identity}, identity)
@@ -245,7 +253,11 @@ def open_or_create(config: ExtractConfig, identity: dict, layout: CacheLayout,
 
 
 class ShardWriter:
-    """Buffers one shard's features and writes them whole, status rows last."""
+    """Buffers one shard's features and writes them whole, status rows last.
+
+    Videos of the shard that are already done or failed (say, beside videos `verify --repair` marked
+    pending) are read back first and written again as they are: only pending videos are redone.
+    """
 
     def __init__(self, store: FeatureStore, layout: CacheLayout, shard: int, count: int):
         self.store, self.layout = store, layout
@@ -257,6 +269,23 @@ class ShardWriter:
         self.views = np.zeros(count, np.int16)
         self.status = np.full(count, PENDING, np.uint8)
         self.errors = [""] * count
+        self.checksums = np.zeros(count, np.uint32)
+        self.has_checksums = store.has("videos/checksum")  # caches made before checksums lack the column
+        rows = slice(self.start, self.start + count)
+        self.kept = store.column("status", rows) != PENDING
+        if self.kept.any():
+            self._keep(rows)
+
+    def _keep(self, rows: slice) -> None:
+        """Load the done and failed videos' rows, so that writing the whole shard keeps them."""
+        kept = self.kept
+        for name, values in self.buffers.items():
+            values[kept] = np.asarray(self.store.array(name)[rows])[kept]
+        for name, values in (("frames", self.frames), ("views", self.views), ("status", self.status)) + (
+                (("checksum", self.checksums),) if self.has_checksums else ()):
+            values[kept] = self.store.column(name, rows)[kept]
+        errors = self.store.column("error", rows)
+        self.errors = [str(errors[i]) if kept[i] else "" for i in range(self.count)]
 
     def fail(self, index: int, reason: str) -> None:
         row = index - self.start
@@ -278,13 +307,18 @@ class ShardWriter:
 
     def write(self) -> None:
         store = self.store
+        new = np.flatnonzero((self.status == DONE) & ~self.kept)
+        for row in new:
+            self.checksums[row] = video_checksum(values[row, : self.views[row]] for values in self.buffers.values())
         if store.kind == "zarr":  # whole shard in one write; all-zero chunks are not stored
             for name, values in self.buffers.items():
                 store.write_block(name, self.start, values)
-        else:  # HDF5 allocates every chunk it is given: write only the views a video has
-            for row in np.flatnonzero(self.status == DONE):
+        else:  # HDF5 allocates every chunk it is given: write only the views a new video has
+            for row in new:
                 for name, values in self.buffers.items():
                     store.array(name)[self.start + row, : self.views[row]] = values[row, : self.views[row]]
+        if self.has_checksums:
+            store.write_rows("checksum", self.start, self.checksums)
         store.write_rows("frames", self.start, self.frames)
         store.write_rows("views", self.start, self.views)
         store.write_rows("error", self.start, np.array(self.errors, dtype=object))
@@ -332,13 +366,16 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     todo_shards = [s for s in range(process.rank, num_shards, process.world_size)  # shard s: rank s % world
                    if (status[s * layout.shard_size:(s + 1) * layout.shard_size] == PENDING).any()]
     todo = [i for s in todo_shards for i in range(s * layout.shard_size,
-                                                  min((s + 1) * layout.shard_size, layout.num_videos))]
+                                                  min((s + 1) * layout.shard_size, layout.num_videos))
+            if status[i] == PENDING]  # the shards' done and failed videos are kept (ShardWriter)
     log.info("extract: %d videos (%s), %d classes; process %d of %d has %d shards to do (%d videos); backbone "
              "%s (%s), blocks %s, device %s", layout.num_videos, dataset.count_by_split(),
              len(dataset.class_names), process.rank, process.world_size, len(todo_shards), len(todo),
              spec.model, spec.pretrained, list(layout.blocks), device)
-    metrics_path = Path(str(config.out) + ".extract.jsonl")
-    loader = DataLoader(ClipSource(dataset, todo, clip_spec), batch_size=None, shuffle=False,
+    # beside a local cache; for a URL cache, in the current folder
+    metrics_path = Path((Path(str(config.out).split("://")[-1]).name if is_url(config.out) else str(config.out))
+                        + ".extract.jsonl")
+    loader = DataLoader(ClipSource(dataset, todo, clip_spec, config.decode_timeout), batch_size=None, shuffle=False,
                         num_workers=config.workers, worker_init_fn=_worker_init,
                         prefetch_factor=4 if config.workers else None,
                         persistent_workers=False)
@@ -370,8 +407,8 @@ def extract(config: ExtractConfig) -> ExtractSummary:
             reason = "disk full" if error.errno == errno.ENOSPC else error.strerror or str(error)
             raise CacheError(f"{reason} while writing shard {writer.start // layout.shard_size}; shards "
                              f"written before stay valid, re-run the same command to resume", config.out) from None
-        done = int((writer.status == DONE).sum())
-        failed = int((writer.status == FAILED).sum())
+        done = int(((writer.status == DONE) & ~writer.kept).sum())
+        failed = int(((writer.status == FAILED) & ~writer.kept).sum())
         totals["done"] += done
         elapsed = time.perf_counter() - started
         with open(metrics_path, "a") as handle:
@@ -426,7 +463,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     done, failed, clips, decoded, todo_count = sum_across(
         process, [totals["done"], totals["failed"], totals["clips"], totals["decoded"], len(todo)])
     seconds = time.perf_counter() - started
-    summary = ExtractSummary(Path(config.out), layout.num_videos, int(done), int(failed),
+    summary = ExtractSummary(location(config.out), layout.num_videos, int(done), int(failed),
                              layout.num_videos - int(todo_count), int(clips), seconds,
                              max(store.size_on_disk() - bytes_before, 0), int(decoded))
     store.close()

@@ -1,7 +1,7 @@
 """The feature cache on disk: one Zarr v3 group (`*.zarr`) or one HDF5 file (`*.h5`), same layout.
 
 Layout (N videos, V views, T frames, L = 1 + P tokens, C width, E embedding width):
-- `videos/{path,label,split,frames,views,status,error}`: one row per video;
+- `videos/{path,label,split,frames,views,status,error,checksum}`: one row per video;
 - `tokens/block_{b}`: [N, V, T, L, C] float16, one chunk per (video, view), one array per block;
 - `maps/block_{b}/prev`, `maps/block_{b}/next`: [N, V, T-1, P, P] float16;
 - `embed`: [N, V, T, E] float16.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,7 +27,7 @@ FORMAT_VERSION = 1
 ATTR = "evl_cache"
 PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
-VIDEO_COLUMNS = ("path", "label", "split", "frames", "views", "status", "error")
+VIDEO_COLUMNS = ("path", "label", "split", "frames", "views", "status", "error", "checksum")
 
 
 @dataclass(frozen=True)
@@ -61,17 +62,26 @@ class CacheLayout:
 
 def _column_dtype(name: str) -> Any:
     return {"path": str, "split": str, "error": str, "label": np.int32, "frames": np.int32,
-            "views": np.int16, "status": np.uint8}[name]
+            "views": np.int16, "status": np.uint8, "checksum": np.uint32}[name]
+
+
+def video_checksum(feature_rows: Iterable[np.ndarray]) -> int:
+    """crc32 over one video's feature rows (only the views it has), taken in the order of
+    `CacheLayout.feature_arrays`: what `videos/checksum` records at write time and `verify` recomputes."""
+    checksum = 0
+    for values in feature_rows:
+        checksum = zlib.crc32(np.ascontiguousarray(values, dtype="<f2"), checksum)
+    return checksum
 
 
 class FeatureStore:
     """A cache opened for reading or writing; the same interface over Zarr and HDF5."""
 
     def __init__(self, path: str | Path, mode: str = "r"):
-        self.path = Path(path)
+        self.path = location(path)
         self.kind = store_kind(self.path)
         self.mode = mode
-        if mode == "r" and not self.path.exists():
+        if mode == "r" and not store_exists(self.path):
             raise CacheError("cache not found", self.path)
         try:
             if self.kind == "zarr":
@@ -89,14 +99,15 @@ class FeatureStore:
     def create(cls, path: str | Path, layout: CacheLayout, attrs: dict,
                columns: dict[str, np.ndarray]) -> "FeatureStore":
         """Create a cache with every array at full size, the video table and the metadata."""
-        path = Path(path)
-        if path.exists():
+        path = location(path)
+        if store_exists(path):
             raise CacheError("cache already exists", path)
-        if not path.parent.exists():
+        if isinstance(path, Path) and not path.parent.exists():
             raise CacheError("output folder does not exist", path.parent)
-        if not os.access(path.parent, os.W_OK):
+        if isinstance(path, Path) and not os.access(path.parent, os.W_OK):
             raise CacheError("output folder is not writable", path.parent)
-        store = cls(path, mode="w")
+        building = _building_path(path)
+        store = cls(building, mode="w")
         rows = (layout.shard_size,)
         for name in VIDEO_COLUMNS:
             store._create(f"videos/{name}", (layout.num_videos,), _column_dtype(name), rows, None)
@@ -106,7 +117,11 @@ class FeatureStore:
         for name, values in columns.items():
             store.write_rows(name, 0, values)
         store.set_attrs({**attrs, "format_version": FORMAT_VERSION})
-        return store
+        if building == path:
+            return store
+        store.close()
+        os.replace(building, path)  # whole or not at all: a run killed while creating leaves nothing at `path`
+        return cls(path, mode="r+")
 
     def _create(self, name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...],
                 shards: tuple[int, ...] | None) -> None:
@@ -169,13 +184,13 @@ class FeatureStore:
         except CacheError:
             return False
 
-    def column(self, name: str) -> np.ndarray:
-        """A whole per-video column, strings decoded."""
+    def column(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """A per-video column (all of it, or `rows`), strings decoded."""
         values = self.array(f"videos/{name}")
         if _column_dtype(name) is str:
-            raw = values.asstr()[...] if self.kind == "h5" else values[...]
+            raw = values.asstr()[rows] if self.kind == "h5" else values[rows]
             return np.array([str(v) for v in raw], dtype=object)
-        return np.asarray(values[...])
+        return np.asarray(values[rows])
 
     def write_rows(self, name: str, start: int, values: Iterable) -> None:
         """Write per-video rows start..start+len(values) of column `name`."""
@@ -210,6 +225,26 @@ class FeatureStore:
         return int(self.array("videos/status").shape[0])
 
 
+def _building_path(path: str | Path) -> str | Path:
+    """Where a local cache is made before it is renamed to `path` (an object store has no rename)."""
+    if not isinstance(path, Path):
+        return path
+    building = path.with_name(f".{path.name}.creating{path.suffix}")
+    remove_store(building)  # left by a run killed while creating
+    return building
+
+
+def remove_partial_files(path: str | Path) -> int:
+    """Delete the `*.partial` files a killed writer left in a local Zarr cache (zarr writes each file
+    to a `*.partial` file first, then renames it); returns how many there were."""
+    if "://" in str(path) or not Path(path).is_dir():
+        return 0
+    stray = list(Path(path).rglob("*.partial"))
+    for file in stray:
+        file.unlink(missing_ok=True)
+    return len(stray)
+
+
 def _fill(dtype: Any) -> Any:
     if dtype is str:
         return ""
@@ -218,18 +253,48 @@ def _fill(dtype: Any) -> Any:
     return 0
 
 
+def is_url(path: str | Path) -> bool:
+    """An fsspec URL (s3://, memory://, ...) rather than a local path (file:// URLs are local paths)."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def location(path: str | Path) -> str | Path:
+    """A cache's location: a Path for local files (file:// URLs included), a URL string otherwise."""
+    if str(path).startswith("file://"):
+        return Path(str(path)[len("file://"):])
+    return str(path) if is_url(path) else Path(path)
+
+
+def _filesystem(url: str):
+    import fsspec
+    return fsspec.core.url_to_fs(url)
+
+
+def store_exists(path: str | Path) -> bool:
+    if is_url(path):
+        fs, inner = _filesystem(str(path))
+        return fs.exists(inner)
+    return Path(path).exists()
+
+
 def store_kind(path: str | Path) -> str:
-    """'zarr' for *.zarr, 'h5' for *.h5/*.hdf5; anything else is refused."""
-    suffix = Path(path).suffix.lower()
+    """'zarr' for *.zarr (a local path or an fsspec URL), 'h5' for local *.h5/*.hdf5; else refused."""
+    suffix = Path(str(path).split("://")[-1]).suffix.lower()
     if suffix == ".zarr":
         return "zarr"
     if suffix in (".h5", ".hdf5"):
+        if is_url(path):
+            raise CacheError("an HDF5 cache must be a local file; use a .zarr cache for fsspec URLs", path)
         return "h5"
     raise CacheError("cache path must end in .zarr (Zarr v3) or .h5 (HDF5)", path)
 
 
 def disk_usage(path: str | Path) -> int:
-    """Bytes a file or folder takes on disk (allocated blocks, so sparse files count right)."""
+    """Bytes a file or folder takes on disk (allocated blocks, so sparse files count right);
+    for an fsspec URL, the sum of its objects' sizes."""
+    if is_url(path):
+        fs, inner = _filesystem(str(path))
+        return int(fs.du(inner, total=True)) if fs.exists(inner) else 0
     path = Path(path)
     if path.is_file():
         return path.stat().st_blocks * 512
@@ -242,6 +307,10 @@ def disk_usage(path: str | Path) -> int:
 
 def remove_store(path: str | Path) -> None:
     """Delete a cache (for --overwrite)."""
+    if is_url(path):
+        fs, inner = _filesystem(str(path))
+        fs.rm(inner, recursive=True)
+        return
     path = Path(path)
     if path.is_dir():
         shutil.rmtree(path)
