@@ -7,6 +7,11 @@ same pixels for the same sampling: plan the views, decode the union of their fra
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,12 +86,53 @@ def _load(path: Path, split: str, index: int, spec: ClipSpec) -> VideoClips:
     return VideoClips(index, torch.stack(clips), probe.num_frames, "", decoded.decoded_count)
 
 
-def read_video_clips(path: str | Path, split: str, index: int, spec: ClipSpec) -> VideoClips:
-    """The video's views per `spec`; a bad video gives `clips=None` and a one-line reason, never raises."""
+@contextmanager
+def _time_limit(seconds: float | None) -> Iterator[dict]:
+    """Interrupt the block with an exception after `seconds` (SIGALRM; a blocking read returns EINTR).
+
+    Yields a dict whose "expired" is True once the limit struck: the exception that surfaces may be
+    the decoder's own error about the interrupted call. Only a process's main thread receives signals,
+    so elsewhere (or with `seconds` None or 0) there is no limit. A timer already running (say, a test
+    runner's) is put back afterwards with the time it had left.
+    """
+    state = {"expired": False}
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        state["expired"] = True
+        signal.signal(signal.SIGALRM, previous_handler)  # once only, wherever it strikes
+        raise BadVideoError(f"decoding took longer than {seconds:g} s")
+
+    started = time.monotonic()
+    previous_handler = signal.signal(signal.SIGALRM, expire)
+    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        return _load(Path(path), split, index, spec)
-    except BadVideoError as error:
-        return VideoClips(index, None, 0, error.reason, 0)
+        yield state
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_handler)
+        if previous_delay:
+            left = max(previous_delay - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, previous_interval)
+
+
+def read_video_clips(path: str | Path, split: str, index: int, spec: ClipSpec,
+                     timeout: float | None = None) -> VideoClips:
+    """The video's views per `spec`; a bad video gives `clips=None` and a one-line reason, never raises.
+
+    `timeout` (seconds) limits the time this video may take, so a file that makes the decoder hang
+    (a named pipe, a stalled network mount) fails alone instead of stopping the job.
+    """
+    limit = {"expired": False}
+    try:
+        with _time_limit(timeout) as limit:
+            return _load(Path(path), split, index, spec)
     except Exception as error:  # a decoder bug on one odd file must not stop 240,000 others
+        if limit["expired"]:
+            return VideoClips(index, None, 0, f"decoding took longer than {timeout:g} s", 0)
+        if isinstance(error, BadVideoError):
+            return VideoClips(index, None, 0, error.reason, 0)
         log.debug("unexpected error on %s", path, exc_info=True)
         return VideoClips(index, None, 0, f"unexpected {type(error).__name__}: {error}", 0)
