@@ -214,5 +214,25 @@ def info_command(cache: str, as_json: bool, failed: bool) -> None:
     click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
 
 
+@main.command("verify")
+@click.argument("cache")  # a path or an fsspec URL
+@click.option("--repair", is_flag=True, help="mark the videos with problems pending, so the next extract redoes them")
+@click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
+@user_errors
+def verify_command(cache: str, repair: bool, as_json: bool) -> None:
+    """Check a cache against itself: done videos' arrays readable, finite and of the right shapes, statuses
+    that agree with the data, checksums recorded at write time. Exit code 1 if anything is wrong."""
+    from .verify import verify
+    report = verify(cache, repair=repair)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for problem in report.problems:
+            click.echo(f"problem: {problem.line()}")
+        click.echo(report.line())
+    if not report.ok:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

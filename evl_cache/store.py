@@ -65,10 +65,10 @@ def _column_dtype(name: str) -> Any:
             "views": np.int16, "status": np.uint8, "checksum": np.uint32}[name]
 
 
-def video_checksum(feature_rows: Iterable[np.ndarray]) -> int:
+def video_checksum(feature_rows: Iterable[np.ndarray], checksum: int = 0) -> int:
     """crc32 over one video's feature rows (only the views it has), taken in the order of
-    `CacheLayout.feature_arrays`: what `videos/checksum` records at write time and `verify` recomputes."""
-    checksum = 0
+    `CacheLayout.feature_arrays`: what `videos/checksum` records at write time and `verify` recomputes.
+    `checksum` continues a running one (a reader that takes one array at a time)."""
     for values in feature_rows:
         checksum = zlib.crc32(np.ascontiguousarray(values, dtype="<f2"), checksum)
     return checksum
