@@ -7,9 +7,9 @@ Three input forms:
 - a CSV with a header that has `path` and `label` columns (label a name or an integer) and an optional
   `split` column.
 
-Problems with single entries (a list line without a label, a label out of range) do not stop anything:
-the entry keeps its `error` and extraction records it as failed. Problems with the whole input (a missing
-folder, an empty dataset) raise `DatasetError`.
+Problems with single entries (a list line without a label, a label out of range, a path an earlier
+line already lists) do not stop anything: the entry keeps its `error` and extraction records it as
+failed. Problems with the whole input (a missing folder, an empty dataset) raise `DatasetError`.
 """
 from __future__ import annotations
 
@@ -136,6 +136,7 @@ def read_list(path: str | Path, data_root: str | Path | None, split: str,
     except OSError as error:
         raise DatasetError(f"cannot read list: {error.strerror}", path) from None
     entries: list[VideoEntry] = []
+    line_numbers: list[int] = []  # each entry's line in the file
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())
         if not reader.fieldnames or "path" not in reader.fieldnames or "label" not in reader.fieldnames:
@@ -148,11 +149,13 @@ def read_list(path: str | Path, data_root: str | Path | None, split: str,
             label, error = _label_index(row.get("label") or "", class_names, f"{path.name} line {line_no}")
             row_split = SPLIT_NAMES.get((row.get("split") or "").strip().lower(), split)
             entries.append(VideoEntry((row.get("path") or "").strip(), label, row_split, error))
+            line_numbers.append(line_no)
     else:
         for line_no, line in enumerate(text.splitlines(), start=1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             video_path, _, raw_label = line.strip().rpartition(" ")
+            line_numbers.append(line_no)
             if not video_path:
                 entries.append(VideoEntry(raw_label, -1, split, f"{path.name} line {line_no}: no label"))
                 continue
@@ -160,10 +163,26 @@ def read_list(path: str | Path, data_root: str | Path | None, split: str,
             entries.append(VideoEntry(video_path.strip(), label, split, error))
     if not entries:
         raise DatasetError("list holds no videos", path)
+    entries = _mark_duplicates(entries, line_numbers, path.name)
     if class_names is None:
         top = max((e.label for e in entries), default=-1)
         class_names = [str(i) for i in range(top + 1)]
     return VideoList(root, entries, list(class_names))
+
+
+def _mark_duplicates(entries: list[VideoEntry], line_numbers: list[int], list_name: str) -> list[VideoEntry]:
+    """Entries whose path an earlier line already lists fail with "duplicate of line N" (each video is
+    cached once per list; "a/./b.mp4" and "a/b.mp4" are the same path)."""
+    seen: dict[str, int] = {}
+    marked = []
+    for entry, line_no in zip(entries, line_numbers):
+        key = os.path.normpath(entry.path)
+        if key in seen and not entry.error:
+            entry = VideoEntry(entry.path, entry.label, entry.split,
+                               f"{list_name} line {line_no}: duplicate of line {seen[key]}")
+        seen.setdefault(key, line_no)
+        marked.append(entry)
+    return marked
 
 
 def expand_video_inputs(inputs: list[str | Path]) -> list[Path]:
