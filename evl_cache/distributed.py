@@ -8,9 +8,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from .errors import EvlCacheError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,23 @@ def gather_objects(process: Process, value: object) -> list:
     return values
 
 
-def broadcast_error(process: Process, message: str | None) -> str | None:
-    """The first non-empty error message of any process, seen by all (so all stop together)."""
-    if process.world_size == 1:
-        return message
-    messages: list[str | None] = [None] * process.world_size
-    dist.all_gather_object(messages, message)
-    return next((m for m in messages if m), None)
+def raise_together(process: Process, error: EvlCacheError | None) -> None:
+    """If any process hit a user error, every process raises (so none waits forever for the others)."""
+    messages = gather_objects(process, str(error) if error else None)
+    if error is not None:
+        raise error
+    first = next((m for m in messages if m), None)
+    if first:
+        raise EvlCacheError(f"another process failed: {first}")
+
+
+def on_main(process: Process, action: Callable[[], T]) -> T | None:
+    """Run `action` on the main process only; a user error there stops every process."""
+    result, error = None, None
+    if process.is_main:
+        try:
+            result = action()
+        except EvlCacheError as raised:
+            error = raised
+    raise_together(process, error)
+    return result

@@ -27,7 +27,7 @@ from . import __version__
 from .backbone import BackboneSpec, FrozenBackbone, load_clip, model_geometry
 from .config import option, to_dict
 from .clips import ClipSpec, VideoClips, read_video_clips
-from .distributed import Process, broadcast_error, init_process, sum_across
+from .distributed import Process, init_process, on_main, raise_together, sum_across
 from .errors import CacheError, DatasetError, EvlCacheError
 from .sampling import SAMPLING_MODES
 from .store import (DONE, FAILED, PENDING, CacheLayout, FeatureStore, is_url, location, remove_store,
@@ -211,18 +211,12 @@ def _validate(config: ExtractConfig) -> None:
 def _open_store_together(process: Process, config: ExtractConfig, identity: dict, layout: CacheLayout,
                          dataset: VideoList) -> FeatureStore:
     """The main process creates (or checks) the cache first; the others then open it, checking it too."""
-    store, error = None, None
-    if process.is_main:
-        try:
-            store = open_or_create(config, identity, layout, dataset)
-            remove_partial_files(config.out)  # left by a killed run; no process writes yet
-        except EvlCacheError as raised:
-            error = raised
-    first_error = broadcast_error(process, str(error) if error else None)
-    if error is not None:
-        raise error
-    if first_error:
-        raise CacheError(f"the main process failed: {first_error}")
+    def create() -> FeatureStore:
+        store = open_or_create(config, identity, layout, dataset)
+        remove_partial_files(config.out)  # left by a killed run; no process writes yet
+        return store
+
+    store = on_main(process, create)
     if store is None:
         store = open_or_create(dataclasses.replace(config, overwrite=False), identity, layout, dataset)
     return store
@@ -455,11 +449,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
         error = raised
     finally:
         progress.close()
-    first_error = broadcast_error(process, str(error) if error else None)
-    if error is not None:
-        raise error
-    if first_error:
-        raise CacheError(f"another process failed: {first_error}")
+    raise_together(process, error)
     done, failed, clips, decoded, todo_count = sum_across(
         process, [totals["done"], totals["failed"], totals["clips"], totals["decoded"], len(todo)])
     seconds = time.perf_counter() - started

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .config import option, to_dict
 from .data import (CacheDataset, EpochBatches, collate, holdout_split, model_inputs, select_features,
                    usable_videos, worker_init)
-from .distributed import barrier, broadcast_error, gather_objects, init_process, sum_across
+from .distributed import barrier, gather_objects, init_process, on_main, sum_across
 from .errors import EvlCacheError
 from .data import class_label_map, select_embeddings
 from .evaluate import add_novel, build_model, load_weights, predict_views, saved_weights, write_evaluation
@@ -234,17 +234,7 @@ def train(config: TrainConfig) -> TrainSummary:
         "versions": library_versions(),
     }
     out = Path(config.out)
-    error = None
-    if process.is_main:  # only the main process writes the run folder
-        try:
-            _prepare_run_folder(config, run_config)
-        except EvlCacheError as raised:
-            error = raised
-    first_error = broadcast_error(process, str(error) if error else None)
-    if error is not None:
-        raise error
-    if first_error:
-        raise EvlCacheError(f"the main process failed: {first_error}")
+    on_main(process, lambda: _prepare_run_folder(config, run_config))  # only the main process writes it
     resumed = _latest_state(out) if config.resume else None
 
     # Model (the same initial weights in every process), optimizer, schedule.
