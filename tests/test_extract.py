@@ -20,6 +20,7 @@ from evl_cache.extract import ExtractConfig, extract
 from evl_cache.pixels import centre_crop
 from evl_cache.sampling import dense_eval_indices
 from evl_cache.store import DONE, FAILED, PENDING, FeatureStore
+from evl_cache.verify import verify
 
 TINY = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, blocks=2, workers=0, shard_size=3)
 
@@ -191,9 +192,11 @@ def test_full_disk_stops_cleanly_and_resumes(sample_videos, tmp_path, monkeypatc
     with FeatureStore(out) as store:
         status = store.column("status")
     assert (status[:6] == DONE).all() and (status[6:] == PENDING).all()
+    assert verify(out).ok  # what was written before the disk filled up is whole
     monkeypatch.setattr(FeatureStore, "write_block", original)
     summary = extract(ExtractConfig(out=out, videos=sample_videos, **TINY))
     assert summary.skipped == 6 and summary.done == summary.videos - 6
+    assert verify(out).ok
 
 
 def test_options_from_a_toml_file(sample_videos, tmp_path):

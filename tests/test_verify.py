@@ -1,0 +1,238 @@
+"""verify and --repair: damage found per video and redone alone; random SIGKILLs resume to the same cache."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import evl_cache.extract as extract_module
+from evl_cache.cli import main
+from evl_cache.extract import ExtractConfig, extract
+from evl_cache.store import FAILED, PENDING, VIDEO_COLUMNS, FeatureStore
+from evl_cache.verify import verify
+
+OPTIONS = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, blocks=2, workers=0, shard_size=2,
+               train_views=2, eval_views=2)
+
+
+def _arrays(path):
+    """Every array and every per-video column of a cache, as numpy."""
+    with FeatureStore(path) as store:
+        blocks = store.attrs["blocks"]
+        names = ["embed"] + [f"tokens/block_{b}" for b in blocks] + [
+            f"maps/block_{b}/{d}" for b in blocks for d in ("prev", "next")]
+        arrays = {name: np.asarray(store.array(name)[...]) for name in names}
+        arrays.update({f"videos/{c}": store.column(c) for c in VIDEO_COLUMNS})
+    return arrays
+
+
+def _assert_same(actual, expected, skip_video=None):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        a, b = actual[name], expected[name]
+        if skip_video is not None:
+            a, b = np.delete(a, skip_video, axis=0), np.delete(b, skip_video, axis=0)
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def dataset(sample_videos, tmp_path_factory) -> dict:
+    """8 of the sample videos (one per class and split; 4 shards of 2): a CSV list and its data root."""
+    listing = tmp_path_factory.mktemp("dataset") / "list.csv"
+    rows = [f"{split}/{name}/{name}_000.mp4,{name},{split}"
+            for split in ("train", "val") for name in sorted(p.name for p in (sample_videos / "train").iterdir())]
+    listing.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    return {"train_list": listing, "data_root": sample_videos}
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    """An uninterrupted extraction, and the seconds it took."""
+    out = tmp_path_factory.mktemp("reference") / "ref.zarr"
+    started = time.perf_counter()
+    extract(ExtractConfig(out=out, **dataset, **OPTIONS))
+    return out, time.perf_counter() - started
+
+
+def _damage_chunk_on_disk(cache: Path, name: str, video: int, view: int) -> None:
+    """Overwrite 8 values inside one (video, view) chunk of a zarr shard file, behind zarr's back:
+    the shard index at the file's end (offset, length per chunk, then a crc32c) says where it lies."""
+    with FeatureStore(cache) as store:
+        shard_size, views, ndim = store.attrs["shard_size"], store.attrs["sampling"]["views"], store.array(name).ndim
+    shard, row = divmod(video, shard_size)
+    file = cache.joinpath(name, "c", str(shard), *["0"] * (ndim - 1))
+    raw = bytearray(file.read_bytes())
+    chunks = shard_size * views
+    index = np.frombuffer(bytes(raw[-(16 * chunks + 4):-4]), "<u8").reshape(chunks, 2)
+    offset, length = (int(x) for x in index[row * views + view])
+    at = offset + length // 2
+    garbage = np.full(8, 3.0, "<f2").tobytes()  # finite, plausible values: only the checksum can tell
+    assert raw[at:at + len(garbage)] != garbage
+    raw[at:at + len(garbage)] = garbage
+    file.write_bytes(bytes(raw))
+
+
+def test_verify_accepts_a_fresh_cache(reference):
+    ref, _ = reference
+    report = verify(ref)
+    assert report.ok and report.checksums and report.checked == report.videos == 8
+    result = CliRunner().invoke(main, ["verify", str(ref)])
+    assert result.exit_code == 0 and "; ok" in result.output, result.output
+
+
+def test_damaged_video_is_found_repaired_and_redone_alone(reference, dataset, tmp_path, monkeypatch):
+    ref, _ = reference
+    out = tmp_path / "work.zarr"
+    shutil.copytree(ref, out)
+    damaged = 3
+    _damage_chunk_on_disk(out, "tokens/block_3", damaged, view=1)
+    path = str(_arrays(out)["videos/path"][damaged])
+
+    report = verify(out)
+    assert report.broken_videos == [damaged]
+    assert [p.reason.split(" ")[0] for p in report.problems] == ["checksum"]
+    result = CliRunner().invoke(main, ["verify", str(out)])
+    assert result.exit_code == 1
+    assert f"problem: video {damaged} ({path}): checksum" in result.output, result.output
+
+    result = CliRunner().invoke(main, ["verify", str(out), "--repair", "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["repaired"] == [damaged]
+    with FeatureStore(out) as store:
+        assert store.column("status")[damaged] == PENDING and store.column("error")[damaged] == ""
+    assert verify(out).ok  # a pending video is work to do, not a problem
+    before = _arrays(out)
+
+    decoded = []
+    read = extract_module.read_video_clips
+    monkeypatch.setattr(extract_module, "read_video_clips", lambda p, *args: decoded.append(p) or read(p, *args))
+    summary = extract(ExtractConfig(out=out, **dataset, **OPTIONS))
+    assert (summary.done, summary.failed, summary.skipped) == (1, 0, 7)
+    assert decoded == [dataset["data_root"] / path]
+    after = _arrays(out)
+    _assert_same(after, before, skip_video=damaged)  # the others' data and rows were kept as they were
+    _assert_same(after, _arrays(ref))  # and the cache is the uninterrupted run's
+    assert verify(out).ok
+
+
+def test_hdf5_nan_written_behind_the_checksum(reference, dataset, tmp_path):
+    ref, _ = reference
+    out = tmp_path / "work.h5"
+    extract(ExtractConfig(out=out, **dataset, **OPTIONS))
+    assert verify(out).ok
+    with FeatureStore(out, mode="r+") as store:
+        store.array("embed")[6, 1, 2, :3] = np.nan
+    report = verify(out, repair=True)
+    assert report.broken_videos == [6] and report.repaired == [6]
+    reasons = [p.reason for p in report.problems]
+    assert len(reasons) == 2 and reasons[0] == "embed holds NaN or infinite values"
+    assert reasons[1].startswith("checksum ") and "recorded when it was written" in reasons[1]
+    summary = extract(ExtractConfig(out=out, **dataset, **OPTIONS))
+    assert (summary.done, summary.skipped) == (1, 7)
+    _assert_same(_arrays(out), _arrays(ref))
+    assert verify(out).ok
+
+
+def test_statuses_that_disagree_with_the_rows(reference, dataset, tmp_path):
+    ref, _ = reference
+    out = tmp_path / "work.zarr"
+    shutil.copytree(ref, out)
+    with FeatureStore(out, mode="r+") as store:
+        assert list(store.column("split")[:2]) == ["train", "train"]  # 2 views planned
+        store.write_rows("views", 1, np.array([1], np.int16))
+        store.write_rows("status", 2, np.array([FAILED], np.uint8))  # failed without a reason
+        store.write_rows("error", 3, np.array(["stale"], dtype=object))  # pending with a reason
+        store.write_rows("status", 3, np.array([PENDING], np.uint8))
+        store.write_rows("status", 4, np.array([7], np.uint8))
+        store.write_rows("error", 5, np.array(["oops"], dtype=object))  # done with an error
+        store.array("embed")[6, 0] = 0  # a done video with an empty view
+    report = verify(out)
+    by_video = {}
+    for problem in report.problems:
+        by_video.setdefault(problem.index, []).append(problem.reason)
+    assert sorted(by_video) == [1, 2, 3, 4, 5, 6]
+    assert "done with 1 views, its split plans 2" in by_video[1]
+    assert any("beyond the video's 1 view(s)" in r for r in by_video[1])
+    assert by_video[2] == ["failed, but has no reason"] and by_video[3] == ["pending, but has an error: stale"]
+    assert "none of 0 (pending), 1 (done), 2 (failed)" in by_video[4][0]
+    assert by_video[5] == ["done, but has an error: oops"]
+    assert by_video[6][0] == "embed holds no data in view 0 of 2" and "checksum" in by_video[6][1]
+    assert verify(out, repair=True).repaired == [1, 2, 3, 4, 5, 6]
+    summary = extract(ExtractConfig(out=out, **dataset, **OPTIONS))
+    assert (summary.done, summary.skipped) == (6, 2)
+    _assert_same(_arrays(out), _arrays(ref))
+
+
+def test_missing_array_is_a_problem_of_the_cache(reference, tmp_path):
+    ref, _ = reference
+    out = tmp_path / "work.zarr"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "maps" / "block_2" / "prev")
+    report = verify(out, repair=True)
+    assert [(p.index, p.reason) for p in report.problems] == [(-1, "array maps/block_2/prev is missing")]
+    assert report.repaired == [] and report.checked == 8
+    result = CliRunner().invoke(main, ["verify", str(out)])
+    assert result.exit_code == 1 and "problem: cache: array maps/block_2/prev is missing" in result.output
+
+
+# -- crash safety: SIGKILL at random points ----------------------------------------------------------
+
+def _cli_flags(dataset: dict, out: Path) -> list[str]:
+    flags = ["--out", str(out)]
+    for key, value in {**dataset, **OPTIONS}.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def _kill_at_random_points(dataset: dict, outs: dict[int, Path], work_seconds: float) -> dict[int, bool]:
+    """Run `evl-cache extract` into each out at once, and SIGKILL each a random time (drawn from its
+    seed, within the work's expected duration) after it starts writing: the moment anything appears
+    in its own folder. Returns seed -> whether the kill landed before the run ended."""
+    processes = {seed: subprocess.Popen([sys.executable, "-m", "evl_cache.cli", "extract"] + _cli_flags(dataset, out),
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for seed, out in outs.items()}
+    delays = {seed: float(np.random.default_rng(seed).uniform(0, work_seconds)) for seed in outs}
+    kill_at: dict[int, float] = {}
+    killed: dict[int, bool] = {}
+    deadline = time.monotonic() + 120
+    while len(killed) < len(outs):
+        now = time.monotonic()
+        for seed, process in processes.items():
+            if seed in killed:
+                continue
+            if process.poll() is not None:
+                assert process.returncode == 0, f"seed {seed}: extraction failed"
+                killed[seed] = False
+            elif seed not in kill_at and any(outs[seed].parent.iterdir()):
+                kill_at[seed] = now + delays[seed]
+            elif (seed in kill_at and now >= kill_at[seed]) or now > deadline:
+                process.kill()
+                process.wait()
+                killed[seed] = True
+        time.sleep(0.002)
+    return killed
+
+
+def test_random_kills_resume_to_the_same_cache(reference, dataset, tmp_path):
+    ref, seconds = reference
+    expected = _arrays(ref)
+    outs = {seed: tmp_path / f"seed{seed}" / "cache.zarr" for seed in range(10)}
+    for out in outs.values():
+        out.parent.mkdir()
+    killed = {}
+    for pair in ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)):  # two at a time: one per core
+        killed.update(_kill_at_random_points(dataset, {s: outs[s] for s in pair}, seconds))
+    assert sum(killed.values()) >= 5, f"too few kills landed before the end: {killed}"
+    for seed, out in outs.items():
+        summary = extract(ExtractConfig(out=out, **dataset, **OPTIONS))
+        assert summary.done + summary.skipped == 8, (seed, summary.line())
+        _assert_same(_arrays(out), expected)
+        report = verify(out)
+        assert report.ok, (seed, [p.line() for p in report.problems])
+        assert not list(out.rglob("*.partial")), seed
+        assert sorted(p.name for p in out.parent.iterdir()) == ["cache.zarr", "cache.zarr.extract.jsonl"]
