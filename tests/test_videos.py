@@ -78,3 +78,15 @@ def test_csv_with_names_and_split(tmp_path):
     bad.write_text("file,class\na,b\n")
     with pytest.raises(DatasetError, match="header with 'path' and 'label'"):
         find_videos(train_list=bad)
+
+
+def test_duplicate_paths_in_a_list_fail_after_the_first(tmp_path):
+    listing = tmp_path / "train.txt"
+    listing.write_text("a/1.mp4 0\n# a comment\na/2.mp4 1\na/1.mp4 1\n./a/2.mp4 1\na/1.mp4 0\n")
+    found = find_videos(train_list=listing)
+    assert [(e.path, e.error) for e in found.entries] == [
+        ("a/1.mp4", ""), ("a/2.mp4", ""), ("a/1.mp4", "train.txt line 4: duplicate of line 1"),
+        ("./a/2.mp4", "train.txt line 5: duplicate of line 3"), ("a/1.mp4", "train.txt line 6: duplicate of line 1")]
+    table = tmp_path / "d.csv"
+    table.write_text("path,label\nx/1.mp4,walk\nx/1.mp4,run\n")
+    assert [e.error for e in find_videos(train_list=table).entries] == ["", "d.csv line 3: duplicate of line 2"]
