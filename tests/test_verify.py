@@ -1,5 +1,6 @@
 """verify and --repair: damage found per video and redone alone; random SIGKILLs resume to the same cache."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -50,13 +51,35 @@ def dataset(sample_videos, tmp_path_factory) -> dict:
     return {"train_list": listing, "data_root": sample_videos}
 
 
+def _start_extract(dataset: dict, out: Path) -> subprocess.Popen:
+    """`python -m evl_cache.cli extract` into `out`, on one thread (so that two at once on two cores run
+    as fast as one alone)."""
+    flags = ["--out", str(out)]
+    for key, value in {**dataset, **OPTIONS}.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return subprocess.Popen([sys.executable, "-m", "evl_cache.cli", "extract"] + flags,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory):
-    """An uninterrupted extraction, and the seconds it took."""
+    """An uninterrupted extraction in its own process, and the seconds its work took: from the moment
+    anything appears in its folder (the cache being created, after imports and the model) to its
+    summary (before the interpreter's exit)."""
     out = tmp_path_factory.mktemp("reference") / "ref.zarr"
-    started = time.perf_counter()
-    extract(ExtractConfig(out=out, **dataset, **OPTIONS))
-    return out, time.perf_counter() - started
+    metrics = Path(f"{out}.extract.jsonl")
+    process = _start_extract(dataset, out)
+    started = finished = None
+    while process.poll() is None:
+        now = time.monotonic()
+        if started is None and any(out.parent.iterdir()):
+            started = now
+        if finished is None and metrics.exists() and '"summary"' in metrics.read_text():
+            finished = now
+        time.sleep(0.002)
+    assert process.returncode == 0 and started is not None
+    return out, (finished or time.monotonic()) - started
 
 
 def _damage_chunk_on_disk(cache: Path, name: str, video: int, view: int) -> None:
@@ -182,20 +205,12 @@ def test_missing_array_is_a_problem_of_the_cache(reference, tmp_path):
 
 # -- crash safety: SIGKILL at random points ----------------------------------------------------------
 
-def _cli_flags(dataset: dict, out: Path) -> list[str]:
-    flags = ["--out", str(out)]
-    for key, value in {**dataset, **OPTIONS}.items():
-        flags += [f"--{key.replace('_', '-')}", str(value)]
-    return flags
-
-
 def _kill_at_random_points(dataset: dict, outs: dict[int, Path], work_seconds: float) -> dict[int, bool]:
     """Run `evl-cache extract` into each out at once, and SIGKILL each a random time (drawn from its
     seed, within the work's expected duration) after it starts writing: the moment anything appears
-    in its own folder. Returns seed -> whether the kill landed before the run ended."""
-    processes = {seed: subprocess.Popen([sys.executable, "-m", "evl_cache.cli", "extract"] + _cli_flags(dataset, out),
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for seed, out in outs.items()}
+    in its own folder. Returns seed -> whether the kill landed before its work was done (the cache
+    missing or with pending videos)."""
+    processes = {seed: _start_extract(dataset, out) for seed, out in outs.items()}
     delays = {seed: float(np.random.default_rng(seed).uniform(0, work_seconds)) for seed in outs}
     kill_at: dict[int, float] = {}
     killed: dict[int, bool] = {}
@@ -213,7 +228,7 @@ def _kill_at_random_points(dataset: dict, outs: dict[int, Path], work_seconds: f
             elif (seed in kill_at and now >= kill_at[seed]) or now > deadline:
                 process.kill()
                 process.wait()
-                killed[seed] = True
+                killed[seed] = not outs[seed].exists() or bool((_arrays(outs[seed])["videos/status"] == PENDING).any())
         time.sleep(0.002)
     return killed
 
@@ -227,7 +242,7 @@ def test_random_kills_resume_to_the_same_cache(reference, dataset, tmp_path):
     killed = {}
     for pair in ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)):  # two at a time: one per core
         killed.update(_kill_at_random_points(dataset, {s: outs[s] for s in pair}, seconds))
-    assert sum(killed.values()) >= 5, f"too few kills landed before the end: {killed}"
+    assert sum(killed.values()) >= 5, f"too few kills landed before the work was done: {killed}"
     for seed, out in outs.items():
         summary = extract(ExtractConfig(out=out, **dataset, **OPTIONS))
         assert summary.done + summary.skipped == 8, (seed, summary.line())
@@ -236,3 +251,21 @@ def test_random_kills_resume_to_the_same_cache(reference, dataset, tmp_path):
         assert report.ok, (seed, [p.line() for p in report.problems])
         assert not list(out.rglob("*.partial")), seed
         assert sorted(p.name for p in out.parent.iterdir()) == ["cache.zarr", "cache.zarr.extract.jsonl"]
+
+
+def test_a_run_stopped_while_creating_the_cache_leaves_no_half_made_cache(reference, dataset, tmp_path,
+                                                                          monkeypatch):
+    ref, _ = reference
+    out = tmp_path / "new.zarr"
+
+    def stop(self, attrs):  # as a SIGKILL would, just before the description is written
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FeatureStore, "set_attrs", stop)
+        with pytest.raises(KeyboardInterrupt):
+            extract(ExtractConfig(out=out, **dataset, **OPTIONS))
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [".new.zarr.creating.zarr"]
+    summary = extract(ExtractConfig(out=out, **dataset, **OPTIONS))
+    assert summary.done == 8 and sorted(p.name for p in tmp_path.iterdir()) == ["new.zarr", "new.zarr.extract.jsonl"]
+    _assert_same(_arrays(out), _arrays(ref))
