@@ -68,7 +68,6 @@ def _one_thread(_: int) -> None:
 def cache_epoch(dataset: CacheDataset, batch: int, workers: int, epoch: int, model, optimizer) -> tuple[float, float]:
     """An epoch as `evl_cache.train` runs it: (seconds, seconds spent waiting for batches)."""
     start = time.perf_counter()
-    dataset.set_epoch(epoch)
     loader = DataLoader(dataset, batch_size=batch, shuffle=True,
                         generator=torch.Generator().manual_seed(epoch), collate_fn=collate,
                         num_workers=workers, worker_init_fn=worker_init, persistent_workers=False,

@@ -82,7 +82,6 @@ def text_step(model: TextHeadModel, optimizer, embeddings: torch.Tensor, labels:
 def cache_epoch(dataset: CacheDataset, args, epoch: int, model, optimizer) -> tuple[float, float]:
     """(seconds, of which waiting for batches) of an epoch as train() runs it."""
     start = time.perf_counter()
-    dataset.set_epoch(epoch)
     loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, generator=torch.Generator().manual_seed(epoch),
                         collate_fn=collate, num_workers=args.workers, worker_init_fn=worker_init,
                         prefetch_factor=4 if args.workers else None)

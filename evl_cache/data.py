@@ -120,7 +120,8 @@ def holdout_split(indices: np.ndarray, labels: np.ndarray, fraction: float,
 class CacheDataset(Dataset):
     """Items are (video, view) samples with the selected blocks, maps and frames.
 
-    views='random': one item per video, its view drawn per epoch (seeded); 'first': view 0 only;
+    views='random': one item per video, its view drawn per epoch (seeded; the sampler passes
+    `(item, epoch)` keys, so persistent loader workers need no state); 'first': view 0 only;
     'all': one item per (video, view), for evaluation with views averaged afterwards.
     label_map: a run's label for each cache label (a run on a subset or another order of the classes).
     """
@@ -131,7 +132,6 @@ class CacheDataset(Dataset):
         self.selection = selection
         self.views_mode = views
         self.seed = seed
-        self.epoch = 0
         with FeatureStore(self.path) as store:
             self.labels = store.column("label")
             if label_map is not None:
@@ -147,10 +147,6 @@ class CacheDataset(Dataset):
         self._memory: dict[str, np.ndarray] | None = None
         if in_memory:
             self._memory = self._load_all()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Views drawn in 'random' mode depend on the epoch (call before each epoch)."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
@@ -184,10 +180,11 @@ class CacheDataset(Dataset):
             self._store = FeatureStore(self.path)
         return np.asarray(self._store.array(name)[video, view])
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
         video, view = self.items[i]
         if view < 0:
-            rng = np.random.default_rng([self.seed, self.epoch, video])
+            rng = np.random.default_rng([self.seed, epoch, video])
             view = int(rng.integers(0, max(int(self.view_counts[video]), 1)))
         sel = self.selection
         frames = sel.frame_indices
@@ -205,21 +202,27 @@ class CacheDataset(Dataset):
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """One epoch's micro-batches: a permutation seeded by (seed, epoch) cut into global micro-batches,
+    """An epoch's micro-batches: a permutation seeded by (seed, epoch) cut into global micro-batches,
     of which this process takes its share. Any number of processes sees the same global batches, so a
-    run on one process and a run on several follow the same data order."""
+    run on one process and a run on several follow the same data order. Keys are `(item, epoch)`, so
+    one loader with persistent workers serves every epoch (`set_epoch` before each)."""
 
-    def __init__(self, size: int, micro_batch: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1):
-        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        self.global_batches = [order[i:i + micro_batch] for i in range(0, size, micro_batch)]
+    def __init__(self, size: int, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.micro_batch, self.seed = size, micro_batch, seed
         self.rank, self.world_size = rank, world_size
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        self.global_batches = [order[i:i + self.micro_batch] for i in range(0, self.size, self.micro_batch)]
 
     def __len__(self) -> int:
         return len(self.global_batches)
 
     def __iter__(self):
         for batch in self.global_batches:
-            yield torch.tensor_split(batch, self.world_size)[self.rank].tolist()
+            yield [(i, self.epoch) for i in torch.tensor_split(batch, self.world_size)[self.rank].tolist()]
 
 
 def collate(items: list[dict]) -> dict:

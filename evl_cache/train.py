@@ -295,15 +295,15 @@ def train(config: TrainConfig) -> TrainSummary:
     started = time.perf_counter()
     final: dict = {}
 
+    # One loader for every epoch, its workers kept (starting them each epoch cost more than small epochs).
+    batches = EpochBatches(len(train_set), micro_batch, config.seed, process.rank, process.world_size)
+    loader = DataLoader(train_set, batch_sampler=batches, generator=torch.Generator(), **loader_options)
     for epoch in range(start_epoch, epochs):
         # Train one epoch: the order and the drawn views depend only on (seed, epoch).
         # Every process sees the same global batches and takes its share; a step's loss is the mean
         # over the step's whole global batch, however it is split over processes and micro-batches.
-        train_set.set_epoch(epoch)
-        batches = EpochBatches(len(train_set), micro_batch, config.seed, epoch, process.rank, process.world_size)
+        batches.set_epoch(epoch)
         sizes = [len(b) for b in batches.global_batches]
-        loader = DataLoader(train_set, batch_sampler=batches, generator=torch.Generator(),
-                            **{**loader_options, "persistent_workers": False})
         model.train()
         epoch_start = time.perf_counter()
         wait, loss_sum, correct, seen = 0.0, 0.0, 0, 0
