@@ -65,13 +65,18 @@ def _one_thread(_: int) -> None:
     torch.set_num_threads(1)
 
 
+_LOADERS: dict = {}
+
+
 def cache_epoch(dataset: CacheDataset, batch: int, workers: int, epoch: int, model, optimizer) -> tuple[float, float]:
     """An epoch as `evl_cache.train` runs it: (seconds, seconds spent waiting for batches)."""
     start = time.perf_counter()
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True,
-                        generator=torch.Generator().manual_seed(epoch), collate_fn=collate,
-                        num_workers=workers, worker_init_fn=worker_init, persistent_workers=False,
-                        prefetch_factor=4 if workers else None)
+    key = (id(dataset), batch, workers)
+    if key not in _LOADERS:  # train() keeps one loader, its workers alive, for the whole run
+        _LOADERS[key] = DataLoader(dataset, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0),
+                                   collate_fn=collate, num_workers=workers, worker_init_fn=worker_init,
+                                   persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    loader = _LOADERS[key]
     wait = 0.0
     fetch = time.perf_counter()
     for batch in loader:
