@@ -133,10 +133,34 @@ def _system_cpu_seconds() -> tuple[float, float]:
     return (total - idle) / tick, total / tick
 
 
+def _live_descendants_cpu_seconds() -> float:
+    """CPU seconds so far of this process's descendants that are still running (persistent DataLoader
+    workers, a forkserver), read from /proc."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (float(fields[11]) + float(fields[12])) / tick  # utime, stime
+    ours, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier and pid not in ours}
+        ours |= frontier
+    return sum(cpu[pid] for pid in ours)
+
+
 def _own_cpu_seconds() -> float:
-    """CPU seconds of this process and its finished children (DataLoader workers, once joined)."""
+    """CPU seconds of this process and all its descendants: finished ones (DataLoader workers, once
+    joined) and running ones."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    return t.user + t.system + t.children_user + t.children_system + _live_descendants_cpu_seconds()
 
 
 class OtherLoad:

@@ -16,7 +16,8 @@ untouched) are measured.
 
 Then the data-wait share of training: the EVL decoder (B/16 shapes, 400 classes, AdamW) trained
 for an epoch from this cache with workers=2; time spent waiting for the next batch / epoch time
-(the `data_wait_share` `evl_cache.train` logs). Target: under 5 %.
+(the `data_wait_share` `evl_cache.train` logs). Target: under 5 %. The same steps on batches already
+in memory give the loader's whole cost (waiting, plus its workers taking CPU from the steps).
 
 Run: python benchmarks/bench_loader.py [--videos 48] [--batch 8] [--repeats 3] [--train-batch 4]
          [--tries 2] [--wait-quiet 30]
@@ -269,6 +270,15 @@ def main() -> None:
             return time.perf_counter() - start, waits
 
         (epoch, waits), _, share, attempts = clean_run(training_epoch, args.tries, args.wait_quiet)
+
+        # Reference: the same steps on batches already in memory (no loader running beside them).
+        batches = list(DataLoader(dataset, batch_size=args.train_batch, collate_fn=collate))
+
+        def decoder_alone() -> None:
+            for batch in batches:
+                decoder_step(model, optimizer, batch["tokens"], batch["maps_prev"], batch["maps_next"], batch["label"])
+
+        _, alone, alone_share, alone_attempts = clean_run(decoder_alone, args.tries, args.wait_quiet)
         steps = len(waits)
         print(f"\ntraining epoch from the cache (warm), decoder B/16 4 layers, batch {args.train_batch}, "
               f"workers {args.train_workers}: {epoch:.2f} s, {steps} steps, {epoch / steps:.3f} s/step; "
@@ -276,6 +286,9 @@ def main() -> None:
         print(f"  data wait: {sum(waits):.3f} s = {100 * sum(waits) / epoch:.1f} % of the epoch (target < 5 %); "
               f"first batch {waits[0]:.3f} s (worker start), the other {steps - 1} steps "
               f"{100 * sum(waits[1:]) / max(epoch - waits[0], 1e-9):.1f} % of their time")
+        print(f"  the same steps on batches in memory, no loader: {alone:.2f} s; epoch / that = {epoch / alone:.3f} "
+              f"(the loader's whole cost, waits plus its workers slowing the steps); {share_note(alone_share)} "
+              f"(attempt {alone_attempts})")
     print(load_line())
 
 
