@@ -111,6 +111,28 @@ def decoder_step(model, optimizer, tokens, maps_prev, maps_next, labels) -> floa
     return float(loss.detach())
 
 
+def train_loader(dataset, batch: int, workers: int, seed: int = 0):
+    """(sampler, loader) as `evl_cache.train` builds them: one loader for the whole run, `workers` reader
+    threads, the sampler's `set_epoch` before each epoch."""
+    from evl_cache.data import CacheLoader, EpochBatches
+
+    sampler = EpochBatches(len(dataset), batch, seed)
+    return sampler, CacheLoader(dataset, sampler, workers)
+
+
+def loader_epoch(sampler, loader, epoch: int, step) -> tuple[float, float]:
+    """One epoch as `evl_cache.train` runs it, `step(batch)` per batch: (seconds, of which waiting for
+    the next batch)."""
+    sampler.set_epoch(epoch)
+    start = fetch = time.perf_counter()
+    wait = 0.0
+    for batch in loader:
+        wait += time.perf_counter() - fetch
+        step(batch)
+        fetch = time.perf_counter()
+    return time.perf_counter() - start, wait
+
+
 def b16_decoder(num_classes: int = 400, seed: int = 0):
     """EVLModel with ViT-B/16 shapes (4 layers, 12 heads, 8 frames) and its AdamW (the authors' recipe)."""
     from evl_cache.model import DecoderConfig, EVLModel

@@ -9,9 +9,9 @@ decoder with a 400-class head, AdamW. The same clips on both sides: Kinetics-lik
   batch's decoded frames, then the decoder step. By default the frames are decoded once before timing
   and held in memory (this favours the baseline: the authors also decode every epoch);
   --online-decode decodes them during the epoch in 2 DataLoader workers instead.
-- ours: the epoch `evl_cache.train` runs: a new DataLoader over `CacheDataset` per epoch (shuffled,
-  --workers processes, `collate`, `worker_init`, prefetch 4), then per batch forward, cross-entropy,
-  backward, AdamW step. The cache is written first by `extract()` (not timed).
+- ours: the epoch `evl_cache.train` runs: the run's one `CacheLoader` over `CacheDataset` (shuffled
+  by `EpochBatches`, --workers reader threads, two batches read ahead), then per batch forward,
+  cross-entropy, backward, AdamW step. The cache is written first by `extract()` (not timed).
 - the decoder step alone on batches already in memory, and the backbone alone (timed inside the
   baseline's epoch), give the limit of the ratio: (backbone + decoder) / decoder, the ratio a cache
   that cost nothing to read would reach. Goal: ratio / limit >= 0.85.
@@ -36,11 +36,11 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (BLOCKS, FRAMES, MODEL, STRIDE, Timer, add_clean_options, b16_decoder,  # noqa: E402
-                     clean_run, decode_eval_clip, decoder_step, load_line, machine_line, share_note,
-                     write_kinetics_like_videos)
+                     clean_run, decode_eval_clip, decoder_step, load_line, loader_epoch, machine_line, share_note,
+                     train_loader, write_kinetics_like_videos)
 
 from evl_cache.backbone import FrozenBackbone, load_clip  # noqa: E402
-from evl_cache.data import CacheDataset, collate, select_features, worker_init  # noqa: E402
+from evl_cache.data import CacheDataset, CacheLoader, select_features  # noqa: E402
 from evl_cache.extract import ExtractConfig, extract  # noqa: E402
 from evl_cache.store import FeatureStore  # noqa: E402
 from evl_cache.videos import find_videos  # noqa: E402
@@ -70,20 +70,11 @@ _LOADERS: dict = {}
 
 def cache_epoch(dataset: CacheDataset, batch: int, workers: int, epoch: int, model, optimizer) -> tuple[float, float]:
     """An epoch as `evl_cache.train` runs it: (seconds, seconds spent waiting for batches)."""
-    start = time.perf_counter()
     key = (id(dataset), batch, workers)
-    if key not in _LOADERS:  # train() keeps one loader, its workers alive, for the whole run
-        _LOADERS[key] = DataLoader(dataset, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0),
-                                   collate_fn=collate, num_workers=workers, worker_init_fn=worker_init,
-                                   persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-    loader = _LOADERS[key]
-    wait = 0.0
-    fetch = time.perf_counter()
-    for batch in loader:
-        wait += time.perf_counter() - fetch
-        decoder_step(model, optimizer, batch["tokens"], batch["maps_prev"], batch["maps_next"], batch["label"])
-        fetch = time.perf_counter()
-    return time.perf_counter() - start, wait
+    if key not in _LOADERS:  # train() keeps one loader for the whole run
+        _LOADERS[key] = train_loader(dataset, batch, workers)
+    return loader_epoch(*_LOADERS[key], epoch, lambda b: decoder_step(model, optimizer, b["tokens"], b["maps_prev"],
+                                                                      b["maps_next"], b["label"]))
 
 
 def decoder_only_epoch(batches: list[dict], model, optimizer) -> float:
@@ -114,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=6, help="videos, one clip each")
     parser.add_argument("--batch", type=int, default=2, help="clips per step (both sides)")
-    parser.add_argument("--workers", type=int, default=2, help="cache DataLoader workers")
+    parser.add_argument("--workers", type=int, default=2, help="cache reader threads")
     parser.add_argument("--repeats", type=int, default=2, help="timed epochs of each kind, interleaved")
     parser.add_argument("--online-decode", action="store_true",
                         help="baseline decodes its frames during the epoch (2 workers) instead of from memory")
@@ -165,7 +156,7 @@ def main() -> None:
         # The same decoder weights and optimizer on each side; the cache's batches kept in memory for
         # the decoder-only epochs.
         models = {name: b16_decoder() for name in ("cache", "cache, workers=0", "decoder only", "online")}
-        cached_batches = list(DataLoader(dataset, batch_size=args.batch, collate_fn=collate))
+        cached_batches = list(CacheLoader.sequential(dataset, args.batch))
         # Warm-up (untimed): one step of each, one backbone batch.
         decoder_only_epoch(cached_batches[:1], *models["decoder only"])
         decoder_only_epoch(cached_batches[:1], *models["cache"])
@@ -175,7 +166,7 @@ def main() -> None:
         runs = {"cache": [], "cache, workers=0": [], "decoder only": [], "online": []}
         for repeat in range(args.repeats):
             kinds = {"cache": lambda: cache_epoch(dataset, args.batch, args.workers, repeat + 1, *models["cache"]),
-                     # diagnostic: the same epoch with the items read in this process
+                     # diagnostic: the same epoch with each batch read when it is asked for
                      "cache, workers=0": lambda: cache_epoch(dataset, args.batch, 0, repeat + 1,
                                                              *models["cache, workers=0"]),
                      "decoder only": lambda: decoder_only_epoch(cached_batches, *models["decoder only"]),

@@ -7,16 +7,19 @@ is uncompressed, so the values do not change the bytes or the reading cost). In 
 - baseline: a raw read of the same bytes, the zarr shard files of the arrays a 4-layer run reads,
   each with plain `open(path, 'rb').read()`; and, between the two, numpy from the zarr arrays
   without the dataset machinery (`np.asarray(array[video, 0])`, one video at a time);
-- ours: `CacheDataset` + `DataLoader` with `collate` (workers 0 and 2, `worker_init`, prefetch 4,
-  a new loader per epoch as `evl_cache.train` makes), counting the bytes the items hold.
+- ours: `CacheLoader` over `CacheDataset`, as `evl_cache.train` reads (0, 2 and 4 reader threads,
+  batches of --batch, two read ahead), counting the bytes the batches hold; and, for comparison, the
+  same dataset through torch's `DataLoader` with 2 worker processes and its default collate (the
+  batches then pass through shared memory to this process).
 
 Both "warm" (the files in the page cache: the cache was just written) and "cold" (this cache's
 files evicted from the page cache with posix_fadvise(DONTNEED) before each read: other files are
 untouched) are measured.
 
 Then the data-wait share of training: the EVL decoder (B/16 shapes, 400 classes, AdamW) trained
-for an epoch from this cache with workers=2; time spent waiting for the next batch / epoch time
-(the `data_wait_share` `evl_cache.train` logs). Target: under 5 %. The same steps on batches already
+for an epoch from this cache with --train-workers reader threads, as `evl_cache.train` runs it; time
+spent waiting for the next batch / epoch time (the `data_wait_share` `evl_cache.train` logs).
+Target: under 5 %. The same steps on batches already
 in memory give the loader's whole cost (waiting, plus its workers taking CPU from the steps).
 
 Run: python benchmarks/bench_loader.py [--videos 48] [--batch 8] [--repeats 3] [--train-batch 4]
@@ -42,7 +45,7 @@ from _common import (BLOCKS, FRAMES, GRID, HEADS, PATCHES, STRIDE, TOKENS, WIDTH
                      add_clean_options, b16_decoder, clean_run, decoder_step, load_line, machine_line,
                      share_note)
 
-from evl_cache.data import CacheDataset, collate, select_features, worker_init  # noqa: E402
+from evl_cache.data import CacheDataset, CacheLoader, EpochBatches, select_features  # noqa: E402
 from evl_cache.store import CacheLayout, FeatureStore  # noqa: E402
 
 B16_LAYERS = 12
@@ -159,14 +162,22 @@ def zarr_read(cache: Path, names: list[str], videos: int) -> int:
     return total
 
 
+def batch_bytes(batch: dict) -> int:
+    return sum(t.nbytes for t in batch["tokens"] + batch["maps_prev"] + batch["maps_next"])
+
+
 def loader_read(dataset: CacheDataset, batch: int, workers: int, epoch: int) -> int:
+    """One shuffled epoch through `CacheLoader` with `workers` reader threads."""
+    sampler = EpochBatches(len(dataset), batch, seed=0)
+    sampler.set_epoch(epoch)
+    return sum(batch_bytes(b) for b in CacheLoader(dataset, sampler, workers))
+
+
+def torch_loader_read(dataset: CacheDataset, batch: int, workers: int, epoch: int) -> int:
+    """The same epoch through torch's DataLoader, worker processes and default collate."""
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(epoch),
-                        collate_fn=collate, num_workers=workers, worker_init_fn=worker_init,
-                        persistent_workers=False, prefetch_factor=4 if workers else None)
-    total = 0
-    for item in loader:
-        total += sum(t.nbytes for t in item["tokens"] + item["maps_prev"] + item["maps_next"])
-    return total
+                        num_workers=workers, prefetch_factor=2 if workers else None)
+    return sum(batch_bytes(b) for b in loader)
 
 
 def main() -> None:
@@ -175,7 +186,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="clips per loader batch (bytes/s part)")
     parser.add_argument("--repeats", type=int, default=3, help="reads of each kind, interleaved (best and median)")
     parser.add_argument("--train-batch", type=int, default=4, help="clips per training step (data-wait part)")
-    parser.add_argument("--train-workers", type=int, default=2, help="loader workers in the data-wait part")
+    parser.add_argument("--train-workers", type=int, default=2, help="reader threads in the data-wait part")
     parser.add_argument("--dir", type=Path, default=None, help="folder for the cache [default: a temporary one]")
     add_clean_options(parser)
     args = parser.parse_args()
@@ -200,28 +211,16 @@ def main() -> None:
               f"{len(names)} arrays, {payload / len(dataset) / 1e6:.2f} MB per clip, {payload / 1e6:.0f} MB per epoch "
               f"({len(files)} shard files, {file_bytes / 1e6:.0f} MB with their indexes)")
 
-        # Where a workers=0 epoch's time goes (warm): reading items, then stacking them into batches.
-        def breakdown() -> tuple[float, float]:
-            raw_read(files)
-            with Timer() as reading:
-                items = [dataset[i] for i in range(len(dataset))]
-            with Timer() as stacking:
-                for start in range(0, len(items), args.batch):
-                    collate(items[start:start + args.batch])
-            return reading.seconds, stacking.seconds
-
-        (reading, stacking), _, share, attempts = clean_run(breakdown, args.tries, args.wait_quiet)
-        print(f"breakdown (warm, one process): CacheDataset items {1e3 * reading / len(dataset):.1f} ms/clip "
-              f"({payload / reading / 1e9:.2f} GB/s), collate {1e3 * stacking / len(dataset):.1f} ms/clip "
-              f"({payload / stacking / 1e9:.2f} GB/s); {share_note(share)} (attempt {attempts})")
-
         raw_kind = "raw open().read() of the shard files"
         kinds = {raw_kind: lambda r: raw_read(files),
                  "raw os.preadv of each batch's chunks (offsets from the shard index)":
                      lambda r: pread_read(table, shapes, args.batch, args.videos, r),
                  "zarr arrays to numpy, no dataset": lambda r: zarr_read(cache, names, args.videos),
-                 "CacheDataset + DataLoader, workers=0": lambda r: loader_read(dataset, args.batch, 0, r),
-                 "CacheDataset + DataLoader, workers=2": lambda r: loader_read(dataset, args.batch, 2, r)}
+                 "CacheLoader, workers=0 (read in this thread)": lambda r: loader_read(dataset, args.batch, 0, r),
+                 "CacheLoader, 2 reader threads": lambda r: loader_read(dataset, args.batch, 2, r),
+                 "CacheLoader, 4 reader threads": lambda r: loader_read(dataset, args.batch, 4, r),
+                 "torch DataLoader, 2 worker processes, default collate":
+                     lambda r: torch_loader_read(dataset, args.batch, 2, r)}
         def read_all(mode: str) -> dict[str, list[float]]:
             seconds = {k: [] for k in kinds}
             for repeat in range(args.repeats):
@@ -251,16 +250,15 @@ def main() -> None:
 
         # Data-wait share of training with the decoder.
         model, optimizer = b16_decoder()
-        warm = next(iter(DataLoader(dataset, batch_size=args.train_batch, collate_fn=collate)))
-        decoder_step(model, optimizer, warm["tokens"], warm["maps_prev"], warm["maps_next"], warm["label"])
+        batches = list(CacheLoader.sequential(dataset, args.train_batch))  # the reference's batches, in memory
+        decoder_step(model, optimizer, batches[0]["tokens"], batches[0]["maps_prev"], batches[0]["maps_next"],
+                     batches[0]["label"])  # warm-up
+        sampler = EpochBatches(len(dataset), args.train_batch, seed=1)
+        loader = CacheLoader(dataset, sampler, args.train_workers)
 
         def training_epoch() -> tuple[float, list[float]]:
             raw_read(files)  # warm, as in the bytes/s part
             start = time.perf_counter()
-            loader = DataLoader(dataset, batch_size=args.train_batch, shuffle=True,
-                                generator=torch.Generator().manual_seed(1), collate_fn=collate,
-                                num_workers=args.train_workers, worker_init_fn=worker_init, persistent_workers=False,
-                                prefetch_factor=4 if args.train_workers else None)
             waits = []
             fetch = time.perf_counter()
             for batch in loader:
@@ -272,8 +270,6 @@ def main() -> None:
         (epoch, waits), _, share, attempts = clean_run(training_epoch, args.tries, args.wait_quiet)
 
         # Reference: the same steps on batches already in memory (no loader running beside them).
-        batches = list(DataLoader(dataset, batch_size=args.train_batch, collate_fn=collate))
-
         def decoder_alone() -> None:
             for batch in batches:
                 decoder_step(model, optimizer, batch["tokens"], batch["maps_prev"], batch["maps_next"], batch["label"])
@@ -284,10 +280,10 @@ def main() -> None:
               f"workers {args.train_workers}: {epoch:.2f} s, {steps} steps, {epoch / steps:.3f} s/step; "
               f"{share_note(share)} (attempt {attempts})")
         print(f"  data wait: {sum(waits):.3f} s = {100 * sum(waits) / epoch:.1f} % of the epoch (target < 5 %); "
-              f"first batch {waits[0]:.3f} s (worker start), the other {steps - 1} steps "
+              f"first batch {waits[0]:.3f} s, the other {steps - 1} steps "
               f"{100 * sum(waits[1:]) / max(epoch - waits[0], 1e-9):.1f} % of their time")
         print(f"  the same steps on batches in memory, no loader: {alone:.2f} s; epoch / that = {epoch / alone:.3f} "
-              f"(the loader's whole cost, waits plus its workers slowing the steps); {share_note(alone_share)} "
+              f"(the loader's whole cost, waits plus its threads slowing the steps); {share_note(alone_share)} "
               f"(attempt {alone_attempts})")
     print(load_line())
 

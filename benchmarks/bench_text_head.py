@@ -8,7 +8,7 @@ in a `train/` split, one centre clip each.
 - baseline, the image tower online: every step runs CLIP's image tower (no grad) on the batch's
   frames, then the text-side step (forward, cross-entropy, backward, AdamW). The frames are decoded
   once before timing and held in memory (this favours the baseline, which would decode every epoch).
-- ours: the epoch `evl_cache.train` runs for `--head text`: a new DataLoader over `CacheDataset`
+- ours: the epoch `evl_cache.train` runs for `--head text`: the run's `CacheLoader` over `CacheDataset`
   reading only the cached per-frame embeddings (`embed`, 8 x 512 float16 = 8 KB per clip), then the
   same step. The cache is written first by `extract()` (not timed).
 - the text-side step alone on batches already in memory, and the image tower alone (timed inside the
@@ -24,50 +24,28 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
-from evl_cache.backbone import load_clip
-from evl_cache.clips import ClipSpec, read_video_clips
-from evl_cache.data import CacheDataset, collate, select_embeddings, worker_init
-from evl_cache.extract import ExtractConfig, extract
-from evl_cache.model import TextHeadModel
-from evl_cache.store import FeatureStore
-from evl_cache.synthetic import make_sample_dataset
-from evl_cache.text import ClassPrompts, load_text_tower
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import OtherLoad, load_line, loader_epoch, machine_line, train_loader  # noqa: E402
+
+from evl_cache.backbone import load_clip  # noqa: E402
+from evl_cache.clips import ClipSpec, read_video_clips  # noqa: E402
+from evl_cache.data import CacheDataset, CacheLoader, select_embeddings  # noqa: E402
+from evl_cache.extract import ExtractConfig, extract  # noqa: E402
+from evl_cache.model import TextHeadModel  # noqa: E402
+from evl_cache.store import FeatureStore  # noqa: E402
+from evl_cache.synthetic import make_sample_dataset  # noqa: E402
+from evl_cache.text import ClassPrompts, load_text_tower  # noqa: E402
 
 MODEL, FRAMES, STRIDE, PROMPT_TOKENS = "ViT-B-16", 8, 4, 16
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()
-    return (f"machine: {platform.platform()}, CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start")
-
-
-def cpu_seconds() -> tuple[float, float, float]:
-    """(busy, total) CPU seconds of the whole machine from /proc/stat, and this process's and its joined
-    children's (DataLoader workers) CPU seconds: what other processes took in between is the difference."""
-    with open("/proc/stat") as handle:
-        fields = [float(v) for v in handle.readline().split()[1:9]]
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = fields[3] + fields[4]
-    own = os.times()
-    return (sum(fields) - idle) / tick, sum(fields) / tick, own.user + own.system + own.children_user + own.children_system
 
 
 def text_step(model: TextHeadModel, optimizer, embeddings: torch.Tensor, labels: torch.Tensor) -> float:
@@ -77,20 +55,6 @@ def text_step(model: TextHeadModel, optimizer, embeddings: torch.Tensor, labels:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
-
-
-def cache_epoch(dataset: CacheDataset, args, epoch: int, model, optimizer) -> tuple[float, float]:
-    """(seconds, of which waiting for batches) of an epoch as train() runs it."""
-    start = time.perf_counter()
-    loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, generator=torch.Generator().manual_seed(epoch),
-                        collate_fn=collate, num_workers=args.workers, worker_init_fn=worker_init,
-                        prefetch_factor=4 if args.workers else None)
-    wait, fetch = 0.0, time.perf_counter()
-    for batch in loader:
-        wait += time.perf_counter() - fetch
-        text_step(model, optimizer, batch["embed"], batch["label"])
-        fetch = time.perf_counter()
-    return time.perf_counter() - start, wait
 
 
 def online_epoch(batches, visual, mean, std, model, optimizer) -> tuple[float, float]:
@@ -117,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=8, help="training videos, one clip each (a multiple of 4)")
     parser.add_argument("--batch", type=int, default=4, help="clips per step")
-    parser.add_argument("--workers", type=int, default=2, help="cache DataLoader workers")
+    parser.add_argument("--workers", type=int, default=2, help="cache reader threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs of each kind, interleaved")
     parser.add_argument("--tune-text", action="store_true", help="train the whole text tower too (--tune text)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads [default: torch's own]; 1 is "
@@ -165,26 +129,27 @@ def main() -> None:
         decoded = [read_video_clips(videos / paths[i], "train", i, clip_spec).clips[0] for i in range(clip_count)]
         frame_batches = [(torch.stack(decoded[i:i + args.batch]), torch.tensor(labels[i:i + args.batch]).long())
                          for i in range(0, clip_count, args.batch)]
-        cached_batches = list(DataLoader(dataset, batch_size=args.batch, collate_fn=collate))
+        cached_batches = list(CacheLoader.sequential(dataset, args.batch))
+        sampler, loader = train_loader(dataset, args.batch, args.workers)
         # warm-up (untimed)
         step_only_epoch(cached_batches[:1], *models["step only"])
         step_only_epoch(cached_batches[:1], *models["cache"])
         online_epoch(frame_batches[:1], visual, mean, std, *models["online"])
 
         cache_s, wait_s, step_s, online_s, image_s = [], [], [], [], []
-        busy0, total0, own0 = cpu_seconds()
-        for repeat in range(args.repeats):
-            seconds, wait = cache_epoch(dataset, args, repeat + 1, *models["cache"])
-            cache_s.append(seconds)
-            wait_s.append(wait)
-            step_s.append(step_only_epoch(cached_batches, *models["step only"]))
-            total, in_image = online_epoch(frame_batches, visual, mean, std, *models["online"])
-            online_s.append(total)
-            image_s.append(in_image)
-            print(f"repeat {repeat + 1}: cache epoch {seconds:.2f} s (waiting for data {wait:.2f} s), step only "
-                  f"{step_s[-1]:.2f} s, online epoch {total:.2f} s (image tower {in_image:.2f} s)", flush=True)
-        busy1, total1, own1 = cpu_seconds()
-        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(total1 - total0, 1e-9)
+        with OtherLoad() as other:
+            for repeat in range(args.repeats):
+                model, optimizer = models["cache"]
+                seconds, wait = loader_epoch(sampler, loader, repeat + 1,
+                                             lambda b: text_step(model, optimizer, b["embed"], b["label"]))
+                cache_s.append(seconds)
+                wait_s.append(wait)
+                step_s.append(step_only_epoch(cached_batches, *models["step only"]))
+                total, in_image = online_epoch(frame_batches, visual, mean, std, *models["online"])
+                online_s.append(total)
+                image_s.append(in_image)
+                print(f"repeat {repeat + 1}: cache epoch {seconds:.2f} s (waiting for data {wait:.2f} s), step only "
+                      f"{step_s[-1]:.2f} s, online epoch {total:.2f} s (image tower {in_image:.2f} s)", flush=True)
 
     med = statistics.median
     print()
@@ -198,10 +163,8 @@ def main() -> None:
     print(f"fastest epochs (less disturbed by other processes): online {min(online_s):.2f} s, cache "
           f"{min(cache_s):.2f} s, ratio {min(online_s) / min(cache_s):.1f}; step alone {min(step_s):.2f} s, "
           f"image tower {min(image_s):.2f} s, limit {(min(image_s) + min(step_s)) / min(step_s):.1f}")
-    load = os.getloadavg()
-    print(f"other processes took {100 * others:.0f} % of the machine's CPU time while timing"
-          f"{' (busy machine: timings are noisy)' if others > 0.05 else ''}; load average after: "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"while timing: {other.note()}")
+    print(load_line())
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 A run that uses N decoder layers reads the last N cached blocks and nothing else; a run without
 temporal cross-attention reads no maps; a text-head run reads only the per-frame CLIP embeddings.
-The store is opened lazily in each DataLoader worker, so memory stays flat however large the cache
-is, unless `in_memory` asks to hold the selection in RAM.
+Batches are read by threads straight into the tensors training uses (`CacheLoader`), so memory stays
+flat however large the cache is, unless `in_memory` asks to hold the selection in RAM.
 """
 from __future__ import annotations
 
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,13 +120,20 @@ def holdout_split(indices: np.ndarray, labels: np.ndarray, fraction: float,
     return np.array([i for i in indices if i not in val_set]), np.array(sorted(val_set))
 
 
+_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                 np.dtype(np.int8): torch.int8, np.dtype(np.uint8): torch.uint8}
+
+
 class CacheDataset(Dataset):
     """Items are (video, view) samples with the selected blocks, maps and frames.
 
     views='random': one item per video, its view drawn per epoch (seeded; the sampler passes
-    `(item, epoch)` keys, so persistent loader workers need no state); 'first': view 0 only;
-    'all': one item per (video, view), for evaluation with views averaged afterwards.
+    `(item, epoch)` keys, so the draw needs no state); 'first': view 0 only; 'all': one item per
+    (video, view), for evaluation with views averaged afterwards.
     label_map: a run's label for each cache label (a run on a subset or another order of the classes).
+
+    `CacheLoader` reads whole batches from it; `dataset[i]` gives one item (a plain DataLoader with its
+    default collate also works).
     """
 
     def __init__(self, path: str | Path, videos: np.ndarray, selection: FeatureSelection,
@@ -136,20 +146,31 @@ class CacheDataset(Dataset):
             self.labels = store.column("label")
             if label_map is not None:
                 self.labels = np.where(self.labels >= 0, np.asarray(label_map)[np.maximum(self.labels, 0)], -1)
-            view_counts = store.column("views")
+            self.view_counts = store.column("views")
+            # name -> (numpy dtype, shape of one item's rows)
+            self.item_shapes = {name: (np.dtype(store.array(name).dtype),
+                                       (len(range(store.array(name).shape[2])[self.rows(name)]),
+                                        *store.array(name).shape[3:]))
+                                for name in self.array_names()}
         self.videos = np.asarray(videos, dtype=np.int64)
-        self.view_counts = view_counts
         if views == "all":
-            self.items = [(int(v), k) for v in self.videos for k in range(int(view_counts[v]))]
+            self.items = [(int(v), k) for v in self.videos for k in range(int(self.view_counts[v]))]
         else:
             self.items = [(int(v), -1 if views == "random" else 0) for v in self.videos]
         self._store: FeatureStore | None = None
+        self._opening = threading.Lock()
         self._memory: dict[str, np.ndarray] | None = None
         if in_memory:
             self._memory = self._load_all()
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def __getstate__(self) -> dict:  # a copy for another process opens its own store
+        return {**self.__dict__, "_store": None, "_opening": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _opening=threading.Lock())
 
     def array_names(self) -> list[str]:
         names = [f"tokens/block_{b}" for b in self.selection.blocks]
@@ -159,53 +180,149 @@ class CacheDataset(Dataset):
             names.append("embed")
         return names
 
+    def rows(self, name: str) -> slice:
+        """The cached rows an item takes from array `name`: its frames, or the pairs of adjacent ones."""
+        sel = self.selection
+        if name.startswith("maps/"):
+            return slice(sel.frame_start, sel.frame_start + sel.frames - 1)
+        return slice(sel.frame_start, sel.frame_start + (sel.frames - 1) * sel.frame_step + 1, sel.frame_step)
+
     def bytes_per_item(self) -> int:
-        """Bytes one item reads from the cache (a whole cached view of each selected array)."""
-        with FeatureStore(self.path) as store:
-            return sum(2 * int(np.prod(store.array(n).shape[2:])) for n in self.array_names())
+        """Bytes one item reads from the cache (the selected rows of each selected array)."""
+        return sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in self.item_shapes.values())
 
     def _load_all(self) -> dict[str, np.ndarray]:
-        with FeatureStore(self.path) as store:
-            order = np.sort(self.videos)
-            arrays = {name: np.asarray(store.array(name).get_orthogonal_selection((order,))
-                                       if store.kind == "zarr" else store.array(name)[order])
-                      for name in self.array_names()}
+        """Every view of the dataset's videos, the selected rows of each selected array, in RAM."""
+        order = np.sort(self.videos)
         self._row = {int(v): i for i, v in enumerate(order)}
+        views = int(self.view_counts[order].max()) if len(order) else 0
+        arrays = {name: np.zeros((len(order), views) + shape, dtype) for name, (dtype, shape) in self.item_shapes.items()}
+        with FeatureStore(self.path) as store:
+            for row, video in enumerate(order):
+                for view in range(int(self.view_counts[video])):
+                    for name, values in arrays.items():
+                        store.read_view(name, int(video), view, self.rows(name), values[row, view])
         return arrays
 
-    def _read(self, name: str, video: int, view: int) -> np.ndarray:
+    def samples(self, keys: list) -> list[tuple[int, int]]:
+        """(video, view) of each key: an item index, or an `(item, epoch)` pair from `EpochBatches`."""
+        chosen = []
+        for key in keys:
+            i, epoch = key if isinstance(key, tuple) else (key, 0)
+            video, view = self.items[i]
+            if view < 0:  # drawn per (seed, epoch, video): the same in any thread, any process, after a resume
+                rng = np.random.default_rng([self.seed, epoch, video])
+                view = int(rng.integers(0, max(int(self.view_counts[video]), 1)))
+            chosen.append((video, view))
+        return chosen
+
+    def empty_batch(self, size: int, pin_memory: bool = False) -> dict[str, torch.Tensor]:
+        """Uninitialised batch tensors, one per selected array: pinned for fast copies to a GPU, else
+        numpy's memory (which asks the kernel for huge pages: a new batch's pages then fault in about
+        a hundredth of the time torch's allocator takes here)."""
+        if pin_memory:
+            return {name: torch.empty((size,) + shape, dtype=_TORCH_DTYPES[dtype], pin_memory=True)
+                    for name, (dtype, shape) in self.item_shapes.items()}
+        return {name: torch.from_numpy(np.empty((size,) + shape, dtype)) for name, (dtype, shape) in self.item_shapes.items()}
+
+    def read_sample(self, arrays: dict[str, torch.Tensor], row: int, video: int, view: int) -> None:
+        """Fill row `row` of the batch tensors with one (video, view), straight from the cache (or RAM)."""
         if self._memory is not None:
-            return self._memory[name][self._row[video], view]
-        if self._store is None:  # opened lazily: once per DataLoader worker
-            self._store = FeatureStore(self.path)
-        return np.asarray(self._store.array(name)[video, view])
+            for name, values in arrays.items():
+                values.numpy()[row] = self._memory[name][self._row[video], view]
+            return
+        with self._opening:  # opened on first use, once per process, whichever thread reads first
+            if self._store is None:
+                self._store = FeatureStore(self.path)
+        for name, values in arrays.items():
+            self._store.read_view(name, video, view, self.rows(name), values[row].numpy())
+
+    def batch(self, samples: list[tuple[int, int]], arrays: dict[str, torch.Tensor]) -> dict:
+        """The batch dict the model's inputs come from (`model_inputs`), around filled batch tensors."""
+        sel = self.selection
+        batch = {"tokens": [arrays[f"tokens/block_{b}"] for b in sel.blocks],
+                 "label": torch.tensor([int(self.labels[video]) for video, _ in samples]),
+                 "video": torch.tensor([video for video, _ in samples]),
+                 "view": torch.tensor([view for _, view in samples])}
+        if sel.maps:
+            batch["maps_prev"] = [arrays[f"maps/block_{b}/prev"] for b in sel.blocks]
+            batch["maps_next"] = [arrays[f"maps/block_{b}/next"] for b in sel.blocks]
+        if sel.embed:
+            batch["embed"] = arrays["embed"]
+        return batch
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        i, epoch = key if isinstance(key, tuple) else (key, 0)
-        video, view = self.items[i]
-        if view < 0:
-            rng = np.random.default_rng([self.seed, epoch, video])
-            view = int(rng.integers(0, max(int(self.view_counts[video]), 1)))
-        sel = self.selection
-        frames = sel.frame_indices
-        tokens = [torch.from_numpy(self._read(f"tokens/block_{b}", video, view)[frames]) for b in sel.blocks]
-        item = {"tokens": tokens, "label": int(self.labels[video]), "video": video, "view": view}
-        if sel.maps:
-            pairs = slice(sel.frame_start, sel.frame_start + sel.frames - 1)
-            item["maps_prev"] = [torch.from_numpy(self._read(f"maps/block_{b}/prev", video, view)[pairs])
-                                 for b in sel.blocks]
-            item["maps_next"] = [torch.from_numpy(self._read(f"maps/block_{b}/next", video, view)[pairs])
-                                 for b in sel.blocks]
-        if sel.embed:
-            item["embed"] = torch.from_numpy(self._read("embed", video, view)[frames])
-        return item
+        """One item: its tensors without a batch axis."""
+        (video, view), = self.samples([key])
+        arrays = self.empty_batch(1)
+        self.read_sample(arrays, 0, video, view)
+        return {name: [t[0] for t in value] if isinstance(value, list) else value[0]
+                for name, value in self.batch([(video, view)], arrays).items()}
+
+
+class CacheLoader:
+    """Batches of a CacheDataset in the order `batches` gives (lists of keys; `EpochBatches` for
+    training, `sequential` for evaluation), read ahead by a pool of `workers` threads.
+
+    Reading the cache is copying bytes (`pread` from the page cache or the disk, which releases the
+    GIL), so threads of the training process do it well, and each batch is written once, straight
+    into the tensors training uses (pinned memory for a GPU). Worker processes would have to pass every
+    batch through newly allocated shared memory, which on this machine cost several times the read.
+    The next `prefetch` batches are read while the current one trains; `workers=0` reads each batch
+    when it is asked for, in the calling thread.
+    """
+
+    def __init__(self, dataset: CacheDataset, batches, workers: int = 0, pin_memory: bool = False,
+                 prefetch: int = 2):
+        self.dataset, self.batches = dataset, batches
+        self.workers, self.pin_memory, self.prefetch = workers, pin_memory, max(prefetch, 1)
+
+    @classmethod
+    def sequential(cls, dataset: CacheDataset, batch_size: int, workers: int = 0,
+                   pin_memory: bool = False) -> "CacheLoader":
+        """Every item once, in order, `batch_size` at a time (evaluation)."""
+        batches = [list(range(start, min(start + batch_size, len(dataset))))
+                   for start in range(0, len(dataset), batch_size)]
+        return cls(dataset, batches, workers, pin_memory)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        if self.workers == 0:
+            for keys in self.batches:
+                samples = self.dataset.samples(keys)
+                arrays = self.dataset.empty_batch(len(samples), self.pin_memory)
+                for row, (video, view) in enumerate(samples):
+                    self.dataset.read_sample(arrays, row, video, view)
+                yield self.dataset.batch(samples, arrays)
+            return
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="cache-reader")
+        ahead: deque = deque()  # (samples, arrays, one future per sample), oldest first
+        try:
+            for keys in self.batches:
+                samples = self.dataset.samples(keys)
+                arrays = self.dataset.empty_batch(len(samples), self.pin_memory)
+                ahead.append((samples, arrays, [pool.submit(self.dataset.read_sample, arrays, row, video, view)
+                                                for row, (video, view) in enumerate(samples)]))
+                if len(ahead) > self.prefetch:
+                    yield self._finished(*ahead.popleft())
+            while ahead:
+                yield self._finished(*ahead.popleft())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _finished(self, samples: list[tuple[int, int]], arrays: dict, reads: list) -> dict:
+        for read in reads:
+            read.result()  # a read's error is raised here, in the training loop
+        return self.dataset.batch(samples, arrays)
 
 
 class EpochBatches(torch.utils.data.Sampler):
     """An epoch's micro-batches: a permutation seeded by (seed, epoch) cut into global micro-batches,
     of which this process takes its share. Any number of processes sees the same global batches, so a
     run on one process and a run on several follow the same data order. Keys are `(item, epoch)`, so
-    one loader with persistent workers serves every epoch (`set_epoch` before each)."""
+    one loader serves every epoch (`set_epoch` before each)."""
 
     def __init__(self, size: int, micro_batch: int, seed: int, rank: int = 0, world_size: int = 1):
         self.size, self.micro_batch, self.seed = size, micro_batch, seed
@@ -225,20 +342,6 @@ class EpochBatches(torch.utils.data.Sampler):
             yield [(i, self.epoch) for i in torch.tensor_split(batch, self.world_size)[self.rank].tolist()]
 
 
-def collate(items: list[dict]) -> dict:
-    """Stack a list of items into a batch (lists of per-block tensors stay lists)."""
-    batch = {"tokens": [torch.stack(ts) for ts in zip(*(it["tokens"] for it in items))],
-             "label": torch.tensor([it["label"] for it in items]),
-             "video": torch.tensor([it["video"] for it in items]),
-             "view": torch.tensor([it["view"] for it in items])}
-    if "maps_prev" in items[0]:
-        batch["maps_prev"] = [torch.stack(ms) for ms in zip(*(it["maps_prev"] for it in items))]
-        batch["maps_next"] = [torch.stack(ms) for ms in zip(*(it["maps_next"] for it in items))]
-    if "embed" in items[0]:
-        batch["embed"] = torch.stack([it["embed"] for it in items])
-    return batch
-
-
 def model_inputs(batch: dict, device: torch.device) -> tuple:
     """The model's arguments from a batch, on `device`: (block outputs, prev maps, next maps), maps None
     when not read; or (per-frame embeddings,) for a text-head run."""
@@ -248,10 +351,3 @@ def model_inputs(batch: dict, device: torch.device) -> tuple:
         return (batch["embed"].to(device, non_blocking=True),)
     return (move(batch["tokens"]), move(batch["maps_prev"]) if "maps_prev" in batch else None,
             move(batch["maps_next"]) if "maps_next" in batch else None)
-
-
-def worker_init(_: int) -> None:
-    """Each loader worker: one torch thread, few zarr threads (many workers share the cores)."""
-    import zarr
-    torch.set_num_threads(1)
-    zarr.config.set({"threading.max_workers": 1, "async.concurrency": 4})

@@ -27,7 +27,7 @@ class DemoConfig:
     train_videos: int = option(16, "training videos per class")
     val_videos: int = option(6, "validation videos per class")
     epochs: int = option(30, "training epochs")
-    workers: int = option(2, "DataLoader worker processes")
+    workers: int = option(2, "video-decoding processes of the extraction, cache-reading threads of training")
     device: str = option("auto", "cuda, cpu, or auto")
 
 

@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader
 
 from .config import option
-from .data import (CacheDataset, FeatureSelection, class_label_map, collate, model_inputs, select_embeddings,
-                   select_features, usable_videos, worker_init)
+from .data import (CacheDataset, CacheLoader, FeatureSelection, class_label_map, model_inputs, select_embeddings,
+                   select_features, usable_videos)
 from .errors import CacheError, CheckpointError, EvlCacheError
 from .model import ClipTextModel, DecoderConfig, EVLModel, TextHeadModel
 from .metrics import average_views, classification_metrics, plot_confusion, write_per_class_csv
@@ -36,7 +35,7 @@ class EvalConfig:
     split: str = option("val", "which videos of the cache: val, test, train, none or all")
     weights: str = option("best", "which weights of the run: best or last", choices=("best", "last"))
     batch_size: int = option(64, "clips per batch")
-    workers: int = option(2, "DataLoader worker processes")
+    workers: int = option(2, "threads that read the cache ahead (0: read in the evaluation loop)")
     device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
     classes: Path | None = option(None, "class names to score against (text and clip-text runs): names of "
                                         "the cache's classes (a subset), or one per cache class in its order "
@@ -46,7 +45,7 @@ class EvalConfig:
 
 
 @torch.no_grad()
-def predict_views(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+def predict_views(model: torch.nn.Module, loader: CacheLoader, device: torch.device,
                   use_amp: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(probabilities, logits, video indices, labels), one row per cached view."""
     was_training = model.training
@@ -232,9 +231,8 @@ def evaluate(config: EvalConfig) -> dict:
                      part or "scored", len(names))
         if head["kind"] != "linear":
             model.text.set_classes(names)
-        loader = DataLoader(CacheDataset(features, scored, selection, views="all", label_map=label_map),
-                            batch_size=config.batch_size, collate_fn=collate, num_workers=config.workers,
-                            worker_init_fn=worker_init)
+        loader = CacheLoader.sequential(CacheDataset(features, scored, selection, views="all", label_map=label_map),
+                                        config.batch_size, config.workers, device.type == "cuda")
         scores = average_views(*predict_views(model, loader, device, device.type == "cuda"))
         results[part] = classification_metrics(scores["probabilities"], scores["labels"], len(names))
     metrics = results[""] if "novel" not in results else add_novel(results[""], results["novel"])

@@ -93,6 +93,7 @@ class FeatureStore:
         except (OSError, ValueError) as error:
             raise CacheError(f"cannot open cache: {error}", self.path) from None
         self._arrays: dict[str, Any] = {}
+        self._direct: dict[str, Any] = {}  # name -> ShardedArrayReader, or None to read through zarr
 
     # -- creation -------------------------------------------------------------------------------
     @classmethod
@@ -191,6 +192,24 @@ class FeatureStore:
             raw = values.asstr()[rows] if self.kind == "h5" else values[rows]
             return np.array([str(v) for v in raw], dtype=object)
         return np.asarray(values[rows])
+
+    def read_view(self, name: str, video: int, view: int, rows: slice, out: np.ndarray) -> None:
+        """Copy rows `rows` (a slice of the frame axis) of one cached (video, view) of feature array `name`
+        into `out`: the loader's read. A local Zarr cache is read straight from its shard files
+        (`zarr_shards`), an HDF5 one with `read_direct`; a remote one through zarr."""
+        if name not in self._direct:
+            self.array(name)  # a missing array is refused here, by name
+            self._direct[name] = None
+            if self.kind == "zarr" and isinstance(self.path, Path):
+                from .zarr_shards import sharded_reader
+                self._direct[name] = sharded_reader(self.path / name)
+        direct = self._direct[name]
+        if direct is not None:
+            direct.read(video, view, rows, out)
+        elif self.kind == "h5" and out.flags.c_contiguous:
+            self.array(name).read_direct(out, np.s_[video, view, rows])
+        else:
+            out[...] = self.array(name)[video, view, rows]
 
     def write_rows(self, name: str, start: int, values: Iterable) -> None:
         """Write per-video rows start..start+len(values) of column `name`."""

@@ -22,12 +22,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import option, to_dict
-from .data import (CacheDataset, EpochBatches, collate, holdout_split, model_inputs, select_features,
-                   usable_videos, worker_init)
+from .data import (CacheDataset, CacheLoader, EpochBatches, holdout_split, model_inputs,
+                   select_features, usable_videos)
 from .distributed import barrier, gather_objects, init_process, on_main, sum_across
 from .errors import EvlCacheError
 from .data import class_label_map, select_embeddings
@@ -85,7 +84,7 @@ class TrainConfig:
     val_fraction: float = option(0.1, "hold-out fraction when the cache has no validation split")
     seed: int = option(0, "seed of initialisation, data order, views and dropout")
     device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
-    workers: int = option(2, "DataLoader worker processes")
+    workers: int = option(2, "threads that read the cache ahead of training (0: read in the training loop)")
     in_memory: bool = option(False, "hold the selected features in RAM (small datasets)")
     resume: bool = option(False, "continue a killed run in --out from its last finished epoch")
     overwrite: bool = option(False, "delete an existing run folder at --out first")
@@ -286,18 +285,14 @@ def train(config: TrainConfig) -> TrainSummary:
              decoder_config.num_classes, sum(p.numel() for p in trained), total_steps, epochs,
              steps_per_epoch, device, process.world_size, list(selection.blocks),
              " and maps" if selection.maps else " and the frame embeddings" if selection.embed else "")
-    loader_options = dict(collate_fn=collate, num_workers=config.workers, worker_init_fn=worker_init,
-                          pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
-                          prefetch_factor=4 if config.workers else None)
-    # Loaders get their own generator: they must not draw from the global one that dropout uses.
-    val_loader = DataLoader(val_set, batch_size=micro_batch, shuffle=False, generator=torch.Generator(),
-                            **loader_options)
+    pin = device.type == "cuda"
+    val_loader = CacheLoader.sequential(val_set, micro_batch, config.workers, pin)
+    novel_loader = CacheLoader.sequential(novel_set, micro_batch, config.workers, pin) if novel_set else None
     started = time.perf_counter()
     final: dict = {}
 
-    # One loader for every epoch, its workers kept (starting them each epoch cost more than small epochs).
     batches = EpochBatches(len(train_set), micro_batch, config.seed, process.rank, process.world_size)
-    loader = DataLoader(train_set, batch_sampler=batches, generator=torch.Generator(), **loader_options)
+    loader = CacheLoader(train_set, batches, config.workers, pin)
     for epoch in range(start_epoch, epochs):
         # Train one epoch: the order and the drawn views depend only on (seed, epoch).
         # Every process sees the same global batches and takes its share; a step's loss is the mean
@@ -346,7 +341,7 @@ def train(config: TrainConfig) -> TrainSummary:
             continue
 
         # Evaluate: softmax averaged over each video's cached views.
-        evaluation = _validate(model, val_loader, novel_set, head, device, use_amp)
+        evaluation = _validate(model, val_loader, novel_loader, head, device, use_amp)
         record = {"event": "epoch", "epoch": epoch, "step": step, "lr": schedule.get_last_lr()[0],
                   "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
                   "train_clips_per_s": seen / train_seconds, "data_wait_share": wait / train_seconds,
@@ -372,7 +367,7 @@ def train(config: TrainConfig) -> TrainSummary:
     if not process.is_main:
         return TrainSummary(out, epochs, step, time.perf_counter() - started, best_top1, final)
     if not final:  # resumed a run that had already finished: evaluate its last weights
-        final = _validate(model, val_loader, novel_set, head, device, use_amp)
+        final = _validate(model, val_loader, novel_loader, head, device, use_amp)
     write_evaluation(out, "val", final, head.get("class_names", attrs["class_names"]), head.get("novel_classes"))
     plot_curves(out / "curve.png", metrics_path)
     summary = TrainSummary(out, epochs, step, time.perf_counter() - started, best_top1, final)
@@ -384,22 +379,20 @@ def train(config: TrainConfig) -> TrainSummary:
     return summary
 
 
-def _video_scores(model: EVLModel, loader: DataLoader, device: torch.device, use_amp: bool) -> dict:
+def _video_scores(model: EVLModel, loader: CacheLoader, device: torch.device, use_amp: bool) -> dict:
     """Per-video averaged probabilities and labels, in the form classification_metrics takes."""
     scores = average_views(*predict_views(model, loader, device, use_amp))
     return {"probabilities": scores["probabilities"], "labels": scores["labels"]}
 
 
-def _validate(model: torch.nn.Module, loader: DataLoader, novel_set: CacheDataset | None, head: dict,
+def _validate(model: torch.nn.Module, loader: CacheLoader, novel_loader: CacheLoader | None, head: dict,
               device: torch.device, use_amp: bool) -> dict:
     """Metrics over the run's classes; for base-to-novel also over the novel classes (scored against the
     novel names only, as ViFi-CLIP does) under "novel", with the harmonic mean of the two top-1s."""
     num_classes = len(head["class_names"]) if "class_names" in head else model.config.num_classes
     metrics = classification_metrics(**_video_scores(model, loader, device, use_amp), num_classes=num_classes)
-    if novel_set is None:
+    if novel_loader is None:
         return metrics
-    novel_loader = DataLoader(novel_set, batch_size=loader.batch_size, collate_fn=collate,
-                              num_workers=loader.num_workers, worker_init_fn=worker_init)
     model.text.set_classes(head["novel_classes"])
     try:
         novel = classification_metrics(**_video_scores(model, novel_loader, device, use_amp),

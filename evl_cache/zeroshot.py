@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader
 
 from .config import option
-from .data import CacheDataset, class_label_map, collate, select_embeddings, usable_videos, worker_init
+from .data import CacheDataset, CacheLoader, class_label_map, select_embeddings, usable_videos
 from .errors import EvlCacheError
 from .evaluate import predict_views
 from .metrics import average_views, classification_metrics
@@ -41,7 +40,7 @@ class ZeroShotConfig:
     pretrained: str | None = option(None, "CLIP weights file instead of the cache's tag/file "
                                           "(must have the cache's sha256)")
     batch_size: int = option(256, "clip views per batch")
-    workers: int = option(2, "DataLoader worker processes")
+    workers: int = option(2, "threads that read the cache ahead (0: read in the scoring loop)")
     device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
 
 
@@ -67,9 +66,8 @@ def zeroshot_scores(config: ZeroShotConfig) -> tuple[list[str], dict[str, np.nda
     tower, tokenizer = load_text_tower(attrs["backbone"], attrs["sampling"]["seed"], config.pretrained)
     model = TextHeadModel(ClassPrompts(tower, tokenizer, names, templates)).to(device).eval()
     selection = select_embeddings(attrs, None, 1)
-    loader = DataLoader(CacheDataset(config.features, videos, selection, views="all", label_map=label_map),
-                        batch_size=config.batch_size, collate_fn=collate, num_workers=config.workers,
-                        worker_init_fn=worker_init)
+    loader = CacheLoader.sequential(CacheDataset(config.features, videos, selection, views="all", label_map=label_map),
+                                    config.batch_size, config.workers, device.type == "cuda")
     return names, average_views(*predict_views(model, loader, device, device.type == "cuda"))
 
 

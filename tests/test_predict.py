@@ -7,11 +7,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
 from evl_cache.backbone import load_clip
 from evl_cache.cli import main
-from evl_cache.data import CacheDataset, collate, select_features, usable_videos
+from evl_cache.data import CacheDataset, CacheLoader, select_features, usable_videos
 from evl_cache.decode import decode_frames, probe_video
 from evl_cache.evaluate import EvalConfig, build_model, evaluate, load_run, predict_views
 from evl_cache.evl_checkpoints import ImportConfig, import_evl
@@ -51,7 +50,7 @@ def test_predict_equals_eval_from_the_cache(cache_and_run, sample_videos):
         videos = usable_videos(store, ("val",))
         paths = store.column("path")
     selection = select_features(attrs, 2, None, 1, True)
-    loader = DataLoader(CacheDataset(cache, videos, selection), batch_size=4, collate_fn=collate)
+    loader = CacheLoader.sequential(CacheDataset(cache, videos, selection), 4)
     cached = average_views(*predict_views(model, loader, torch.device("cpu"), False))
     predictions = predict(PredictConfig(videos=[str(sample_videos / paths[v]) for v in cached["videos"]], run=run))
     for i, prediction in enumerate(predictions):

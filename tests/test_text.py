@@ -8,13 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
 import evl_cache.train as train_module
 from evl_cache.backbone import load_clip
 from evl_cache.cli import main
 from evl_cache.errors import CheckpointError, EvlCacheError
-from evl_cache.data import CacheDataset, collate
+from evl_cache.data import CacheDataset, CacheLoader
 from evl_cache.evaluate import (EvalConfig, build_model, evaluate, harmonic_mean, load_run, load_weights,
                                 predict_views, run_selection)
 from evl_cache.evl_checkpoints import export_evl
@@ -153,8 +152,7 @@ def test_clip_text_run_scores_class_names_it_never_saw(cache, tmp_path):
     unseen_names = unseen.read_text().splitlines()
     model = build_model(load_run(run), unseen_names)
     load_weights(model, load_file(run / "best.safetensors"), run)
-    loader = DataLoader(CacheDataset(cache, np.array([video]), run_selection(attrs, load_run(run))),
-                        collate_fn=collate)
+    loader = CacheLoader.sequential(CacheDataset(cache, np.array([video]), run_selection(attrs, load_run(run))), 1)
     cached = average_views(*predict_views(model, loader, torch.device("cpu"), False))
     result = CliRunner().invoke(main, ["predict", str(path), "--run", str(run), "--classes", str(unseen), "--json"])
     assert result.exit_code == 0, result.output
