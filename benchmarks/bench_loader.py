@@ -70,7 +70,7 @@ def write_cache(path: Path, videos: int, shard_size: int) -> FeatureStore:
     rng = np.random.default_rng(0)
     for start in range(0, videos, shard_size):
         count = min(shard_size, videos - start)
-        for name, (shape, _) in layout.feature_arrays().items():
+        for name, (shape, _, _) in layout.feature_arrays().items():
             values = rng.standard_normal((count,) + shape[1:], dtype=np.float32)
             if name.startswith("maps/"):
                 values = np.abs(values) / PATCHES  # map-like: small and non-negative

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .store import STATUS_NAMES, FeatureStore
+from .store import STATUS_NAMES, FeatureStore, cache_storage
 
 
 def cache_info(path: str | Path, failed: bool = False) -> dict:
@@ -26,6 +26,7 @@ def cache_info(path: str | Path, failed: bool = False) -> dict:
             "sampling": attrs["sampling"],
             "preprocessing": attrs["preprocessing"],
             "dtype": attrs["dtype"],
+            "storage": cache_storage(attrs),
             "videos": int(len(status)),
             "status": {name: counts.get(name, 0) for name in STATUS_NAMES.values()},
             "splits": {s: dict(c) for s, c in sorted(by_split.items())},
@@ -41,12 +42,20 @@ def cache_info(path: str | Path, failed: bool = False) -> dict:
     return info
 
 
+def _storage_line(storage: dict) -> str:
+    encoding = storage["encoding"]
+    kind = ("float16 values" if encoding == "fp16" else
+            f"{encoding} codes with a float32 scale per token (tokens) and per query patch (maps); embed float16")
+    return f"{encoding} ({kind}), compression {storage['compress']}"
+
+
 def format_info(info: dict) -> str:
     """The plain-text form of `cache_info`."""
     backbone = info["backbone"]
     sampling = info["sampling"]
     lines = [
-        f"cache:      {info['path']} ({info['format']}, format v{info['format_version']}, {info['dtype']})",
+        f"cache:      {info['path']} ({info['format']}, format v{info['format_version']})",
+        f"storage:    {_storage_line(info['storage'])}",
         f"backbone:   {backbone['model']} pretrained={backbone['pretrained']} sha256={backbone['weights_sha256'][:16]}",
         f"            {backbone['image_size']} px, grid {backbone['patch_grid'][0]}x{backbone['patch_grid'][1]}, "
         f"width {backbone['width']}, {backbone['heads']} heads, {backbone['layers']} blocks, embed {backbone['embed_dim']}",

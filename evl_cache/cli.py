@@ -67,20 +67,55 @@ def main(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
-@main.command("extract")
-@click.option("--config", "config_file", type=click.Path(path_type=Path),
-              help="TOML file with these options (its [extract] table, or top level); flags override it")
-@click.option("--list", "list_file", type=click.Path(path_type=Path),
-              help="one list for the whole dataset (same as --train-list; a CSV split column sets splits)")
-@click_options(ExtractConfig)
-@user_errors
-def extract_command(config_file: Path | None, list_file: Path | None, **options: Any) -> None:
-    """Run the frozen CLIP backbone once over every video and write the feature cache (resumable)."""
+def _extract_options(command: Callable) -> Callable:
+    """The options of `extract`, shared by `plan`: a TOML file, --list, and every ExtractConfig field."""
+    command = click_options(ExtractConfig)(command)
+    command = click.option("--list", "list_file", type=click.Path(path_type=Path),
+                           help="one list for the whole dataset (same as --train-list; a CSV split column sets "
+                                "splits)")(command)
+    return click.option("--config", "config_file", type=click.Path(path_type=Path),
+                        help="TOML file with these options (its [extract] table, or top level); flags override "
+                             "it")(command)
+
+
+def _extract_config(config_file: Path | None, list_file: Path | None, options: dict) -> ExtractConfig:
     if list_file is not None:
         options["train_list"] = options.get("train_list") or list_file
-    summary = extract(_config(ExtractConfig, config_file, "extract", options))
+    return _config(ExtractConfig, config_file, "extract", options)
+
+
+def _print_plan(config: ExtractConfig, probe_mb: float, as_json: bool) -> None:
+    from .plan import format_plan, plan_cache
+    cache_plan = plan_cache(config, probe_mb)
+    click.echo(json.dumps(cache_plan.to_dict(), indent=2) if as_json else format_plan(cache_plan))
+
+
+@main.command("extract")
+@_extract_options
+@click.option("--dry-run", is_flag=True, help="print the plan (as `evl-cache plan` does) and extract nothing")
+@user_errors
+def extract_command(config_file: Path | None, list_file: Path | None, dry_run: bool, **options: Any) -> None:
+    """Run the frozen CLIP backbone once over every video and write the feature cache (resumable)."""
+    config = _extract_config(config_file, list_file, options)
+    if dry_run:
+        _print_plan(config, 256, as_json=False)
+        return
+    summary = extract(config)
     if is_main_process():
         click.echo(summary.line())
+
+
+@main.command("plan")
+@_extract_options
+@click.option("--probe-mb", type=float, default=256, show_default=True,
+              help="size of the read probe written in the folder of --out (or here); 0: no probe")
+@click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
+@user_errors
+def plan_command(config_file: Path | None, list_file: Path | None, probe_mb: float, as_json: bool,
+                 **options: Any) -> None:
+    """Before extracting: the cache's size per split for every storage option, what an epoch reads, and
+    how long the target disk takes to read it (nothing is decoded, no weights are loaded)."""
+    _print_plan(_extract_config(config_file, list_file, options), probe_mb, as_json)
 
 
 @main.command("train")

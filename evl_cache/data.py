@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .encodings import decode, encoding
 from .errors import CacheError, EvlCacheError
-from .store import DONE, FeatureStore, location
+from .store import DONE, FeatureStore, cache_storage, location
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,10 @@ class CacheDataset(Dataset):
         self.views_mode = views
         self.seed = seed
         with FeatureStore(self.path) as store:
+            attrs = store.attrs
+            self.encoding = encoding(cache_storage(attrs)["encoding"])
+            grid = attrs["backbone"]["patch_grid"]
+            self.dims = {"tokens": attrs["backbone"]["width"], "maps": grid[0] * grid[1]}  # values per row
             self.labels = store.column("label")
             if label_map is not None:
                 self.labels = np.where(self.labels >= 0, np.asarray(label_map)[np.maximum(self.labels, 0)], -1)
@@ -173,9 +178,13 @@ class CacheDataset(Dataset):
         self.__dict__.update(state, _opening=threading.Lock())
 
     def array_names(self) -> list[str]:
+        """The arrays an item reads: the selected blocks' tokens (and maps), their scales when the cache
+        is encoded, the embeddings for a text head."""
         names = [f"tokens/block_{b}" for b in self.selection.blocks]
         if self.selection.maps:
             names += [f"maps/block_{b}/{d}" for b in self.selection.blocks for d in ("prev", "next")]
+        if self.encoding.scaled:
+            names += [f"scales/{name}" for name in names]
         if self.selection.embed:
             names.append("embed")
         return names
@@ -183,7 +192,7 @@ class CacheDataset(Dataset):
     def rows(self, name: str) -> slice:
         """The cached rows an item takes from array `name`: its frames, or the pairs of adjacent ones."""
         sel = self.selection
-        if name.startswith("maps/"):
+        if name.removeprefix("scales/").startswith("maps/"):
             return slice(sel.frame_start, sel.frame_start + sel.frames - 1)
         return slice(sel.frame_start, sel.frame_start + (sel.frames - 1) * sel.frame_step + 1, sel.frame_step)
 
@@ -238,15 +247,21 @@ class CacheDataset(Dataset):
             self._store.read_view(name, video, view, self.rows(name), values[row].numpy())
 
     def batch(self, samples: list[tuple[int, int]], arrays: dict[str, torch.Tensor]) -> dict:
-        """The batch dict the model's inputs come from (`model_inputs`), around filled batch tensors."""
+        """The batch dict the model's inputs come from (`model_inputs`), around filled batch tensors.
+        An encoded cache's batch holds the codes; `scales` and `encoding` let `model_inputs` decode them
+        on the training device."""
         sel = self.selection
-        batch = {"tokens": [arrays[f"tokens/block_{b}"] for b in sel.blocks],
-                 "label": torch.tensor([int(self.labels[video]) for video, _ in samples]),
-                 "video": torch.tensor([video for video, _ in samples]),
-                 "view": torch.tensor([view for _, view in samples])}
+        names = {"tokens": [f"tokens/block_{b}" for b in sel.blocks]}
         if sel.maps:
-            batch["maps_prev"] = [arrays[f"maps/block_{b}/prev"] for b in sel.blocks]
-            batch["maps_next"] = [arrays[f"maps/block_{b}/next"] for b in sel.blocks]
+            names["maps_prev"] = [f"maps/block_{b}/prev" for b in sel.blocks]
+            names["maps_next"] = [f"maps/block_{b}/next" for b in sel.blocks]
+        batch = {key: [arrays[name] for name in group] for key, group in names.items()}
+        batch.update(label=torch.tensor([int(self.labels[video]) for video, _ in samples]),
+                     video=torch.tensor([video for video, _ in samples]),
+                     view=torch.tensor([view for _, view in samples]))
+        if self.encoding.scaled:
+            batch["scales"] = {key: [arrays[f"scales/{name}"] for name in group] for key, group in names.items()}
+            batch["encoding"] = {"name": self.encoding.name, **self.dims}
         if sel.embed:
             batch["embed"] = arrays["embed"]
         return batch
@@ -256,8 +271,15 @@ class CacheDataset(Dataset):
         (video, view), = self.samples([key])
         arrays = self.empty_batch(1)
         self.read_sample(arrays, 0, video, view)
-        return {name: [t[0] for t in value] if isinstance(value, list) else value[0]
-                for name, value in self.batch([(video, view)], arrays).items()}
+
+        def unbatched(value):
+            if isinstance(value, list):
+                return [t[0] for t in value]
+            if isinstance(value, dict):
+                return {k: unbatched(v) for k, v in value.items()}
+            return value[0] if isinstance(value, torch.Tensor) else value
+
+        return {name: unbatched(value) for name, value in self.batch([(video, view)], arrays).items()}
 
 
 class CacheLoader:
@@ -344,10 +366,21 @@ class EpochBatches(torch.utils.data.Sampler):
 
 def model_inputs(batch: dict, device: torch.device) -> tuple:
     """The model's arguments from a batch, on `device`: (block outputs, prev maps, next maps), maps None
-    when not read; or (per-frame embeddings,) for a text-head run."""
-    def move(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [t.to(device, non_blocking=True) for t in tensors]
+    when not read; or (per-frame embeddings,) for a text-head run. An encoded cache's codes are moved
+    to `device` and decoded there (float16 values, as a float16 cache gives)."""
     if "embed" in batch and not batch["tokens"]:
         return (batch["embed"].to(device, non_blocking=True),)
-    return (move(batch["tokens"]), move(batch["maps_prev"]) if "maps_prev" in batch else None,
-            move(batch["maps_next"]) if "maps_next" in batch else None)
+    stored = batch.get("encoding")
+
+    def values(key: str) -> list[torch.Tensor] | None:
+        if key not in batch:
+            return None
+        moved = [t.to(device, non_blocking=True) for t in batch[key]]
+        if stored is None:
+            return moved
+        enc, signed = encoding(stored["name"]), key == "tokens"
+        dim = stored["tokens" if signed else "maps"]
+        return [decode(codes, scale.to(device, non_blocking=True), enc, signed, dim)
+                for codes, scale in zip(moved, batch["scales"][key])]
+
+    return values("tokens"), values("maps_prev"), values("maps_next")

@@ -24,14 +24,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import __version__
-from .backbone import BackboneSpec, FrozenBackbone, load_clip, model_geometry
+from .backbone import BackboneSpec, FrozenBackbone, load_clip
 from .config import option, to_dict
 from .clips import ClipSpec, VideoClips, read_video_clips
 from .distributed import Process, init_process, on_main, raise_together, sum_across
+from .encodings import ENCODINGS, encode, encoding
 from .errors import CacheError, DatasetError, EvlCacheError
 from .sampling import SAMPLING_MODES
-from .store import (DONE, FAILED, PENDING, CacheLayout, FeatureStore, is_url, location, remove_store,
-                    store_exists, store_kind)
+from .store import (DONE, FAILED, PENDING, CacheLayout, FeatureStore, cache_storage, is_url, location,
+                    remove_store, store_exists, store_kind)
 from .store import remove_partial_files, video_checksum
 from .videos import VideoEntry, VideoList, find_videos
 
@@ -59,6 +60,11 @@ class ExtractConfig:
     flip: bool = option(True, "horizontal flip in augmented training views (off for Something-Something)")
     randaugment: bool = option(True, "RandAugment rand-m7-n4-mstd0.5-inc1 in augmented training views")
     seed: int = option(0, "seed of every random choice (augmentation, random weights)")
+    storage: str = option("fp16", "how feature values are stored: fp16 (as the backbone gives them), or one code "
+                                  "per value and a scale per token (tokens) or query patch (maps): int8 or fp8 "
+                                  "(about 2x fewer bytes), int4 (about 4x)", choices=tuple(ENCODINGS))
+    compress: str = option("none", "lossless zstd compression of the stored values inside each shard (Zarr)",
+                           choices=("none", "zstd"))
     shard_size: int = option(8, "videos per shard (the unit of writing and resuming)")
     batch_size: int = option(8, "clips per backbone batch")
     workers: int = option(2, "DataLoader worker processes that decode videos")
@@ -146,7 +152,7 @@ def dataset_fingerprint(dataset: VideoList) -> str:
 
 
 def cache_identity(spec: BackboneSpec, clip_spec: ClipSpec, blocks: int, dataset: VideoList, views: int,
-                   shard_size: int) -> dict:
+                   shard_size: int, storage: dict) -> dict:
     """Everything that decides the cache's contents; a resume must match it exactly."""
     identity = {
         "backbone": spec.to_dict(),
@@ -154,7 +160,8 @@ def cache_identity(spec: BackboneSpec, clip_spec: ClipSpec, blocks: int, dataset
         "sampling": {**clip_spec.sampling_record(), "views": views},
         "preprocessing": clip_spec.preprocessing_record(spec.mean, spec.std),
         "stored": ["tokens", "maps", "embed"],
-        "dtype": "float16",
+        "dtype": "float16",  # of the values as read (`storage` says how they are stored)
+        "storage": storage,
         "class_names": list(dataset.class_names),
         "dataset": {"root": str(dataset.root.resolve()), "fingerprint": dataset_fingerprint(dataset),
                     "videos": len(dataset.entries), "splits": dataset.count_by_split()},
@@ -170,17 +177,8 @@ def cache_layout(config: ExtractConfig, dataset: VideoList, width: int, layers: 
     views = max(config.train_views if "train" in splits else 1, config.eval_views if splits - {"train"} else 1)
     return CacheLayout(num_videos=len(dataset.entries), views=views, frames=config.frames,
                        tokens=1 + grid[0] * grid[1], width=width, grid=tuple(grid), embed_dim=embed_dim,
-                       blocks=tuple(range(layers - config.blocks, layers)), shard_size=config.shard_size)
-
-
-def planned_bytes(config: ExtractConfig, dataset: VideoList) -> int:
-    """Bytes the cache's features will take, from the model config's shapes alone (nothing decoded):
-    every video's own views (train videos `train_views`, others `eval_views`) times bytes per view."""
-    geometry = model_geometry(config.model, config.size)
-    layout = cache_layout(config, dataset, geometry["width"], geometry["layers"], geometry["patch_grid"],
-                          geometry["embed_dim"])
-    views = sum(config.train_views if e.split == "train" else config.eval_views for e in dataset.entries)
-    return views * layout.bytes_per_view()
+                       blocks=tuple(range(layers - config.blocks, layers)), shard_size=config.shard_size,
+                       encoding=config.storage, compress=config.compress)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -206,6 +204,10 @@ def _validate(config: ExtractConfig) -> None:
         raise EvlCacheError("--workers must be 0 or more")
     if config.decode_timeout < 0:
         raise EvlCacheError("--decode-timeout must be 0 (no limit) or more")
+    encoding(config.storage)  # refuses fp8 where torch has no float8
+    if config.compress != "none" and store_kind(config.out) == "h5":
+        raise EvlCacheError("--compress zstd is for Zarr caches (HDF5 would need a zstd filter plugin); "
+                            "use a .zarr path or --compress none", config.out)
 
 
 def _open_store_together(process: Process, config: ExtractConfig, identity: dict, layout: CacheLayout,
@@ -231,6 +233,7 @@ def open_or_create(config: ExtractConfig, identity: dict, layout: CacheLayout,
     if store_exists(out):
         store = FeatureStore(out, mode="r+")
         attrs = store.check_version()
+        attrs["storage"] = cache_storage(attrs)
         diffs = _differences({k: attrs.get(k) for k in identity}, identity)
         if diffs:
             raise CacheError("exists with a different configuration (" + "; ".join(diffs) +
@@ -257,8 +260,8 @@ class ShardWriter:
         self.store, self.layout = store, layout
         self.start = shard * layout.shard_size
         self.count = count
-        self.buffers = {name: np.zeros((count,) + shape[1:], np.float16)
-                        for name, (shape, _) in layout.feature_arrays().items()}
+        self.buffers = {name: np.zeros((count,) + shape[1:], dtype)
+                        for name, (shape, _, dtype) in layout.feature_arrays().items()}
         self.frames = np.zeros(count, np.int32)
         self.views = np.zeros(count, np.int16)
         self.status = np.full(count, PENDING, np.uint8)
@@ -285,16 +288,13 @@ class ShardWriter:
         row = index - self.start
         self.status[row], self.errors[row] = FAILED, reason
 
-    def put(self, index: int, view_offset: int, num_frames: int, views_total: int, output) -> None:
-        """Store backbone output for consecutive views of one video (a slice of a batch)."""
+    def put(self, index: int, view_offset: int, num_frames: int, views_total: int,
+            stored: dict[str, np.ndarray]) -> None:
+        """Store consecutive views of one video: each feature array's rows (a slice of a batch)."""
         row = index - self.start
-        count = output.embeddings.shape[0]
-        sl = slice(view_offset, view_offset + count)
-        for b, block in enumerate(self.layout.blocks):
-            self.buffers[f"tokens/block_{block}"][row, sl] = output.block_outputs[b]
-            self.buffers[f"maps/block_{block}/prev"][row, sl] = output.maps_prev[b]
-            self.buffers[f"maps/block_{block}/next"][row, sl] = output.maps_next[b]
-        self.buffers["embed"][row, sl] = output.embeddings
+        count = stored["embed"].shape[0]
+        for name, values in stored.items():
+            self.buffers[name][row, view_offset:view_offset + count] = values
         self.frames[row], self.views[row] = num_frames, views_total
         if view_offset + count == views_total:
             self.status[row] = DONE
@@ -329,12 +329,24 @@ class _PendingClips:
     clips: torch.Tensor
 
 
-def _to_numpy(output, start: int, stop: int):
-    """A slice of a BackboneOutput as float16 numpy arrays."""
-    def cast(t: torch.Tensor) -> np.ndarray:
-        return t[start:stop].to(torch.float16).cpu().numpy()
-    return type(output)([cast(t) for t in output.block_outputs], [cast(t) for t in output.maps_prev],
-                        [cast(t) for t in output.maps_next], cast(output.embeddings))
+def stored_features(output, layout: CacheLayout) -> dict[str, np.ndarray]:
+    """A batch's backbone output as the cache stores it: each feature array's rows [B, ...], encoded
+    on the backbone's device (`encodings`), then moved to the CPU."""
+    enc = encoding(layout.encoding)
+    stored = {}
+
+    def add(name: str, values, signed: bool) -> None:
+        codes, scale = encode(values, enc, signed)
+        stored[name] = codes.cpu().numpy()
+        if scale is not None:
+            stored[f"scales/{name}"] = scale.cpu().numpy()
+
+    for b, block in enumerate(layout.blocks):
+        add(f"tokens/block_{block}", output.block_outputs[b], signed=True)
+        add(f"maps/block_{block}/prev", output.maps_prev[b], signed=False)
+        add(f"maps/block_{block}/next", output.maps_next[b], signed=False)
+    stored["embed"] = output.embeddings.to(torch.float16).cpu().numpy()
+    return stored
 
 
 def extract(config: ExtractConfig) -> ExtractSummary:
@@ -352,7 +364,8 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     views = layout.views
     clip_spec = ClipSpec(config.sampling, config.frames, config.stride, config.eval_views, config.train_views,
                          size, config.seed, config.flip, config.randaugment)
-    identity = cache_identity(spec, clip_spec, config.blocks, dataset, views, config.shard_size)
+    identity = cache_identity(spec, clip_spec, config.blocks, dataset, views, config.shard_size,
+                              {"encoding": config.storage, "compress": config.compress})
     store = _open_store_together(process, config, identity, layout, dataset)
     bytes_before = store.size_on_disk()
     status = store.column("status")
@@ -382,12 +395,12 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     def run_batch() -> None:
         clips = torch.cat([p.clips for p in pending]).to(device, non_blocking=True)
         with autocast:
-            output = backbone(clips)
+            stored = stored_features(backbone(clips), layout)
         offset = 0
         for p in pending:
             count = p.clips.shape[0]
             writer.put(p.index, p.view_offset, p.num_frames, p.views_total,
-                       _to_numpy(output, offset, offset + count))
+                       {name: values[offset:offset + count] for name, values in stored.items()})
             offset += count
         totals["clips"] += offset
         pending.clear()

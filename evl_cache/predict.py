@@ -1,7 +1,8 @@
 """Predict classes of new videos with a run: backbone and decoder online, the run's own sampling.
 
-The backbone's outputs pass through float16, as they do in a cache, so a video predicted here gets the
-same logits as the same video evaluated from a cache.
+The backbone's outputs pass through the run's cache's storage encoding (float16, or int8/fp8/int4
+codes with their scales), as they do in the cache, so a video predicted here gets the same logits as
+the same video evaluated from a cache.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from .backbone import FrozenBackbone, load_clip
 from .clips import ClipSpec, read_video_clips
 from .config import option
 from .data import FeatureSelection
+from .encodings import as_stored, encoding
 from .errors import CheckpointError, EvlCacheError
 from .evaluate import build_model, load_run, load_weights, run_class_names, run_head
 from .extract import resolve_device
+from .store import cache_storage
 from .videos import expand_video_inputs, read_class_names
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ class OnlineModel:
             raise CheckpointError(f"no {weights} weights in the run", weights_path)
         load_weights(self.model, load_file(weights_path), weights_path)
         self.clip_spec = ClipSpec.from_cache(cache)
+        self.encoding = encoding(cache_storage(cache)["encoding"])
 
     @torch.no_grad()
     def logits(self, clips: torch.Tensor) -> torch.Tensor:
@@ -92,15 +96,15 @@ class OnlineModel:
         frames = self.selection.frame_indices
         pairs = slice(self.selection.frame_start, self.selection.frame_start + self.selection.frames - 1)
 
-        def as_cached(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.to(torch.float16).float()
+        def as_cached(tensor: torch.Tensor, signed: bool) -> torch.Tensor:
+            return as_stored(tensor, self.encoding, signed).float()
 
-        if self.selection.embed:
+        if self.selection.embed:  # the embeddings are float16 in every cache
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-                return self.model(as_cached(output.embeddings[:, frames])).float().cpu()
-        tokens = [as_cached(t[:, frames]) for t in output.block_outputs]
-        prev = [as_cached(m[:, pairs]) for m in output.maps_prev] if self.selection.maps else None
-        nxt = [as_cached(m[:, pairs]) for m in output.maps_next] if self.selection.maps else None
+                return self.model(output.embeddings[:, frames].to(torch.float16).float()).float().cpu()
+        tokens = [as_cached(t[:, frames], signed=True) for t in output.block_outputs]
+        prev = [as_cached(m[:, pairs], signed=False) for m in output.maps_prev] if self.selection.maps else None
+        nxt = [as_cached(m[:, pairs], signed=False) for m in output.maps_next] if self.selection.maps else None
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
             return self.model(tokens, prev, nxt).float().cpu()
 

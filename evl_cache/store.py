@@ -23,7 +23,8 @@ import numpy as np
 
 from .errors import CacheError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: storage encodings and compression (`storage`); a version-1 cache is float16, uncompressed
+READABLE_VERSIONS = (1, 2)
 ATTR = "evl_cache"
 PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
@@ -32,7 +33,7 @@ VIDEO_COLUMNS = ("path", "label", "split", "frames", "views", "status", "error",
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """The shapes of a cache's arrays."""
+    """The shapes of a cache's arrays, and how their values are stored (`encodings`)."""
     num_videos: int
     views: int
     frames: int
@@ -42,22 +43,36 @@ class CacheLayout:
     embed_dim: int
     blocks: tuple[int, ...]
     shard_size: int
+    encoding: str = "fp16"
+    compress: str = "none"
 
-    def feature_arrays(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-        """Name -> (shape, chunk shape) of every feature array."""
+    def feature_arrays(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], np.dtype]]:
+        """Name -> (shape, chunk shape, stored dtype) of every feature array, in the checksum's order:
+        per block its tokens, then its prev and next maps (each followed by its scales when the
+        encoding has them), then `embed` (always float16)."""
+        from .encodings import encoding
+
+        enc = encoding(self.encoding)
         n, v, t = self.num_videos, self.views, self.frames
         patches = self.grid[0] * self.grid[1]
-        arrays = {}
+
+        def add(name: str, rows: tuple[int, ...], dim: int, signed: bool) -> None:
+            shape = (n, v) + rows + (enc.stored_dim(dim),)
+            arrays[name] = (shape, (1, 1) + shape[2:], enc.stored_dtype(signed))
+            if enc.scaled:
+                arrays[f"scales/{name}"] = ((n, v) + rows, (1, 1) + rows, np.dtype(np.float32))
+
+        arrays: dict[str, tuple[tuple[int, ...], tuple[int, ...], np.dtype]] = {}
         for b in self.blocks:
-            arrays[f"tokens/block_{b}"] = ((n, v, t, self.tokens, self.width), (1, 1, t, self.tokens, self.width))
+            add(f"tokens/block_{b}", (t, self.tokens), self.width, signed=True)
             for direction in ("prev", "next"):
-                arrays[f"maps/block_{b}/{direction}"] = ((n, v, t - 1, patches, patches),
-                                                         (1, 1, t - 1, patches, patches))
-        arrays["embed"] = ((n, v, t, self.embed_dim), (1, 1, t, self.embed_dim))
+                add(f"maps/block_{b}/{direction}", (t - 1, patches), patches, signed=False)
+        arrays["embed"] = ((n, v, t, self.embed_dim), (1, 1, t, self.embed_dim), np.dtype(np.float16))
         return arrays
 
     def bytes_per_view(self) -> int:
-        return sum(2 * int(np.prod(chunk)) for _, chunk in self.feature_arrays().values())
+        """Bytes of one (video, view) in every feature array, uncompressed."""
+        return sum(dtype.itemsize * int(np.prod(chunk)) for _, chunk, dtype in self.feature_arrays().values())
 
 
 def _column_dtype(name: str) -> Any:
@@ -66,11 +81,13 @@ def _column_dtype(name: str) -> Any:
 
 
 def video_checksum(feature_rows: Iterable[np.ndarray], checksum: int = 0) -> int:
-    """crc32 over one video's feature rows (only the views it has), taken in the order of
-    `CacheLayout.feature_arrays`: what `videos/checksum` records at write time and `verify` recomputes.
-    `checksum` continues a running one (a reader that takes one array at a time)."""
+    """crc32 over one video's stored feature rows (only the views it has; little-endian bytes of their
+    stored dtype), taken in the order of `CacheLayout.feature_arrays`: what `videos/checksum` records at
+    write time and `verify` recomputes. `checksum` continues a running one (a reader that takes one
+    array at a time)."""
     for values in feature_rows:
-        checksum = zlib.crc32(np.ascontiguousarray(values, dtype="<f2"), checksum)
+        values = np.asarray(values)
+        checksum = zlib.crc32(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")), checksum)
     return checksum
 
 
@@ -112,9 +129,9 @@ class FeatureStore:
         rows = (layout.shard_size,)
         for name in VIDEO_COLUMNS:
             store._create(f"videos/{name}", (layout.num_videos,), _column_dtype(name), rows, None)
-        for name, (shape, chunks) in layout.feature_arrays().items():
+        for name, (shape, chunks, dtype) in layout.feature_arrays().items():
             shards = (layout.shard_size,) + shape[1:]
-            store._create(name, shape, np.float16, chunks, shards)
+            store._create(name, shape, dtype, chunks, shards, compress=layout.compress)
         for name, values in columns.items():
             store.write_rows(name, 0, values)
         store.set_attrs({**attrs, "format_version": FORMAT_VERSION})
@@ -125,13 +142,15 @@ class FeatureStore:
         return cls(path, mode="r+")
 
     def _create(self, name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...],
-                shards: tuple[int, ...] | None) -> None:
+                shards: tuple[int, ...] | None, compress: str = "none") -> None:
         chunks = tuple(min(c, max(s, 1)) for c, s in zip(chunks, shape))
         if self.kind == "zarr":
+            from zarr.codecs import ZstdCodec
             if shards is not None:
                 shards = tuple(min(c, max(s, 1)) for c, s in zip(shards, shape))
             self._root.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
-                                    compressors=None, fill_value=_fill(dtype))
+                                    compressors=[ZstdCodec(level=3)] if compress == "zstd" else None,
+                                    fill_value=_fill(dtype))
         else:
             import h5py
             h5_dtype = h5py.string_dtype() if dtype is str else dtype
@@ -163,9 +182,10 @@ class FeatureStore:
         """The attributes, after refusing a format version this code does not know."""
         attrs = self.attrs
         version = attrs.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CacheError(f"cache format version {version} is not supported (this evl-cache reads "
-                             f"version {FORMAT_VERSION}); upgrade evl-cache or re-extract", self.path)
+                             f"versions {', '.join(map(str, READABLE_VERSIONS))}); upgrade evl-cache or re-extract",
+                             self.path)
         return attrs
 
     # -- arrays ---------------------------------------------------------------------------------
@@ -335,6 +355,15 @@ def remove_store(path: str | Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+DEFAULT_STORAGE = {"encoding": "fp16", "compress": "none"}
+
+
+def cache_storage(attrs: dict) -> dict:
+    """How the cache stores its values: {"encoding", "compress"} (caches of format version 1, which
+    predate the option, are float16 and uncompressed)."""
+    return {**DEFAULT_STORAGE, **attrs.get("storage", {})}
 
 
 def cache_fingerprint(attrs: dict) -> str:

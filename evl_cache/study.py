@@ -22,12 +22,12 @@ from pathlib import Path
 
 from .config import build_config, load_toml, to_dict
 from .errors import EvlCacheError
-from .extract import ExtractConfig, extract, planned_bytes
+from .extract import ExtractConfig, extract
+from .plan import plan_cache
 from .results import RunRow, markdown_table, read_run, write_results
 from .store import PENDING, FeatureStore
 from .synthetic import make_sample_dataset
 from .train import RESUMABLE_CHANGES, TrainConfig, train
-from .videos import find_videos
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +112,16 @@ def plan(study: Study) -> str:
             lines.append(f"extract: {cache} will be written")
             continue
         try:
-            dataset = find_videos(config.videos, config.train_list, config.val_list, config.data_root,
-                                  config.classes)
+            cache_plan = plan_cache(config, probe_mb=0)
         except EvlCacheError as error:
             lines.append(f"extract: {cache} cannot be planned: {error}")
             continue
-        size = planned_bytes(config, dataset)
+        size = cache_plan.total_bytes[config.storage]
         status = {None: "missing: will extract", False: "incomplete: will resume",
                   True: "complete"}[_cache_complete(cache)]
-        lines.append(f"extract: {cache} {status}; {len(dataset.entries)} videos {dataset.count_by_split()}, "
+        lines.append(f"extract: {cache} {status}; {sum(cache_plan.videos.values())} videos {cache_plan.videos}, "
                      f"{size / 1e9:.3f} GB of features ({config.model}, {config.blocks} blocks, "
-                     f"{config.frames} frames)")
+                     f"{config.frames} frames, {config.storage})")
     for name, config in study.runs.items():
         action = {"new": "will train", "finished": "finished: will skip", "partial": "partial: will resume",
                   "conflict": "holds a run with other options: will fail"}[_run_state(config)]

@@ -34,7 +34,7 @@ from .evaluate import add_novel, build_model, load_weights, predict_views, saved
 from .extract import library_versions, resolve_device
 from .metrics import average_views, classification_metrics, plot_curves
 from .model import DecoderConfig, EVLModel
-from .store import FeatureStore, cache_fingerprint, is_url
+from .store import FeatureStore, cache_fingerprint, cache_storage, is_url
 from .text import BARE_NAME, read_templates
 from .videos import read_class_names
 
@@ -227,7 +227,8 @@ def train(config: TrainConfig) -> TrainSummary:
         "cache": {"path": str(config.features if is_url(config.features) else Path(config.features).resolve()),
                   "fingerprint": fingerprint,
                   "backbone": backbone, "blocks": attrs["blocks"], "sampling": attrs["sampling"],
-                  "preprocessing": attrs["preprocessing"], "class_names": attrs["class_names"]},
+                  "preprocessing": attrs["preprocessing"], "class_names": attrs["class_names"],
+                  "storage": cache_storage(attrs)},
         "videos": {"train": len(train_videos), "val": len(val_videos),
                    **({"val_novel": len(novel_videos)} if len(novel_videos) else {})},
         "versions": library_versions(),

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CacheError
-from .store import DONE, FAILED, PENDING, STATUS_NAMES, CacheLayout, FeatureStore, video_checksum
+from .store import DONE, FAILED, PENDING, STATUS_NAMES, CacheLayout, FeatureStore, cache_storage, video_checksum
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def cache_layout_of(store: FeatureStore, attrs: dict) -> CacheLayout:
         return CacheLayout(num_videos=store.num_videos, views=sampling["views"], frames=sampling["frames"],
                            tokens=1 + grid[0] * grid[1], width=backbone["width"], grid=grid,
                            embed_dim=backbone["embed_dim"], blocks=tuple(attrs["blocks"]),
-                           shard_size=attrs["shard_size"])
+                           shard_size=attrs["shard_size"], **cache_storage(attrs))
     except (KeyError, TypeError, IndexError) as error:
         raise CacheError(f"the cache's description is incomplete (no {error})", store.path) from None
 
@@ -94,15 +94,15 @@ def _first_line(error: Exception) -> str:
 def _check_arrays(store: FeatureStore, layout: CacheLayout) -> tuple[list[Problem], set[str]]:
     """Cache-level problems, and the feature arrays too broken to read per video."""
     problems, broken = [], set()
-    for name, (shape, _) in layout.feature_arrays().items():
+    for name, (shape, _, dtype) in layout.feature_arrays().items():
         if not store.has(name):
             problems.append(Problem(-1, "", f"array {name} is missing"))
             broken.add(name)
             continue
         array = store.array(name)
-        if tuple(array.shape) != shape or np.dtype(array.dtype) != np.float16:
+        if tuple(array.shape) != shape or np.dtype(array.dtype) != dtype:
             problems.append(Problem(-1, "", f"array {name} is {np.dtype(array.dtype)} {list(array.shape)}, "
-                                            f"the cache's description says float16 {list(shape)}"))
+                                            f"the cache's description says {dtype} {list(shape)}"))
             broken.add(name)
     return problems, broken
 
@@ -151,6 +151,14 @@ def _read_shard(store: FeatureStore, name: str, start: int, stop: int, rows: lis
     return found
 
 
+def _finite(values: np.ndarray, fp8_codes: bool) -> bool:
+    """No NaN or infinity among stored values: floats, or float8 e4m3 codes (whose NaNs are the bytes
+    0x7f and 0xff; e4m3fn has no infinity). Integer codes are always finite."""
+    if fp8_codes:
+        return not ((values & 0x7F) == 0x7F).any()
+    return values.dtype.kind != "f" or bool(np.isfinite(values).all())
+
+
 def _check_data(store: FeatureStore, layout: CacheLayout, columns: dict[str, np.ndarray],
                 checksums: np.ndarray | None, broken_arrays: set[str]) -> tuple[list[Problem], int]:
     """Problems in the done videos' data, read a shard at a time; and how many videos were read."""
@@ -166,6 +174,7 @@ def _check_data(store: FeatureStore, layout: CacheLayout, columns: dict[str, np.
         running = {i: 0 for i in rows}
         complete = set(rows)  # videos whose every array was read, so their checksum can be compared
         for name in layout.feature_arrays():  # the checksum's order
+            fp8_codes = layout.encoding == "fp8" and not name.startswith("scales/") and name != "embed"
             if name in broken_arrays:
                 complete.clear()
                 continue
@@ -173,7 +182,7 @@ def _check_data(store: FeatureStore, layout: CacheLayout, columns: dict[str, np.
             complete &= set(found)
             for i, row in found.items():
                 own = row[: views[i]]
-                if not np.isfinite(own).all():
+                if not _finite(own, fp8_codes):
                     problems.append(Problem(i, str(paths[i]), f"{name} holds NaN or infinite values"))
                 empty = [v for v in range(views[i]) if not own[v].any()]
                 if empty:

@@ -17,11 +17,21 @@ LAYOUT = dict(num_videos=10, views=2, frames=5, tokens=7, width=8, grid=(2, 3), 
 PENDING_VIDEOS = (5, 8, 9)  # never written: empty chunks in a shard (5), a shard never written (8, 9)
 
 
-def _random_cache(path: Path) -> Path:
-    """A cache of random features with the store's own layout; PENDING_VIDEOS without data, and
+def _random_values(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Random stored values of `dtype`: floats, or any code of an integer type."""
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+
+
+def _random_cache(path: Path, encoding: str = "fp16") -> Path:
+    """A cache of random stored values with the store's own layout; PENDING_VIDEOS without data, and
     video 0 with one view of two (its second view's chunks are never written)."""
-    layout = CacheLayout(**LAYOUT)
-    attrs = {"blocks": list(layout.blocks), "sampling": {"frames": layout.frames}}
+    layout = CacheLayout(**LAYOUT, encoding=encoding)
+    attrs = {"blocks": list(layout.blocks), "sampling": {"frames": layout.frames},
+             "backbone": {"width": layout.width, "patch_grid": list(layout.grid)},
+             "storage": {"encoding": encoding, "compress": "none"}}
     n = layout.num_videos
     columns = {"path": np.array([f"v{i}.mp4" for i in range(n)], dtype=object),
                "label": (np.arange(n) % 3).astype(np.int32), "split": np.array(["train"] * n, dtype=object)}
@@ -31,8 +41,8 @@ def _random_cache(path: Path) -> Path:
     views[0] = 1
     status = np.full(n, DONE, np.uint8)
     status[list(PENDING_VIDEOS)] = PENDING
-    for name, (shape, _) in layout.feature_arrays().items():
-        values = rng.standard_normal(shape).astype(np.float16)
+    for name, (shape, _, dtype) in layout.feature_arrays().items():
+        values = _random_values(rng, shape, dtype)
         values[list(PENDING_VIDEOS)] = 0
         values[0, 1:] = 0
         if store.kind == "zarr":
@@ -47,9 +57,10 @@ def _random_cache(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["zarr", "h5"])
+@pytest.fixture(scope="module", params=["zarr", "h5", "zarr-int4"])
 def cache(request, tmp_path_factory) -> Path:
-    return _random_cache(tmp_path_factory.mktemp("data") / f"random.{request.param}")
+    kind, _, encoding = request.param.partition("-")
+    return _random_cache(tmp_path_factory.mktemp("data") / f"random.{kind}", encoding or "fp16")
 
 
 ROWS = [slice(None), slice(1, 4), slice(0, 5, 2), slice(3, 4)]
@@ -57,7 +68,8 @@ ROWS = [slice(None), slice(1, 4), slice(0, 5, 2), slice(3, 4)]
 
 def test_direct_reads_equal_zarr_reads(cache: Path) -> None:
     with FeatureStore(cache) as store:
-        names = list(CacheLayout(**LAYOUT).feature_arrays())
+        layout = CacheLayout(**LAYOUT, encoding=store.attrs["storage"]["encoding"])
+        names = list(layout.feature_arrays())
         if store.kind == "zarr":  # the direct reader serves every feature array evl-cache writes
             assert all(sharded_reader(cache / name) is not None for name in names)
         for name in names:
@@ -66,11 +78,12 @@ def test_direct_reads_equal_zarr_reads(cache: Path) -> None:
                 for view in range(LAYOUT["views"]):
                     for rows in ROWS:
                         expected = np.asarray(array[video, view, rows])
-                        out = np.full(expected.shape, np.nan, np.float16)
+                        out = np.full(expected.shape, 77, expected.dtype)
                         store.read_view(name, video, view, rows, out)
                         np.testing.assert_array_equal(out, expected, err_msg=f"{name} {video} {view} {rows}")
         for video in PENDING_VIDEOS:  # a chunk never written reads as the fill value
-            empty = np.ones((LAYOUT["frames"], LAYOUT["tokens"], LAYOUT["width"]), np.float16)
+            shape, _, dtype = layout.feature_arrays()["tokens/block_2"]
+            empty = np.ones(shape[2:], dtype)
             store.read_view("tokens/block_2", video, 0, slice(None), empty)
             assert not empty.any()
     if cache.suffix == ".zarr":  # both kinds of empty: an index entry, and a shard file not written at all
@@ -132,14 +145,20 @@ SELECTIONS = [FeatureSelection(blocks=(2, 3), frame_start=0, frames=5, frame_ste
 
 
 def _expected_item(store: FeatureStore, selection: FeatureSelection, video: int, view: int) -> dict:
-    """An item computed by plain zarr/h5py slicing, independently of the reader: key -> arrays."""
+    """An item computed by plain zarr/h5py slicing, independently of the reader: key -> arrays
+    (an encoded cache's scales under "scales/<key>")."""
     frames = selection.frame_indices
     pairs = slice(selection.frame_start, selection.frame_start + selection.frames - 1)
-    item = {"tokens": [np.asarray(store.array(f"tokens/block_{b}")[video, view])[frames] for b in selection.blocks]}
+    names = {"tokens": [(f"tokens/block_{b}", frames) for b in selection.blocks]}
     if selection.maps:
         for d in ("prev", "next"):
-            item[f"maps_{d}"] = [np.asarray(store.array(f"maps/block_{b}/{d}")[video, view])[pairs]
-                                 for b in selection.blocks]
+            names[f"maps_{d}"] = [(f"maps/block_{b}/{d}", pairs) for b in selection.blocks]
+    scaled = store.attrs["storage"]["encoding"] != "fp16"
+    item = {}
+    for key, group in names.items():
+        item[key] = [np.asarray(store.array(name)[video, view])[rows] for name, rows in group]
+        if scaled:
+            item[f"scales/{key}"] = [np.asarray(store.array(f"scales/{name}")[video, view])[rows] for name, rows in group]
     if selection.embed:
         item["embed"] = [np.asarray(store.array("embed")[video, view])[frames]]
     return item
@@ -164,13 +183,15 @@ def test_loader_batches_equal_item_reads(cache: Path, selection: FeatureSelectio
                 assert batch["view"].tolist() == [v for _, v in samples]
                 for row, (video, view) in enumerate(samples):
                     for key, values in _expected_item(store, selection, video, view).items():
-                        got = batch[key] if isinstance(batch[key], list) else [batch[key]]
+                        got = batch["scales"][key[7:]] if key.startswith("scales/") else batch[key]
+                        got = got if isinstance(got, list) else [got]
                         for tensor, want in zip(got, values, strict=True):
                             np.testing.assert_array_equal(tensor[row].numpy(), want, err_msg=key)
                     assert batch["label"][row] == video % 3
                 seen += [v for v, _ in samples]
             assert sorted(seen) == sorted(done.tolist())
-    features = [t for key in ("tokens", "maps_prev", "maps_next") for t in batch.get(key, [])] + (
+    groups = [batch, batch.get("scales", {})]
+    features = [t for g in groups for key in ("tokens", "maps_prev", "maps_next") for t in g.get(key, [])] + (
         [batch["embed"]] if "embed" in batch else [])
     assert dataset.bytes_per_item() == sum(t[0].nbytes for t in features)
 
@@ -183,4 +204,4 @@ def test_random_views_are_drawn_per_epoch_and_reproducible(cache: Path) -> None:
     again = CacheDataset(cache, np.arange(1, 5), selection, views="random", seed=7)
     assert draws[3] == [view for _, view in again.samples([(i, 3) for i in range(4)])]
     item = dataset[(2, 3)]  # one item, no batch axis
-    assert item["tokens"][0].shape == (3, LAYOUT["tokens"], LAYOUT["width"]) and item["view"] == draws[3][2]
+    assert item["tokens"][0].shape[:2] == (3, LAYOUT["tokens"]) and item["view"] == draws[3][2]
