@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import BackboneError
+from .errors import BackboneError, DownloadError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def _register_model_name(model: str) -> str:
     return model
 
 
-def _sha256_file(path: str | Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
@@ -143,7 +144,7 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
             clip = open_clip.create_model(name, pretrained=weights, device="cpu", **kwargs)
         except RuntimeError as error:
             if weights is not None and not os.path.isfile(weights):
-                raise BackboneError(
+                raise DownloadError(
                     f"could not download open_clip weights {pretrained!r} for {name} (no network?): "
                     f"pass --pretrained /path/to/weights (a local file) or --pretrained none "
                     f"(random weights, for tests)") from None
@@ -151,10 +152,10 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
     if weights is None:
         sha = _sha256_state(clip)
     elif os.path.isfile(weights):
-        sha = _sha256_file(weights)
+        sha = sha256_file(weights)
     else:
         from open_clip.pretrained import download_pretrained
-        sha = _sha256_file(download_pretrained(tag_cfg))
+        sha = sha256_file(download_pretrained(tag_cfg))
     clip = clip.to(device).eval().requires_grad_(False)
     visual = clip.visual
     config = open_clip.get_model_config(name) or {}
