@@ -44,7 +44,12 @@ def cache_info(path: str | Path, failed: bool = False) -> dict:
 def format_info(info: dict) -> str:
     """The plain-text form of `cache_info`."""
     backbone = info["backbone"]
-    sampling = info["sampling"]
+    sampling, preprocessing = info["sampling"], info["preprocessing"]
+    crops = 3 if preprocessing.get("crop") == "three" else 1
+    eval_views = f"{sampling['eval_views']}" + (f" x {crops} spatial" if crops > 1 else "")
+
+    def channels(values: list[float]) -> str:
+        return ",".join(f"{v:.4g}" for v in values)
     lines = [
         f"cache:      {info['path']} ({info['format']}, format v{info['format_version']}, {info['dtype']})",
         f"backbone:   {backbone['model']} pretrained={backbone['pretrained']} sha256={backbone['weights_sha256'][:16]}",
@@ -52,7 +57,10 @@ def format_info(info: dict) -> str:
         f"width {backbone['width']}, {backbone['heads']} heads, {backbone['layers']} blocks, embed {backbone['embed_dim']}",
         f"blocks:     {info['blocks']}",
         f"sampling:   {sampling['mode']} {sampling['frames']} frames x stride {sampling['stride']}, "
-        f"{sampling['eval_views']} eval views, {sampling['train_views']} train views",
+        f"{eval_views} eval views, {sampling['train_views']} train views",
+        f"pixels:     short side {preprocessing.get('short_side', preprocessing['size'])}, "
+        f"{'three crops' if crops > 1 else 'centre crop'} of {preprocessing['size']}, "
+        f"mean {channels(preprocessing['mean'])}, std {channels(preprocessing['std'])}",
         f"videos:     {info['videos']} ({', '.join(f'{k} {v}' for k, v in info['status'].items())})",
     ]
     for split, counts in info["splits"].items():
