@@ -193,9 +193,9 @@ class FrozenBackbone(nn.Module):
     def __init__(self, visual: nn.Module, blocks: int, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         resblocks = visual.transformer.resblocks
-        if not 1 <= blocks <= len(resblocks):
-            raise BackboneError(f"--blocks {blocks} is not in 1..{len(resblocks)} (the model's blocks)")
-        for block in resblocks[-blocks:]:
+        if not 0 <= blocks <= len(resblocks):
+            raise BackboneError(f"--blocks {blocks} is not in 0..{len(resblocks)} (the model's blocks)")
+        for block in resblocks[len(resblocks) - blocks:]:
             if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention) or not hasattr(block, "ln_1"):
                 raise BackboneError("unsupported image tower: blocks need ln_1 and a MultiheadAttention")
         self.visual = visual.eval().requires_grad_(False)

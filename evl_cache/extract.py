@@ -50,7 +50,8 @@ class ExtractConfig:
     classes: Path | None = option(None, "class names: one per line, or the authors' JSON mapping")
     model: str = option("ViT-B-16", "open_clip model name, or a path to an open_clip model-config JSON")
     pretrained: str = option("openai", "open_clip pretrained tag, a local weights file, or none (random)")
-    blocks: int = option(4, "how many of the last backbone blocks to cache")
+    blocks: int = option(4, "how many of the last backbone blocks to cache (0: only the per-frame CLIP "
+                            "embeddings, all that zero-shot and the text heads read)")
     size: int | None = option(None, "input size in pixels [default: the model's own]")
     resize: int | None = option(None, "short side in pixels that frames are resized to before the crop "
                                       "[default: the input size]")
@@ -162,7 +163,7 @@ def cache_identity(spec: BackboneSpec, clip_spec: ClipSpec, blocks: int, dataset
         "blocks": list(range(spec.layers - blocks, spec.layers)),
         "sampling": {**clip_spec.sampling_record(), "views": views},
         "preprocessing": clip_spec.preprocessing_record(*normalisation),
-        "stored": ["tokens", "maps", "embed"],
+        "stored": ["tokens", "maps", "embed"] if blocks else ["embed"],
         "dtype": "float16",
         "class_names": list(dataset.class_names),
         "dataset": {"root": str(dataset.root.resolve()), "fingerprint": dataset_fingerprint(dataset),
@@ -214,10 +215,12 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 def _validate(config: ExtractConfig) -> None:
     if config.out is None:
         raise EvlCacheError("--out is required (a *.zarr or *.h5 path)")
-    for name in ("frames", "stride", "eval_views", "train_views", "shard_size", "batch_size", "blocks"):
+    for name in ("frames", "stride", "eval_views", "train_views", "shard_size", "batch_size"):
         if getattr(config, name) < 1:
             raise EvlCacheError(f"--{name.replace('_', '-')} must be at least 1")
-    if config.frames < 2:
+    if config.blocks < 0:
+        raise EvlCacheError("--blocks must be 0 (embeddings only) or more")
+    if config.frames < 2 and config.blocks:
         raise EvlCacheError("--frames must be at least 2 (the temporal maps pair adjacent frames)")
     if config.workers < 0:
         raise EvlCacheError("--workers must be 0 or more")

@@ -21,6 +21,7 @@ from evl_cache.extract import ExtractConfig, extract
 from evl_cache.pixels import centre_crop
 from evl_cache.sampling import dense_eval_indices, vifi_middle_indices, vifi_random_indices, view_seed
 from evl_cache.store import DONE, FAILED, PENDING, FeatureStore
+from evl_cache.train import TrainConfig, train
 from evl_cache.verify import verify
 
 TINY = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, blocks=2, workers=0, shard_size=3)
@@ -284,3 +285,19 @@ def test_view_and_normalisation_options_are_checked(sample_videos, tmp_path):
         result = runner.invoke(main, ["extract"] + _cli_args(sample_videos, tmp_path / "x.zarr") + extra)
         assert result.exit_code == 1 and message in result.output, (extra, result.output)
         assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_embeddings_only_cache(sample_videos, tmp_path):
+    """--blocks 0 stores only the per-frame CLIP embeddings: all that zero-shot and the text heads read."""
+    out = tmp_path / "embed.zarr"
+    extract(ExtractConfig(out=out, videos=sample_videos, **{**TINY, "blocks": 0}))
+    reference = tmp_path / "full.zarr"
+    extract(ExtractConfig(out=reference, videos=sample_videos, **TINY))
+    with FeatureStore(out) as store, FeatureStore(reference) as full:
+        assert store.attrs["blocks"] == [] and store.attrs["stored"] == ["embed"]
+        assert not store.has("tokens/block_3") and not store.has("maps/block_3/prev")
+        np.testing.assert_array_equal(np.asarray(store.array("embed")[...]), np.asarray(full.array("embed")[...]))
+        assert full.attrs["stored"] == ["tokens", "maps", "embed"]
+    assert verify(out).ok
+    with pytest.raises(CacheError, match="--layers 4 needs 4 cached blocks; the cache holds 0"):
+        train(TrainConfig(features=out, out=tmp_path / "run", workers=0))

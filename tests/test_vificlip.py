@@ -256,7 +256,7 @@ def prompted(sample_videos, base_file, tmp_path_factory):
                                      model=TINY))
     cache = root / "feats.zarr"
     extract(ExtractConfig(out=cache, videos=sample_videos, model=TINY, pretrained=str(root / "vifi_tiny.pt"),
-                          frames=4, sampling="vifi", eval_views=2, spatial_views=3, blocks=1, workers=0, **IMAGENET))
+                          frames=4, sampling="vifi", eval_views=2, spatial_views=3, blocks=0, workers=0, **IMAGENET))
     base = torch.load(base_file, weights_only=True)
     return cache, checkpoint, context, base["token_embedding.weight"]
 
