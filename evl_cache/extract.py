@@ -27,9 +27,9 @@ from . import __version__
 from .backbone import BackboneSpec, FrozenBackbone, load_clip, model_geometry
 from .config import option, to_dict
 from .clips import ClipSpec, VideoClips, read_video_clips
-from .pixels import SPATIAL_VIEWS
 from .distributed import Process, init_process, on_main, raise_together, sum_across
 from .errors import CacheError, DatasetError, EvlCacheError
+from .pixels import SPATIAL_VIEWS
 from .sampling import SAMPLING_MODES
 from .store import (DONE, FAILED, PENDING, CacheLayout, FeatureStore, is_url, location, remove_store,
                     store_exists, store_kind)

@@ -165,6 +165,7 @@ class ClassPrompts(nn.Module):
         self.templates = list(templates or [BARE_NAME])
         self.context_tokens = context_tokens
         self.context_prefix = context_prefix or " ".join([CONTEXT_WORD] * context_tokens)
+        self._placeholder_context = context_prefix is None  # one placeholder token per context vector
         self.context = None
         if context_vectors is not None:
             self.context = nn.Parameter(context_vectors.detach().clone().float())
@@ -189,7 +190,7 @@ class ClassPrompts(nn.Module):
         if not class_names:
             raise EvlCacheError("no class names to score against")
         token_ids = self.tokenizer(self.prompts(list(class_names)))
-        if self.context is not None and self.context_prefix == " ".join([CONTEXT_WORD] * self.context_tokens):
+        if self.context is not None and self._placeholder_context:
             placeholder = self.tokenizer([CONTEXT_WORD])[0, 1]
             if not (token_ids[:, 1:1 + self.context_tokens] == placeholder).all():
                 raise EvlCacheError("the tokenizer does not give one token per learned context position")

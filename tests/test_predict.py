@@ -21,6 +21,7 @@ from evl_cache.metrics import average_views
 from evl_cache.pixels import centre_crop
 from evl_cache.predict import OnlineModel, PredictConfig, predict
 from evl_cache.sampling import dense_eval_indices
+from evl_cache.errors import CacheError
 from evl_cache.store import FeatureStore
 from evl_cache.train import TrainConfig, train
 from test_evl_checkpoints import authors_checkpoint
@@ -146,3 +147,12 @@ def test_predict_uses_the_caches_crops_and_normalisation(sample_videos, tmp_path
     predictions = predict(PredictConfig(videos=[str(sample_videos / paths[v]) for v in cached["videos"]], run=run))
     for i, prediction in enumerate(predictions):
         np.testing.assert_allclose(prediction.probabilities, cached["probabilities"][i], atol=2e-4)
+    # the run evaluates on a cache of the same pixels with another number of crops, not other pixels
+    options = dict(videos=sample_videos, model="EVL-Tiny", pretrained="none", frames=4, stride=3, eval_views=2,
+                   blocks=1, workers=0)
+    extract(ExtractConfig(out=tmp_path / "centre.zarr", mean="0.485,0.456,0.406", std="0.229,0.224,0.225",
+                          **options))
+    assert evaluate(EvalConfig(run=run, features=tmp_path / "centre.zarr", workers=0))["videos"] == 8
+    extract(ExtractConfig(out=tmp_path / "clip_mean.zarr", **options))
+    with pytest.raises(CacheError, match="clip_mean.zarr: preprocessing differs from the run's cache"):
+        evaluate(EvalConfig(run=run, features=tmp_path / "clip_mean.zarr", workers=0))
