@@ -56,7 +56,8 @@ def format_info(info: dict) -> str:
         f"            {backbone['image_size']} px, grid {backbone['patch_grid'][0]}x{backbone['patch_grid'][1]}, "
         f"width {backbone['width']}, {backbone['heads']} heads, {backbone['layers']} blocks, embed {backbone['embed_dim']}",
         f"blocks:     {info['blocks']}",
-        f"sampling:   {sampling['mode']} {sampling['frames']} frames x stride {sampling['stride']}, "
+        f"sampling:   {sampling['mode']} {sampling['frames']} frames"
+        f"{' x stride ' + str(sampling['stride']) if sampling['mode'] == 'dense' else ''}, "
         f"{eval_views} eval views, {sampling['train_views']} train views",
         f"pixels:     short side {preprocessing.get('short_side', preprocessing['size'])}, "
         f"{'three crops' if crops > 1 else 'centre crop'} of {preprocessing['size']}, "
