@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import BackboneError
+from .errors import BackboneError, DownloadError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def _register_model_name(model: str) -> str:
     return model
 
 
-def _sha256_file(path: str | Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
@@ -143,7 +144,7 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
             clip = open_clip.create_model(name, pretrained=weights, device="cpu", **kwargs)
         except RuntimeError as error:
             if weights is not None and not os.path.isfile(weights):
-                raise BackboneError(
+                raise DownloadError(
                     f"could not download open_clip weights {pretrained!r} for {name} (no network?): "
                     f"pass --pretrained /path/to/weights (a local file) or --pretrained none "
                     f"(random weights, for tests)") from None
@@ -151,10 +152,10 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
     if weights is None:
         sha = _sha256_state(clip)
     elif os.path.isfile(weights):
-        sha = _sha256_file(weights)
+        sha = sha256_file(weights)
     else:
         from open_clip.pretrained import download_pretrained
-        sha = _sha256_file(download_pretrained(tag_cfg))
+        sha = sha256_file(download_pretrained(tag_cfg))
     clip = clip.to(device).eval().requires_grad_(False)
     visual = clip.visual
     config = open_clip.get_model_config(name) or {}
@@ -192,9 +193,9 @@ class FrozenBackbone(nn.Module):
     def __init__(self, visual: nn.Module, blocks: int, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         resblocks = visual.transformer.resblocks
-        if not 1 <= blocks <= len(resblocks):
-            raise BackboneError(f"--blocks {blocks} is not in 1..{len(resblocks)} (the model's blocks)")
-        for block in resblocks[-blocks:]:
+        if not 0 <= blocks <= len(resblocks):
+            raise BackboneError(f"--blocks {blocks} is not in 0..{len(resblocks)} (the model's blocks)")
+        for block in resblocks[len(resblocks) - blocks:]:
             if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention) or not hasattr(block, "ln_1"):
                 raise BackboneError("unsupported image tower: blocks need ln_1 and a MultiheadAttention")
         self.visual = visual.eval().requires_grad_(False)

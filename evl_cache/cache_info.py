@@ -52,7 +52,12 @@ def _storage_line(storage: dict) -> str:
 def format_info(info: dict) -> str:
     """The plain-text form of `cache_info`."""
     backbone = info["backbone"]
-    sampling = info["sampling"]
+    sampling, preprocessing = info["sampling"], info["preprocessing"]
+    crops = 3 if preprocessing.get("crop") == "three" else 1
+    eval_views = f"{sampling['eval_views']}" + (f" x {crops} spatial" if crops > 1 else "")
+
+    def channels(values: list[float]) -> str:
+        return ",".join(f"{v:.4g}" for v in values)
     lines = [
         f"cache:      {info['path']} ({info['format']}, format v{info['format_version']})",
         f"storage:    {_storage_line(info['storage'])}",
@@ -60,8 +65,12 @@ def format_info(info: dict) -> str:
         f"            {backbone['image_size']} px, grid {backbone['patch_grid'][0]}x{backbone['patch_grid'][1]}, "
         f"width {backbone['width']}, {backbone['heads']} heads, {backbone['layers']} blocks, embed {backbone['embed_dim']}",
         f"blocks:     {info['blocks']}",
-        f"sampling:   {sampling['mode']} {sampling['frames']} frames x stride {sampling['stride']}, "
-        f"{sampling['eval_views']} eval views, {sampling['train_views']} train views",
+        f"sampling:   {sampling['mode']} {sampling['frames']} frames"
+        f"{' x stride ' + str(sampling['stride']) if sampling['mode'] == 'dense' else ''}, "
+        f"{eval_views} eval views, {sampling['train_views']} train views",
+        f"pixels:     short side {preprocessing.get('short_side', preprocessing['size'])}, "
+        f"{'three crops' if crops > 1 else 'centre crop'} of {preprocessing['size']}, "
+        f"mean {channels(preprocessing['mean'])}, std {channels(preprocessing['std'])}",
         f"videos:     {info['videos']} ({', '.join(f'{k} {v}' for k, v in info['status'].items())})",
     ]
     for split, counts in info["splits"].items():

@@ -25,7 +25,8 @@ from .evl_checkpoints import ImportConfig, export_evl, import_evl
 from .extract import ExtractConfig, extract
 from .predict import PredictConfig, predict, predicted_class_names
 from .train import TrainConfig, train
-from .zeroshot import ZeroShotConfig, zeroshot
+from .vificlip import VifiImportConfig, import_vificlip
+from .zeroshot import ZeroShotConfig, prompt_description, zeroshot
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -156,7 +157,7 @@ def zeroshot_command(as_json: bool, **options: Any) -> None:
     else:
         click.echo(f"zero-shot top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  mean class accuracy "
                    f"{result['mean_class_accuracy']:.4f}  ({result['videos']} videos, {result['classes']} classes, "
-                   f"{len(result['templates'])} template(s))")
+                   f"{prompt_description(result)})")
 
 
 @main.command("predict")
@@ -190,6 +191,15 @@ def import_evl_command(checkpoint: Path, **options: Any) -> None:
     """Turn a checkpoint of the EVL authors' release into a run that eval and predict accept."""
     out = import_evl(build_config(ImportConfig, {**options, "checkpoint": checkpoint}))
     click.echo(f"import-evl: wrote run {out}")
+
+
+@main.command("import-vificlip")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click_options(VifiImportConfig)
+@user_errors
+def import_vificlip_command(checkpoint: Path, **options: Any) -> None:
+    """Convert a ViFi-CLIP checkpoint into an open_clip weights file for extract --pretrained."""
+    click.echo(import_vificlip(build_config(VifiImportConfig, {**options, "checkpoint": checkpoint})).line())
 
 
 @main.command("export-evl")

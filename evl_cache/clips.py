@@ -19,7 +19,7 @@ import torch
 
 from .decode import decode_frames, probe_video
 from .errors import BadVideoError
-from .pixels import CROP_SCALE, RANDAUGMENT, augmented_clip, centre_crop
+from .pixels import CROP_SCALE, RANDAUGMENT, augmented_clip, spatial_crops
 from .sampling import plan_views
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """How a video becomes clips: sampling, views, input size and augmentation."""
+    """How a video becomes clips: sampling, views, input size, resize, crops and augmentation.
+
+    Evaluation (non-training) videos get `eval_views` temporal x `spatial_views` spatial views, view
+    index t * spatial_views + s. Frames are resized so their short side is `short_side` (default
+    `size`) before the crop; three spatial views need `short_side == size` (they span the short side).
+    """
     mode: str
     frames: int
     stride: int
@@ -37,15 +42,28 @@ class ClipSpec:
     seed: int
     flip: bool = True
     randaugment: bool = True
+    short_side: int | None = None
+    spatial_views: int = 1
 
     @classmethod
     def from_cache(cls, attrs: dict) -> "ClipSpec":
-        """The spec a cache (or a run's record of its cache) was extracted with."""
+        """The spec a cache (or a run's record of its cache) was extracted with; records made before
+        resize and spatial views were options lack their keys and mean what was done then."""
         sampling, augmentation = attrs["sampling"], attrs["sampling"]["train_augmentation"]
+        preprocessing = attrs["preprocessing"]
         return cls(sampling["mode"], sampling["frames"], sampling["stride"], sampling["eval_views"],
-                   sampling["train_views"], attrs["preprocessing"]["size"], sampling["seed"],
-                   augmentation["flip"], augmentation["randaugment"] is not None)
+                   sampling["train_views"], preprocessing["size"], sampling["seed"],
+                   augmentation["flip"], augmentation["randaugment"] is not None,
+                   preprocessing.get("short_side"), 3 if preprocessing.get("crop") == "three" else 1)
 
+    @property
+    def resize(self) -> int:
+        """The short side frames are resized to before cropping."""
+        return self.short_side or self.size
+
+    def views(self, split: str) -> int:
+        """How many views a video of `split` gets."""
+        return self.train_views if split == "train" else self.eval_views * self.spatial_views
 
     def sampling_record(self) -> dict:
         """The cache's `sampling` attribute for this spec (`from_cache` reads it back)."""
@@ -55,15 +73,20 @@ class ClipSpec:
                                        "randaugment": RANDAUGMENT if self.randaugment else None}}
 
     def preprocessing_record(self, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
-        """The cache's `preprocessing` attribute: short side resized to `size`, centre crop, mean/std."""
-        return {"resize": "short_side", "crop": "centre", "size": self.size, "mean": list(mean), "std": list(std)}
+        """The cache's `preprocessing` attribute: short side resized to `size` (or to `short_side`, a key
+        only present when it differs), the centre crop (or "three" crops), the normalisation mean/std."""
+        record = {"resize": "short_side", "crop": "centre" if self.spatial_views == 1 else "three",
+                  "size": self.size, "mean": list(mean), "std": list(std)}
+        if self.resize != self.size:
+            record["short_side"] = self.resize
+        return record
 
 
 @dataclass
 class VideoClips:
     """One video's views, or the reason it failed."""
     index: int
-    clips: torch.Tensor | None  # uint8 [V, T, 3, S, S]
+    clips: torch.Tensor | None  # uint8 [V, T, 3, S, S], V = ClipSpec.views(split)
     num_frames: int
     error: str
     decoded_frames: int
@@ -74,15 +97,16 @@ def _load(path: Path, split: str, index: int, spec: ClipSpec) -> VideoClips:
     plans = plan_views(probe.num_frames, split, spec.mode, spec.frames, spec.stride, spec.eval_views,
                        spec.train_views, spec.seed, index)
     wanted = sorted({i for plan in plans for i in plan.frame_indices})
-    decoded = decode_frames(path, wanted, short_side=spec.size, probe=probe)
+    decoded = decode_frames(path, wanted, short_side=spec.resize, probe=probe)
     position = {frame: i for i, frame in enumerate(wanted)}
+    crops = 1 if split == "train" else spec.spatial_views  # training view 0 is the plain centre clip
     clips = []
     for plan in plans:
         frames = decoded.frames[[position[i] for i in plan.frame_indices]]
         if plan.augment:
             clips.append(augmented_clip(frames, spec.size, plan.seed, spec.flip, spec.randaugment))
         else:
-            clips.append(centre_crop(frames, spec.size))
+            clips += spatial_crops(frames, spec.size, crops)
     return VideoClips(index, torch.stack(clips), probe.num_frames, "", decoded.decoded_count)
 
 

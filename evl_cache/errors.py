@@ -29,6 +29,10 @@ class BackboneError(EvlCacheError):
     """The open_clip model or its weights cannot be loaded."""
 
 
+class DownloadError(BackboneError):
+    """Weights named by an open_clip tag could not be downloaded (no network?); a local file would do."""
+
+
 class CacheError(EvlCacheError):
     """A cache that cannot be opened, written, or cannot serve the requested options."""
 

@@ -167,14 +167,18 @@ def add_novel(metrics: dict, novel: dict) -> dict:
 
 
 def check_cache_serves_run(attrs: dict, run_config: dict, path: Path) -> None:
-    """Refuse a cache whose backbone, preprocessing or classes differ from the run's."""
+    """Refuse a cache whose backbone, preprocessing or classes differ from the run's. The number of crops
+    may differ (like the number of temporal views): each view is still a crop of the same pixels."""
     run_cache = run_config["cache"]
     if attrs["backbone"]["weights_sha256"] != run_cache["backbone"]["weights_sha256"]:
         raise CacheError(f"backbone weights differ from the run's (sha256 {attrs['backbone']['weights_sha256'][:12]} "
                          f"vs {run_cache['backbone']['weights_sha256'][:12]}): features would not match", path)
-    for key in ("preprocessing",):
-        if attrs[key] != run_cache[key]:
-            raise CacheError(f"{key} differs from the run's cache: {attrs[key]} vs {run_cache[key]}", path)
+    def pixels(record: dict) -> dict:
+        return {k: v for k, v in record.items() if k != "crop"}
+
+    if pixels(attrs["preprocessing"]) != pixels(run_cache["preprocessing"]):
+        raise CacheError(f"preprocessing differs from the run's cache: {attrs['preprocessing']} vs "
+                         f"{run_cache['preprocessing']}", path)
     for key in ("frames", "stride", "mode"):
         if attrs["sampling"][key] != run_cache["sampling"][key]:
             raise CacheError(f"sampling {key} is {attrs['sampling'][key]}, the run was trained on "

@@ -8,7 +8,6 @@ read from the weights; what weights cannot say (heads, stride, views) comes from
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -18,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .backbone import load_clip
+from .backbone import load_clip, sha256_file
+from .checkpoint_files import DATA_PARALLEL_PREFIX, load_checkpoint, load_exactly, model_state
 from .clips import ClipSpec
 from .config import option
 from .data import FeatureSelection
@@ -29,7 +29,6 @@ from .model import DecoderConfig, EVLModel
 from .videos import read_class_names
 
 log = logging.getLogger(__name__)
-PREFIX = "module."
 
 
 @dataclass
@@ -49,16 +48,7 @@ class ImportConfig:
 
 def read_evl_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The decoder/head state dict of an authors' checkpoint, without the `module.` prefix."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError("checkpoint not found", path) from None
-    except Exception as error:
-        raise CheckpointError(f"cannot read as a torch checkpoint: {str(error).splitlines()[0]}", path) from None
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError("no state dict under 'model'", path)
-    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state.items()}
+    state = model_state(load_checkpoint(path), path)
     unknown = sorted(k for k in state if not k.startswith(("decoder.", "proj.")))
     if unknown:
         raise CheckpointError(f"unexpected keys for an EVL decoder checkpoint: {', '.join(unknown[:5])}", path)
@@ -90,20 +80,6 @@ def infer_decoder(state: dict[str, torch.Tensor], grid: tuple[int, int], heads: 
         temporal_pos_embed=pos is not None, temporal_cross_attention=w1 is not None)
 
 
-def load_into(model: EVLModel, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Load weights, refusing wrong keys or shapes with the first difference."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"keys do not match the decoder: missing {missing[:3]}, unexpected {extra[:3]}", path)
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointError(f"{key} has shape {tuple(value.shape)}, the decoder needs "
-                                  f"{tuple(expected[key].shape)}", path)
-    model.load_state_dict(state)
-
-
 def import_evl(config: ImportConfig) -> Path:
     """Turn an authors' checkpoint into a run folder that `eval` and `predict` accept."""
     if config.checkpoint is None or config.out is None:
@@ -126,11 +102,11 @@ def import_evl(config: ImportConfig) -> Path:
         raise CheckpointError(f"the head has {decoder.num_classes} classes, {config.classes} names "
                               f"{len(class_names)}", config.checkpoint)
     model = EVLModel(decoder)
-    load_into(model, state, config.checkpoint)
+    load_exactly(model, state, config.checkpoint, "the decoder")
     clip_spec = ClipSpec("dense", decoder.frames, config.stride, config.eval_views, 1,
                          config.size or spec.image_size, 0)
     blocks = list(range(spec.layers - decoder.layers, spec.layers))
-    digest = hashlib.sha256(Path(config.checkpoint).read_bytes()).hexdigest()
+    digest = sha256_file(config.checkpoint)
     run_config = {
         "train": None,
         "imported": {"checkpoint": str(config.checkpoint), "sha256": digest, "format": "evl-authors"},
@@ -163,6 +139,6 @@ def export_evl(run: str | Path, out: str | Path, weights: str = "best") -> Path:
     if not path.exists():
         raise CheckpointError(f"no {weights} weights in the run", path)
     state = load_file(path)
-    torch.save({"model": {PREFIX + k: v for k, v in state.items()}}, out)
+    torch.save({"model": {DATA_PARALLEL_PREFIX + k: v for k, v in state.items()}}, out)
     log.info("export-evl: %s -> %s (%d tensors)", path, out, len(state))
     return Path(out)

@@ -30,6 +30,7 @@ from .clips import ClipSpec, VideoClips, read_video_clips
 from .distributed import Process, init_process, on_main, raise_together, sum_across
 from .encodings import ENCODINGS, encode, encoding
 from .errors import CacheError, DatasetError, EvlCacheError
+from .pixels import SPATIAL_VIEWS
 from .sampling import SAMPLING_MODES
 from .store import (DONE, FAILED, PENDING, CacheLayout, FeatureStore, cache_storage, is_url, location,
                     remove_store, store_exists, store_kind)
@@ -50,11 +51,20 @@ class ExtractConfig:
     classes: Path | None = option(None, "class names: one per line, or the authors' JSON mapping")
     model: str = option("ViT-B-16", "open_clip model name, or a path to an open_clip model-config JSON")
     pretrained: str = option("openai", "open_clip pretrained tag, a local weights file, or none (random)")
-    blocks: int = option(4, "how many of the last backbone blocks to cache")
+    blocks: int = option(4, "how many of the last backbone blocks to cache (0: only the per-frame CLIP "
+                            "embeddings, all that zero-shot and the text heads read)")
     size: int | None = option(None, "input size in pixels [default: the model's own]")
+    resize: int | None = option(None, "short side in pixels that frames are resized to before the crop "
+                                      "[default: the input size]")
+    spatial_views: int = option(1, "crops per evaluation clip: 1 (centre) or 3 (along the long side, as "
+                                   "mmaction's ThreeCrop; needs --resize equal to the input size)")
+    mean: str | None = option(None, "normalisation mean per channel, 'R,G,B' for pixels in [0, 1] "
+                                    "[default: the model's own, CLIP's]")
+    std: str | None = option(None, "normalisation std per channel, 'R,G,B' [default: the model's own, CLIP's]")
     frames: int = option(8, "frames per clip (T)")
     stride: int = option(16, "frame stride of dense sampling")
-    sampling: str = option("dense", "frame sampling", choices=SAMPLING_MODES)
+    sampling: str = option("dense", "frame sampling: dense (T x stride), segment (TSN), or vifi (ViFi-CLIP's "
+                                    "test protocol)", choices=SAMPLING_MODES)
     eval_views: int = option(3, "temporal views per validation/test video")
     train_views: int = option(1, "cached views per training video (view 0 plain, others augmented)")
     flip: bool = option(True, "horizontal flip in augmented training views (off for Something-Something)")
@@ -152,14 +162,15 @@ def dataset_fingerprint(dataset: VideoList) -> str:
 
 
 def cache_identity(spec: BackboneSpec, clip_spec: ClipSpec, blocks: int, dataset: VideoList, views: int,
-                   shard_size: int, storage: dict) -> dict:
+                   shard_size: int, normalisation: tuple[tuple[float, ...], tuple[float, ...]],
+                   storage: dict) -> dict:
     """Everything that decides the cache's contents; a resume must match it exactly."""
     identity = {
         "backbone": spec.to_dict(),
         "blocks": list(range(spec.layers - blocks, spec.layers)),
         "sampling": {**clip_spec.sampling_record(), "views": views},
-        "preprocessing": clip_spec.preprocessing_record(spec.mean, spec.std),
-        "stored": ["tokens", "maps", "embed"],
+        "preprocessing": clip_spec.preprocessing_record(*normalisation),
+        "stored": ["tokens", "maps", "embed"] if blocks else ["embed"],
         "dtype": "float16",  # of the values as read (`storage` says how they are stored)
         "storage": storage,
         "class_names": list(dataset.class_names),
@@ -170,11 +181,17 @@ def cache_identity(spec: BackboneSpec, clip_spec: ClipSpec, blocks: int, dataset
     return json.loads(json.dumps(identity))  # as stored: lists, not tuples
 
 
+def clip_spec_of(config: ExtractConfig, size: int) -> ClipSpec:
+    """How `config` turns videos into clips of `size` pixels."""
+    return ClipSpec(config.sampling, config.frames, config.stride, config.eval_views, config.train_views, size,
+                    config.seed, config.flip, config.randaugment, config.resize, config.spatial_views)
+
+
 def cache_layout(config: ExtractConfig, dataset: VideoList, width: int, layers: int, grid: tuple[int, int],
                  embed_dim: int) -> CacheLayout:
     """The shapes a cache of `dataset` will have: views per video are the most any split needs."""
-    splits = {e.split for e in dataset.entries}
-    views = max(config.train_views if "train" in splits else 1, config.eval_views if splits - {"train"} else 1)
+    spec = clip_spec_of(config, 1)  # views do not depend on the size
+    views = max(spec.views(split) for split in {e.split for e in dataset.entries})
     return CacheLayout(num_videos=len(dataset.entries), views=views, frames=config.frames,
                        tokens=1 + grid[0] * grid[1], width=width, grid=tuple(grid), embed_dim=embed_dim,
                        blocks=tuple(range(layers - config.blocks, layers)), shard_size=config.shard_size,
@@ -195,10 +212,12 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 def _validate(config: ExtractConfig) -> None:
     if config.out is None:
         raise EvlCacheError("--out is required (a *.zarr or *.h5 path)")
-    for name in ("frames", "stride", "eval_views", "train_views", "shard_size", "batch_size", "blocks"):
+    for name in ("frames", "stride", "eval_views", "train_views", "shard_size", "batch_size"):
         if getattr(config, name) < 1:
             raise EvlCacheError(f"--{name.replace('_', '-')} must be at least 1")
-    if config.frames < 2:
+    if config.blocks < 0:
+        raise EvlCacheError("--blocks must be 0 (embeddings only) or more")
+    if config.frames < 2 and config.blocks:
         raise EvlCacheError("--frames must be at least 2 (the temporal maps pair adjacent frames)")
     if config.workers < 0:
         raise EvlCacheError("--workers must be 0 or more")
@@ -208,6 +227,33 @@ def _validate(config: ExtractConfig) -> None:
     if config.compress != "none" and store_kind(config.out) == "h5":
         raise EvlCacheError("--compress zstd is for Zarr caches (HDF5 would need a zstd filter plugin); "
                             "use a .zarr path or --compress none", config.out)
+    if config.spatial_views not in SPATIAL_VIEWS:
+        raise EvlCacheError(f"--spatial-views must be one of {', '.join(map(str, SPATIAL_VIEWS))}")
+    for name in ("mean", "std"):
+        if getattr(config, name) is not None:
+            channel_values(getattr(config, name), name)
+
+
+def channel_values(text: str, name: str) -> tuple[float, float, float]:
+    """'R,G,B' -> three floats (a std must be positive), or a one-line reason."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or (name == "std" and min(values) <= 0):
+        raise EvlCacheError(f"--{name} {text!r}: give three comma-separated numbers, R,G,B"
+                            + (", all positive" if name == "std" else ""))
+    return values  # type: ignore[return-value]
+
+
+def _check_sizes(config: ExtractConfig, size: int) -> None:
+    """Options that depend on the input size, once it is known."""
+    resize = config.resize or size
+    if resize < size:
+        raise EvlCacheError(f"--resize {resize} is below the input size {size}: the crop would not fit")
+    if config.spatial_views == 3 and resize != size:
+        raise EvlCacheError(f"--spatial-views 3 crops span the short side: --resize must equal the input size "
+                            f"{size}, not {resize}")
 
 
 def _open_store_together(process: Process, config: ExtractConfig, identity: dict, layout: CacheLayout,
@@ -358,13 +404,15 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     if process.world_size > 1 and store_kind(config.out) == "h5":
         raise CacheError("HDF5 takes one writer per file: under torchrun, extract to a .zarr cache", config.out)
     clip, spec = load_clip(config.model, config.pretrained, config.size, device, seed=config.seed)
-    backbone = FrozenBackbone(clip.visual, config.blocks, spec.mean, spec.std).to(device)
     size = config.size or spec.image_size
+    _check_sizes(config, size)
+    mean = channel_values(config.mean, "mean") if config.mean is not None else spec.mean
+    std = channel_values(config.std, "std") if config.std is not None else spec.std
+    backbone = FrozenBackbone(clip.visual, config.blocks, mean, std).to(device)
     layout = cache_layout(config, dataset, spec.width, spec.layers, spec.patch_grid, spec.embed_dim)
     views = layout.views
-    clip_spec = ClipSpec(config.sampling, config.frames, config.stride, config.eval_views, config.train_views,
-                         size, config.seed, config.flip, config.randaugment)
-    identity = cache_identity(spec, clip_spec, config.blocks, dataset, views, config.shard_size,
+    clip_spec = clip_spec_of(config, size)
+    identity = cache_identity(spec, clip_spec, config.blocks, dataset, views, config.shard_size, (mean, std),
                               {"encoding": config.storage, "compress": config.compress})
     store = _open_store_together(process, config, identity, layout, dataset)
     bytes_before = store.size_on_disk()

@@ -1,6 +1,7 @@
 """Pixel transforms from decoded frames to backbone-sized clips (uint8, [T, 3, S, S]).
 
-Evaluation views take the centre S x S crop of frames whose short side was resized to S. Augmented
+Evaluation views take the centre S x S crop of frames whose short side was resized (to S, or more),
+or three S x S crops along the long side of frames resized to S (`three_crops`). Augmented
 training views apply the authors' online augmentation once per clip, the same for every frame:
 random resized crop, horizontal flip, and RandAugment `rand-m7-n4-mstd0.5-inc1` (timm's
 implementation, which is what the authors used). All randomness comes from the view's seed, so a
@@ -21,12 +22,39 @@ CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def centre_crop(frames: np.ndarray, size: int) -> torch.Tensor:
-    """[T, H, W, 3] uint8 with min(H, W) == size -> [T, 3, size, size] centre crop."""
-    height, width = frames.shape[1:3]
-    top, left = (height - size) // 2, (width - size) // 2
+SPATIAL_VIEWS = (1, 3)
+
+
+def _crop(frames: np.ndarray, top: int, left: int, size: int) -> torch.Tensor:
     crop = frames[:, top:top + size, left:left + size]
     return torch.from_numpy(np.ascontiguousarray(crop)).permute(0, 3, 1, 2).contiguous()
+
+
+def centre_crop(frames: np.ndarray, size: int) -> torch.Tensor:
+    """[T, H, W, 3] uint8 with min(H, W) >= size -> [T, 3, size, size] centre crop."""
+    height, width = frames.shape[1:3]
+    return _crop(frames, (height - size) // 2, (width - size) // 2, size)
+
+
+def three_crops(frames: np.ndarray, size: int) -> list[torch.Tensor]:
+    """Three [T, 3, size, size] crops of [T, H, W, 3] frames whose short side is `size`, as mmaction's
+    ThreeCrop: at offsets 0, 2 k and k along the long side, k = (long - size) // 2 (left, right, centre;
+    or top, bottom, centre for portrait frames). Square frames give the same crop three times."""
+    height, width = frames.shape[1:3]
+    if min(height, width) != size:
+        raise ValueError(f"three crops need the short side resized to {size}, got {height}x{width}")
+    if height == size:
+        step = (width - size) // 2
+        return [_crop(frames, 0, left, size) for left in (0, 2 * step, step)]
+    step = (height - size) // 2
+    return [_crop(frames, top, 0, size) for top in (0, 2 * step, step)]
+
+
+def spatial_crops(frames: np.ndarray, size: int, views: int) -> list[torch.Tensor]:
+    """The evaluation crops of one clip: the centre crop (views 1) or `three_crops` (views 3)."""
+    if views not in SPATIAL_VIEWS:
+        raise ValueError(f"spatial views must be one of {SPATIAL_VIEWS}, got {views}")
+    return [centre_crop(frames, size)] if views == 1 else three_crops(frames, size)
 
 
 def _resized_crop_box(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:

@@ -59,12 +59,13 @@ class CachePlan:
 
 def plan_cache(config, probe_mb: float = 256) -> CachePlan:
     """The plan of the cache `config` (an ExtractConfig) describes; `probe_mb` 0 skips the disk probe."""
-    from .extract import cache_layout
+    from .extract import cache_layout, clip_spec_of
     from .videos import find_videos
 
     dataset = find_videos(config.videos, config.train_list, config.val_list, config.data_root, config.classes)
     geometry = model_geometry(config.model, config.size)
-    own_views = np.array([config.train_views if e.split == "train" else config.eval_views for e in dataset.entries])
+    clip_spec = clip_spec_of(config, geometry["image_size"])
+    own_views = np.array([clip_spec.views(e.split) for e in dataset.entries])
     splits = np.array([e.split for e in dataset.entries])
     layouts = {name: dataclasses.replace(
         cache_layout(config, dataset, geometry["width"], geometry["layers"], geometry["patch_grid"],
@@ -79,7 +80,8 @@ def plan_cache(config, probe_mb: float = 256) -> CachePlan:
         arrays = layout.feature_arrays()
         view_bytes = {array: dtype.itemsize * int(np.prod(chunk)) for array, (_, chunk, dtype) in arrays.items()}
         plan.bytes_per_view[name] = sum(view_bytes.values())
-        plan.read_per_view[name] = sum(b for array, b in view_bytes.items() if array != "embed")
+        # a decoder run reads every cached block and its maps; a cache of embeddings only, the embeddings
+        plan.read_per_view[name] = sum(b for array, b in view_bytes.items() if array != "embed") or view_bytes["embed"]
         plan.split_bytes[name] = {split: views * plan.bytes_per_view[name] for split, views in plan.views.items()}
         plan.total_bytes[name] = sum(plan.split_bytes[name].values()) + len(arrays) * _index_bytes(layout)
         plan.epoch_read_bytes[name] = plan.videos.get("train", 0) * plan.read_per_view[name]

@@ -4,6 +4,12 @@ Dense sampling takes T frames at stride s. Training clips start at a uniform ran
 views spread V clips evenly over the video. Segment (TSN) sampling splits the video into T equal
 segments and takes one frame of each: a random one for training, evenly spread offsets for evaluation.
 Short videos are padded by repeating their last frame.
+
+"vifi" sampling is ViFi-CLIP's test protocol (its loader is X-CLIP's, mmaction's `SampleFrames` with
+one frame per clip and T clips): one view takes the middle frame of each of T equal segments; V > 1
+views are V independent draws of its training rule, one uniform frame in each of T segments of
+n // T frames (the last n mod T frames are never drawn; fewer frames than T take round(i n / T)).
+ViFi-CLIP draws them unseeded; here each view's draw is seeded per (video, view).
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLING_MODES = ("dense", "segment")
+SAMPLING_MODES = ("dense", "segment", "vifi")
 
 
 def dense_train_indices(num_frames: int, frames: int, stride: int, rng: np.random.Generator) -> list[int]:
@@ -55,6 +61,21 @@ def segment_indices(num_frames: int, frames: int, offset: float | None,
     return indices
 
 
+def vifi_middle_indices(num_frames: int, frames: int) -> list[int]:
+    """ViFi-CLIP's one-view test clip: frame int(i a + a / 2) of segment i, a = n / T (in float64)."""
+    interval = num_frames / float(frames)
+    return [int(i) for i in (np.arange(frames) * interval + interval / 2.0).astype(np.int64)]
+
+
+def vifi_random_indices(num_frames: int, frames: int, rng: np.random.Generator) -> list[int]:
+    """ViFi-CLIP's clip for each of several test views (its training rule): a uniform frame in each of
+    T segments of n // T frames; with fewer frames than T, frame round(i n / T) (half to even)."""
+    interval = num_frames // frames
+    if interval > 0:
+        return [int(i) for i in np.arange(frames) * interval + rng.integers(0, interval, size=frames)]
+    return [int(i) for i in np.around(np.arange(frames) * (num_frames / frames))]
+
+
 @dataclass(frozen=True)
 class ViewPlan:
     """One cached view: its frame indices and whether it gets training augmentation (seeded)."""
@@ -81,6 +102,11 @@ def plan_views(num_frames: int, split: str, mode: str, frames: int, stride: int,
     def eval_clips(views: int) -> list[list[int]]:
         if mode == "dense":
             return dense_eval_indices(num_frames, frames, stride, views)
+        if mode == "vifi":
+            if views == 1:
+                return [vifi_middle_indices(num_frames, frames)]
+            return [vifi_random_indices(num_frames, frames, np.random.default_rng(view_seed(seed, video_index, v)))
+                    for v in range(views)]
         return [segment_indices(num_frames, frames, (v + 0.5) / views) for v in range(views)]
 
     if split != "train":
@@ -92,6 +118,8 @@ def plan_views(num_frames: int, split: str, mode: str, frames: int, stride: int,
         rng = np.random.default_rng(vseed)
         if mode == "dense":
             clip = dense_train_indices(num_frames, frames, stride, rng)
+        elif mode == "vifi":
+            clip = vifi_random_indices(num_frames, frames, rng)
         else:
             clip = segment_indices(num_frames, frames, None, rng)
         plans.append(ViewPlan(tuple(clip), True, vseed))

@@ -141,13 +141,20 @@ class ClassPrompts(nn.Module):
     context_tokens = 0: each class is the average of its templates' normalised embeddings,
     renormalised (one template: just that prompt). context_tokens = n > 0: each class is the prompt
     "[SOT] c_1 ... c_n name . [EOT]" whose c_i are learned vectors shared by all classes (CoOp's
-    generic context, initialised normal with std 0.02). tune_tower trains the text tower too;
-    otherwise it stays frozen and is left out of saved weights (it is rebuilt from the backbone).
+    generic context, initialised normal with std 0.02, or to given `context_vectors` [n, width], such as
+    a ViFi-CLIP checkpoint's learned ones). `context_prefix` is the text whose first n tokens the
+    context vectors overwrite ("[SOT] prefix name . [EOT]"; ViFi-CLIP's CTX_INIT words when it
+    initialised 4 or fewer vectors from them), by default n placeholder words. tune_tower trains the
+    text tower too; otherwise it stays frozen and is left out of saved weights (it is rebuilt from
+    the backbone).
     """
 
     def __init__(self, tower: TextTower, tokenizer, class_names: list[str], templates: list[str] | None = None,
-                 context_tokens: int = 0, tune_tower: bool = False):
+                 context_tokens: int = 0, tune_tower: bool = False, context_vectors: Tensor | None = None,
+                 context_prefix: str | None = None):
         super().__init__()
+        if context_vectors is not None:
+            context_tokens = len(context_vectors)
         if context_tokens < 0:
             raise EvlCacheError("--prompt-tokens must be 0 or more")
         if context_tokens and templates and list(templates) != [BARE_NAME]:
@@ -157,8 +164,12 @@ class ClassPrompts(nn.Module):
         self.tokenizer = tokenizer
         self.templates = list(templates or [BARE_NAME])
         self.context_tokens = context_tokens
+        self.context_prefix = context_prefix or " ".join([CONTEXT_WORD] * context_tokens)
+        self._placeholder_context = context_prefix is None  # one placeholder token per context vector
         self.context = None
-        if context_tokens:
+        if context_vectors is not None:
+            self.context = nn.Parameter(context_vectors.detach().clone().float())
+        elif context_tokens:
             self.context = nn.Parameter(torch.empty(context_tokens, tower.width))
             nn.init.normal_(self.context, std=0.02)
         self._cached: Tensor | None = None
@@ -171,8 +182,7 @@ class ClassPrompts(nn.Module):
     def prompts(self, class_names: list[str]) -> list[str]:
         """The prompt strings, class-major ([K * M] for M templates; [K] with learned context)."""
         if self.context is not None:
-            placeholder = " ".join([CONTEXT_WORD] * self.context_tokens)
-            return [f"{placeholder} {name}." for name in class_names]
+            return [f"{self.context_prefix} {name}." for name in class_names]
         return [template.format(name) for name in class_names for template in self.templates]
 
     def set_classes(self, class_names: list[str]) -> None:
@@ -180,7 +190,7 @@ class ClassPrompts(nn.Module):
         if not class_names:
             raise EvlCacheError("no class names to score against")
         token_ids = self.tokenizer(self.prompts(list(class_names)))
-        if self.context is not None:
+        if self.context is not None and self._placeholder_context:
             placeholder = self.tokenizer([CONTEXT_WORD])[0, 1]
             if not (token_ids[:, 1:1 + self.context_tokens] == placeholder).all():
                 raise EvlCacheError("the tokenizer does not give one token per learned context position")

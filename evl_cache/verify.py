@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .clips import ClipSpec
 from .errors import CacheError
 from .store import DONE, FAILED, PENDING, STATUS_NAMES, CacheLayout, FeatureStore, cache_storage, video_checksum
 
@@ -224,8 +225,8 @@ def verify(path: str | Path, repair: bool = False) -> VerifyReport:
             return report
         counts = Counter(int(s) for s in columns["status"])
         report.status = {name: counts.get(value, 0) for value, name in STATUS_NAMES.items()}
-        sampling = attrs["sampling"]
-        views_planned = np.where(columns["split"] == "train", sampling["train_views"], sampling["eval_views"])
+        clip_spec = ClipSpec.from_cache(attrs)
+        views_planned = np.array([clip_spec.views(str(split)) for split in columns["split"]])
         problems += _check_rows(columns, views_planned, layout.views)
         checksums = None
         if report.checksums:

@@ -95,12 +95,24 @@ def scan_folder(root: str | Path) -> VideoList:
 
 
 def read_class_names(path: str | Path) -> list[str]:
-    """Class names from a plain list (one per line) or the authors' JSON mapping (name -> index)."""
+    """Class names from a plain list (one per line), the EVL authors' JSON mapping (name -> index), or a
+    CSV with an `id,name` header (ViFi-CLIP's and X-CLIP's label files)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise DatasetError(f"cannot read class names: {error.strerror}", path) from None
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        if not rows or not {"id", "name"} <= set(rows[0]):
+            raise DatasetError("a class-name CSV needs an id,name header and a row per class", path)
+        try:
+            by_index = sorted((int(row["id"]), row["name"].strip()) for row in rows)
+        except (TypeError, ValueError):
+            raise DatasetError("class ids in the CSV are not all integers", path) from None
+        if [i for i, _ in by_index] != list(range(len(by_index))):
+            raise DatasetError("class ids in the CSV are not 0..K-1", path)
+        return [name for _, name in by_index]
     if path.suffix.lower() == ".json":
         mapping = json.loads(text)
         if isinstance(mapping, list):

@@ -5,6 +5,9 @@ frames, L2-normalised. Per class: CLIP's text tower on a prompt (the bare class 
 or several templates averaged in embedding space), L2-normalised. Logits: CLIP's logit scale times
 the cosine similarity. A video's score is the softmax averaged over its views, as evaluation does.
 Only the cache's `embed` array is read, and only the text half of CLIP is kept in memory.
+
+A cache extracted with weights converted from a text-prompted ViFi-CLIP model (`import-vificlip`)
+prompts with its learned context vectors instead of templates, as ViFi-CLIP evaluates it.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from .metrics import average_views, classification_metrics
 from .model import TextHeadModel
 from .store import FeatureStore
 from .text import BARE_NAME, ClassPrompts, load_text_tower, read_templates
+from .vificlip import learned_prompt, prompt_class_names
 from .videos import read_class_names
 
 log = logging.getLogger(__name__)
@@ -44,8 +48,24 @@ class ZeroShotConfig:
     device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
 
 
-def zeroshot_scores(config: ZeroShotConfig) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(the scored class names, per-video `average_views` scores: videos, probabilities, logits, labels)."""
+def class_prompts(attrs: dict, names: list[str], templates: Path | None, pretrained: str | None) -> ClassPrompts:
+    """The prompts for `names` with the text tower of a cache's backbone: the backbone's learned ViFi-CLIP
+    context if its weights file has one, else the templates (default: the bare class name)."""
+    tower, tokenizer = load_text_tower(attrs["backbone"], attrs["sampling"]["seed"], pretrained)
+    weights = pretrained or attrs["backbone"]["pretrained"]
+    learned = learned_prompt(weights)
+    if learned is None:
+        return ClassPrompts(tower, tokenizer, names, read_templates(templates) if templates else [BARE_NAME])
+    if templates is not None:
+        raise EvlCacheError("the backbone's weights carry ViFi-CLIP's learned prompt context, which replaces "
+                            "templates: leave out --templates", weights)
+    vectors, prefix = learned
+    return ClassPrompts(tower, tokenizer, prompt_class_names(names), context_vectors=vectors, context_prefix=prefix)
+
+
+def zeroshot_scores(config: ZeroShotConfig) -> tuple[list[str], dict[str, np.ndarray], ClassPrompts]:
+    """(the scored class names, per-video `average_views` scores: videos, probabilities, logits, labels,
+    and the prompts they were scored against)."""
     from .extract import resolve_device
 
     if config.features is None:
@@ -62,25 +82,31 @@ def zeroshot_scores(config: ZeroShotConfig) -> tuple[list[str], dict[str, np.nda
     if len(videos) == 0:
         raise EvlCacheError(f"no finished, labelled videos of the scored classes in split {config.split!r}",
                             config.features)
-    templates = read_templates(config.templates) if config.templates else [BARE_NAME]
-    tower, tokenizer = load_text_tower(attrs["backbone"], attrs["sampling"]["seed"], config.pretrained)
-    model = TextHeadModel(ClassPrompts(tower, tokenizer, names, templates)).to(device).eval()
+    prompts = class_prompts(attrs, names, config.templates, config.pretrained)
+    model = TextHeadModel(prompts).to(device).eval()
     selection = select_embeddings(attrs, None, 1)
     loader = CacheLoader.sequential(CacheDataset(config.features, videos, selection, views="all", label_map=label_map),
                                     config.batch_size, config.workers, device.type == "cuda")
-    return names, average_views(*predict_views(model, loader, device, device.type == "cuda"))
+    return names, average_views(*predict_views(model, loader, device, device.type == "cuda")), prompts
 
 
 def zeroshot(config: ZeroShotConfig) -> dict:
     """Zero-shot top-1, top-5 and mean class accuracy of the cache's split, views averaged."""
-    names, scores = zeroshot_scores(config)
+    names, scores, prompts = zeroshot_scores(config)
     metrics = classification_metrics(scores["probabilities"], scores["labels"], len(names))
-    templates = read_templates(config.templates) if config.templates else [BARE_NAME]
+    templates = [] if prompts.context is not None else prompts.templates
     result = {"videos": metrics["videos"], "classes": len(names), "templates": templates,
-              "top1": metrics["top1"], "top5": metrics["top5"],
+              "context_tokens": prompts.context_tokens, "top1": metrics["top1"], "top5": metrics["top5"],
               "mean_class_accuracy": metrics["mean_class_accuracy"],
               "per_class_accuracy": dict(zip(names, metrics["per_class_accuracy"]))}
-    log.info("zeroshot: %s (%s, %d videos, %d classes, %d template(s)): top-1 %.4f, top-5 %.4f, "
-             "mean class accuracy %.4f", config.features, config.split, result["videos"], len(names),
-             len(templates), result["top1"], result["top5"], result["mean_class_accuracy"])
+    log.info("zeroshot: %s (%s, %d videos, %d classes, %s): top-1 %.4f, top-5 %.4f, mean class accuracy %.4f",
+             config.features, config.split, result["videos"], len(names), prompt_description(result),
+             result["top1"], result["top5"], result["mean_class_accuracy"])
     return result
+
+
+def prompt_description(result: dict) -> str:
+    """How a zeroshot result's classes were prompted, in words."""
+    if result["context_tokens"]:
+        return f"learned prompt context of {result['context_tokens']} vectors"
+    return f"{len(result['templates'])} template(s)"

@@ -124,7 +124,7 @@ def test_bad_names_and_tags_are_one_line_errors():
         load_clip("No-Such-Model", "none")
     with pytest.raises(BackboneError, match="neither a file nor an open_clip tag"):
         load_clip("EVL-Tiny", "no-such-tag")
-    with pytest.raises(BackboneError, match="not in 1..4"):
+    with pytest.raises(BackboneError, match="not in 0..4"):
         clip, spec = load_clip("EVL-Tiny", "none")
         FrozenBackbone(clip.visual, 5, spec.mean, spec.std)
 

@@ -99,3 +99,17 @@ def test_cli_import_and_export(tmp_path, classes_file):
     assert result.exit_code == 0 and (tmp_path / "x.pth").exists()
     result = runner.invoke(main, ["import-evl", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "r2")])
     assert result.exit_code == 1 and "nope.pth: checkpoint not found" in result.output
+
+
+def test_objects_of_the_training_code_beside_the_weights_are_read_inertly(tmp_path, classes_file):
+    """A checkpoint that also pickles, say, the training script's argparse options still imports: classes
+    torch does not allow are read as plain dicts, and nothing in the file is called."""
+    import argparse
+    state = authors_checkpoint(tmp_path / "plain.pth")
+    torch.save({"model": state, "args": argparse.Namespace(lr=4e-4, arch="ViT-B/16")}, tmp_path / "evl.pth")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tmp_path / "evl.pth", weights_only=True)
+    run = import_evl(ImportConfig(checkpoint=tmp_path / "evl.pth", out=tmp_path / "run", model="EVL-Tiny",
+                                  pretrained="none", classes=classes_file))
+    weights = load_file(run / "best.safetensors")
+    assert all(torch.equal(weights[k[len("module."):]], v) for k, v in state.items())

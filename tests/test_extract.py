@@ -12,14 +12,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from evl_cache.backbone import FrozenBackbone, load_clip
+from evl_cache.backbone import CLIP_MEAN, CLIP_STD, FrozenBackbone, load_clip
 from evl_cache.cli import main
+from evl_cache.clips import ClipSpec
 from evl_cache.decode import decode_frames, probe_video
 from evl_cache.errors import CacheError, DatasetError
 from evl_cache.extract import ExtractConfig, extract
 from evl_cache.pixels import centre_crop
-from evl_cache.sampling import dense_eval_indices
+from evl_cache.sampling import dense_eval_indices, vifi_middle_indices, vifi_random_indices, view_seed
 from evl_cache.store import DONE, FAILED, PENDING, FeatureStore
+from evl_cache.train import TrainConfig, train
 from evl_cache.verify import verify
 
 TINY = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, blocks=2, workers=0, shard_size=3)
@@ -213,3 +215,89 @@ def test_options_from_a_toml_file(sample_videos, tmp_path):
     recipe.write_text('[extract]\nframs = 3\n')
     result = CliRunner().invoke(main, ["extract", "--config", str(recipe), "--out", str(out)])
     assert result.exit_code == 1 and "unknown option(s) frams" in result.output
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def test_spatial_views_and_vifi_sampling_equal_the_crops_computed_directly(sample_videos, tmp_path):
+    """2 temporal views (ViFi-CLIP's random segment draws) x 3 crops of frames resized to 32, normalised with
+    ImageNet's statistics: view t * 3 + s of a validation video is crop s of draw t; training videos keep
+    one plain view (the middle frames, centre crop)."""
+    out = tmp_path / "views.zarr"
+    extract(ExtractConfig(out=out, videos=sample_videos, sampling="vifi", eval_views=2, spatial_views=3,
+                          mean=",".join(map(str, IMAGENET_MEAN)), std=",".join(map(str, IMAGENET_STD)), **TINY))
+    with FeatureStore(out) as store:
+        attrs = store.attrs
+        paths, splits, views = list(store.column("path")), store.column("split"), store.column("views")
+        embed = np.asarray(store.array("embed")[...])
+    assert attrs["preprocessing"] == {"resize": "short_side", "crop": "three", "size": 32,
+                                      "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    assert attrs["sampling"]["mode"] == "vifi" and attrs["sampling"]["views"] == 6
+    assert set(views[splits == "val"]) == {6} and set(views[splits == "train"]) == {1}
+    clip, _ = load_clip("EVL-Tiny", "none")
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for name, temporal in (("val/slide_left/slide_left_001.mp4", None), ("train/red_still/red_still_002.mp4", 1)):
+        index, path = paths.index(name), sample_videos / name
+        probe = probe_video(path)
+        if temporal is None:  # each view its own seeded draw
+            draws = [vifi_random_indices(probe.num_frames, 4, np.random.default_rng(view_seed(0, index, v)))
+                     for v in range(2)]
+        else:
+            draws = [vifi_middle_indices(probe.num_frames, 4)]
+        crops = []
+        for indices in draws:
+            frames = decode_frames(path, indices, 32, probe).frames  # 32 x 42 from 40 x 52
+            step = (frames.shape[2] - 32) // 2
+            lefts = (0, 2 * step, step) if temporal is None else (step,)
+            crops += [torch.from_numpy(frames[:, :, left:left + 32].copy()).permute(0, 3, 1, 2) for left in lefts]
+        pixels = (torch.stack(crops).flatten(0, 1).float() / 255 - mean) / std
+        with torch.no_grad():
+            expected = clip.encode_image(pixels).view(len(crops), 4, -1).numpy()
+        np.testing.assert_allclose(embed[index, :len(crops)], expected, rtol=2e-3, atol=2e-3)
+        assert not embed[index, len(crops):].any()
+    assert verify(out).ok
+    text = CliRunner().invoke(main, ["info", str(out)]).output
+    assert "vifi 4 frames" in text and "2 x 3 spatial eval views" in text
+    assert "three crops of 32, mean 0.485,0.456,0.406, std 0.229,0.224,0.225" in text
+
+
+def test_default_records_are_those_of_caches_made_before_the_options(messy_cache):
+    """A default extraction describes itself exactly as before resize, crops and mean/std were options, so
+    old caches resume and serve runs as they did; their records read back with the old meaning."""
+    out, _ = messy_cache
+    with FeatureStore(out) as store:
+        attrs = store.attrs
+    assert attrs["preprocessing"] == {"resize": "short_side", "crop": "centre", "size": 32,
+                                      "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+    spec = ClipSpec.from_cache(attrs)
+    assert spec.resize == 32 and spec.spatial_views == 1 and spec.views("val") == 2 and spec.views("train") == 1
+
+
+def test_view_and_normalisation_options_are_checked(sample_videos, tmp_path):
+    runner = CliRunner()
+    for extra, message in ((["--spatial-views", "2"], "--spatial-views must be one of 1, 3"),
+                           (["--spatial-views", "3", "--resize", "40"], "--resize must equal the input size 32"),
+                           (["--resize", "20"], "--resize 20 is below the input size 32"),
+                           (["--mean", "0.5,0.5"], "--mean '0.5,0.5': give three comma-separated numbers"),
+                           (["--std", "0.2,0,0.2"], "--std '0.2,0,0.2': give three comma-separated numbers, R,G,B, "
+                                                    "all positive")):
+        result = runner.invoke(main, ["extract"] + _cli_args(sample_videos, tmp_path / "x.zarr") + extra)
+        assert result.exit_code == 1 and message in result.output, (extra, result.output)
+        assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_embeddings_only_cache(sample_videos, tmp_path):
+    """--blocks 0 stores only the per-frame CLIP embeddings: all that zero-shot and the text heads read."""
+    out = tmp_path / "embed.zarr"
+    extract(ExtractConfig(out=out, videos=sample_videos, **{**TINY, "blocks": 0}))
+    reference = tmp_path / "full.zarr"
+    extract(ExtractConfig(out=reference, videos=sample_videos, **TINY))
+    with FeatureStore(out) as store, FeatureStore(reference) as full:
+        assert store.attrs["blocks"] == [] and store.attrs["stored"] == ["embed"]
+        assert not store.has("tokens/block_3") and not store.has("maps/block_3/prev")
+        np.testing.assert_array_equal(np.asarray(store.array("embed")[...]), np.asarray(full.array("embed")[...]))
+        assert full.attrs["stored"] == ["tokens", "maps", "embed"]
+    assert verify(out).ok
+    with pytest.raises(CacheError, match="--layers 4 needs 4 cached blocks; the cache holds 0"):
+        train(TrainConfig(features=out, out=tmp_path / "run", workers=0))

@@ -12,14 +12,17 @@ from evl_cache.backbone import load_clip
 from evl_cache.cli import main
 from evl_cache.data import CacheDataset, CacheLoader, select_features, usable_videos
 from evl_cache.decode import decode_frames, probe_video
-from evl_cache.evaluate import EvalConfig, build_model, evaluate, load_run, predict_views
+from evl_cache.evaluate import (EvalConfig, build_model, evaluate, load_run, load_weights, predict_views,
+                                run_selection)
 from evl_cache.evl_checkpoints import ImportConfig, import_evl
 from evl_cache.extract import ExtractConfig, extract
 from evl_cache.metrics import average_views
 from evl_cache.pixels import centre_crop
 from evl_cache.predict import OnlineModel, PredictConfig, predict
 from evl_cache.sampling import dense_eval_indices
+from evl_cache.errors import CacheError
 from evl_cache.store import FeatureStore
+from evl_cache.train import TrainConfig, train
 from test_evl_checkpoints import authors_checkpoint
 from test_model import naive_forward
 
@@ -120,3 +123,35 @@ def test_predict_cli_folders_lists_and_bad_files(cache_and_run, sample_videos, t
     assert sum(rows[0]["probabilities"]) == pytest.approx(1.0, abs=1e-5)
     result = runner.invoke(main, ["predict", str(bad), "--run", str(run)])
     assert result.exit_code == 1 and "no video could be predicted" in result.output
+
+
+def test_predict_uses_the_caches_crops_and_normalisation(sample_videos, tmp_path):
+    """A cache of 2 temporal x 3 spatial views with ImageNet's mean/std: predict takes the same six views,
+    normalised the same way, and gives the probabilities evaluation gives from the cache."""
+    cache = tmp_path / "crops.zarr"
+    extract(ExtractConfig(out=cache, videos=sample_videos, model="EVL-Tiny", pretrained="none", frames=4, stride=3,
+                          eval_views=2, spatial_views=3, mean="0.485,0.456,0.406", std="0.229,0.224,0.225",
+                          blocks=1, workers=0))
+    run = tmp_path / "run"
+    train(TrainConfig(features=cache, out=run, head="text", prompt_tokens=2, epochs=1, batch_size=8, workers=0))
+    with FeatureStore(cache) as store:
+        videos = usable_videos(store, ("val",))
+        paths = store.column("path")
+    model = build_model(load_run(run))
+    load_weights(model, load_file(run / "best.safetensors"), run)
+    selection = run_selection(FeatureStore(cache).attrs, load_run(run))
+    loader = CacheLoader.sequential(CacheDataset(cache, videos, selection), 8)
+    cached = average_views(*predict_views(model, loader, torch.device("cpu"), False))
+    assert len(cached["videos"]) == 8
+    predictions = predict(PredictConfig(videos=[str(sample_videos / paths[v]) for v in cached["videos"]], run=run))
+    for i, prediction in enumerate(predictions):
+        np.testing.assert_allclose(prediction.probabilities, cached["probabilities"][i], atol=2e-4)
+    # the run evaluates on a cache of the same pixels with another number of crops, not other pixels
+    options = dict(videos=sample_videos, model="EVL-Tiny", pretrained="none", frames=4, stride=3, eval_views=2,
+                   blocks=1, workers=0)
+    extract(ExtractConfig(out=tmp_path / "centre.zarr", mean="0.485,0.456,0.406", std="0.229,0.224,0.225",
+                          **options))
+    assert evaluate(EvalConfig(run=run, features=tmp_path / "centre.zarr", workers=0))["videos"] == 8
+    extract(ExtractConfig(out=tmp_path / "clip_mean.zarr", **options))
+    with pytest.raises(CacheError, match="clip_mean.zarr: preprocessing differs from the run's cache"):
+        evaluate(EvalConfig(run=run, features=tmp_path / "clip_mean.zarr", workers=0))

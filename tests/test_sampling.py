@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from evl_cache.sampling import dense_eval_indices, dense_train_indices, plan_views, segment_indices
+from evl_cache.sampling import (dense_eval_indices, dense_train_indices, plan_views, segment_indices,
+                                vifi_middle_indices, vifi_random_indices, view_seed)
 
 
 def test_dense_train_random_start_within_bounds():
@@ -59,3 +60,40 @@ def test_plan_views_by_split_and_seeded():
     assert [p.seed for p in other] != [p.seed for p in train]
     with pytest.raises(ValueError):
         plan_views(0, "val", "dense", 8, 16, 3, 1, seed=0, video_index=0)
+
+
+def test_vifi_one_view_takes_the_middle_frame_of_each_segment():
+    # ViFi-CLIP's test clip: segments of a = n / T frames, frame int(i a + a / 2) of each
+    assert vifi_middle_indices(300, 16)[:4] == [9, 28, 46, 65]  # a = 18.75: 9.375, 28.125, 46.875, 65.625
+    assert vifi_middle_indices(300, 16)[-1] == 290  # 15 * 18.75 + 9.375 = 290.625
+    assert vifi_middle_indices(5, 8) == [0, 0, 1, 2, 2, 3, 4, 4]  # fewer frames than segments: repeats
+    assert vifi_middle_indices(100, 3) == [16, 50, 83]
+    assert vifi_middle_indices(8, 8) == list(range(8))
+
+
+def test_vifi_several_views_draw_one_frame_in_each_whole_segment():
+    rng = np.random.default_rng(0)
+    seen = [set() for _ in range(8)]
+    for _ in range(300):  # 100 frames, 8 segments of 100 // 8 = 12 frames; frames 96..99 are never drawn
+        clip = vifi_random_indices(100, 8, rng)
+        for i, frame in enumerate(clip):
+            seen[i].add(frame)
+    assert all(s == set(range(12 * i, 12 * i + 12)) for i, s in enumerate(seen))
+    # fewer frames than segments: round(i * n / T), halves to even (5 / 8: 0, .625, 1.25, 1.875, 2.5, ...)
+    assert vifi_random_indices(5, 8, rng) == [0, 1, 1, 2, 2, 3, 4, 4]
+    assert vifi_random_indices(8, 8, rng) == list(range(8))
+
+
+def test_vifi_plans_views_by_split_seeded_per_video_and_view():
+    one = plan_views(200, "val", "vifi", 8, 16, 1, 1, seed=0, video_index=3)
+    assert [p.frame_indices for p in one] == [tuple(vifi_middle_indices(200, 8))]
+    four = plan_views(200, "val", "vifi", 8, 16, 4, 1, seed=0, video_index=3)
+    assert len(four) == 4 and not any(p.augment for p in four)
+    for v, plan in enumerate(four):  # each view its own seeded draw of the training rule
+        assert plan.frame_indices == tuple(vifi_random_indices(200, 8, np.random.default_rng(view_seed(0, 3, v))))
+    assert len({p.frame_indices for p in four}) == 4
+    assert plan_views(200, "val", "vifi", 8, 16, 4, 1, seed=0, video_index=3) == four
+    assert plan_views(200, "val", "vifi", 8, 16, 4, 1, seed=0, video_index=4) != four
+    train = plan_views(200, "train", "vifi", 8, 16, 4, 3, seed=0, video_index=3)
+    assert train[0].frame_indices == tuple(vifi_middle_indices(200, 8)) and not train[0].augment
+    assert all(p.augment for p in train[1:]) and len(train) == 3

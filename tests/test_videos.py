@@ -90,3 +90,16 @@ def test_duplicate_paths_in_a_list_fail_after_the_first(tmp_path):
     table = tmp_path / "d.csv"
     table.write_text("path,label\nx/1.mp4,walk\nx/1.mp4,run\n")
     assert [e.error for e in find_videos(train_list=table).entries] == ["", "d.csv line 3: duplicate of line 2"]
+
+
+def test_class_names_from_a_label_csv(tmp_path):
+    """ViFi-CLIP's (X-CLIP's) label files: an id,name header, one row per class, names with spaces."""
+    labels = tmp_path / "hmdb_51_labels.csv"
+    labels.write_text("id,name\n1,ride bike\n0,brush hair\n2,\"pour, then drink\"\n")
+    assert read_class_names(labels) == ["brush hair", "ride bike", "pour, then drink"]
+    labels.write_text("id,name\n0,a\n2,b\n")
+    with pytest.raises(DatasetError, match="hmdb_51_labels.csv: class ids in the CSV are not 0..K-1"):
+        read_class_names(labels)
+    labels.write_text("a\nb\n")
+    with pytest.raises(DatasetError, match="needs an id,name header"):
+        read_class_names(labels)

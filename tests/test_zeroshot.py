@@ -58,7 +58,7 @@ def test_zeroshot_from_the_cache_equals_clip_on_the_frames(cache, sample_videos,
     opened = set()
     original = FeatureStore.array
     monkeypatch.setattr(FeatureStore, "array", lambda self, name: opened.add(name) or original(self, name))
-    names, scores = zeroshot_scores(ZeroShotConfig(features=cache, templates=template_file, workers=0))
+    names, scores, _ = zeroshot_scores(ZeroShotConfig(features=cache, templates=template_file, workers=0))
     assert {n for n in opened if not n.startswith("videos/")} == {"embed"}  # no tokens, no maps
     direct = clip_directly(cache, sample_videos, scores["videos"], names, templates)
     assert len(scores["videos"]) == 8 and direct.shape == (8, 4)

@@ -1,0 +1,205 @@
+"""ViFi-CLIP's released models (Rasheed et al., CVPR 2023) as open_clip weights: `evl-cache import-vificlip`.
+
+A ViFi-CLIP checkpoint is a `torch.save` dict whose `model` holds its DistributedDataParallel state dict
+(`module.` prefix): the fine-tuned image tower under `image_encoder.`, the text tower under
+`text_encoder.` (transformer, positional_embedding, ln_final, text_projection), both with the key names
+of OpenAI's `clip` package, CLIP's `logit_scale`, and the prompt learner's tensors under
+`prompt_learner.`. open_clip's CLIP models use OpenAI's names too, so the conversion strips the two
+prefixes and loads the result strictly into the open_clip model (`ViT-B-16-quickgelu` for the released
+models: OpenAI's CLIP uses QuickGELU). The token embedding, which ViFi-CLIP neither trains nor saves,
+comes from the base CLIP weights. The written file is `{"state_dict": ..., "vifi_clip": ...}`: open_clip
+(`--pretrained FILE`) reads the first and ignores the second, which records where the weights came from
+and how ViFi-CLIP prompts its text tower:
+
+- a fine-tuned model scores the prompt "{CTX_INIT} {name}." ("a photo of a {}." unless its config
+  changed CTX_INIT); the file records the template, for `zeroshot --templates`;
+- a text-prompted model (`prompt_learner.ctx`: n learned vectors in place of the first n tokens after
+  the start token, at the text tower's input only) keeps its vectors in the file, and `zeroshot` uses
+  them, naming classes with underscores as spaces as ViFi-CLIP does.
+
+Refused, with the reason: vision prompts and text prompts deeper than the input ("bridge and prompt":
+`image_encoder.VPT`, `*.transformer.resblocks.N.VPT_shallow`), which put learned tokens into every
+prompted block; the open_clip towers, and the cache's per-frame token layout, have no place for them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .backbone import _register_model_name, load_clip, sha256_file
+from .checkpoint_files import load_checkpoint, load_exactly, model_state
+from .config import option
+from .errors import BackboneError, CheckpointError, DownloadError, EvlCacheError
+
+log = logging.getLogger(__name__)
+
+FROM_BASE = ("token_embedding.weight",)  # what ViFi-CLIP never saves
+PROMPT_BUFFERS = ("prompt_learner.token_prefix", "prompt_learner.token_suffix",
+                  "prompt_learner.complete_text_embeddings")  # token embeddings of its training class names
+DEFAULT_CTX_INIT = "a photo of a"  # ViFi-CLIP's TRAINER.ViFi_CLIP.CTX_INIT default
+CONTEXT_FROM_WORDS = 4  # ViFi-CLIP initialises at most this many context vectors from the CTX_INIT words
+_VISION_PROMPT = re.compile(r"image_encoder\.(VPT|transformer\.resblocks\.\d+\.VPT_shallow)")
+_DEEP_TEXT_PROMPT = re.compile(r"text_encoder\.transformer\.resblocks\.\d+\.VPT_shallow")
+
+
+@dataclass
+class VifiImportConfig:
+    """Options of `evl-cache import-vificlip`."""
+    checkpoint: Path = option(None, "ViFi-CLIP checkpoint (.pth)", cli=False)
+    out: Path = option(None, "open_clip weights file to write (e.g. vifi_b16.pt)")
+    base: str = option("openai", "CLIP weights for what the checkpoint lacks (the token embedding): openai "
+                                 "(OpenAI's, downloaded by open_clip) or a local open_clip weights file")
+    model: str = option("ViT-B-16-quickgelu", "open_clip model of the checkpoint's towers (a QuickGELU model; "
+                                              "the released models are ViT-B-16-quickgelu)")
+
+
+@dataclass
+class VifiCheckpoint:
+    """A ViFi-CLIP checkpoint, read: its CLIP weights in open_clip's names and how it prompts."""
+    clip_state: dict[str, Tensor]
+    text_context: Tensor | None      # [n, width] learned context vectors, or None
+    context_prefix: str | None       # the words the context overwrites (None: placeholder words)
+    prompt_template: str | None      # the prompt of a model without learned context
+
+
+@dataclass
+class VifiImport:
+    """What `import_vificlip` wrote."""
+    out: Path
+    prompt_template: str | None
+    context_tokens: int
+
+    def line(self) -> str:
+        prompts = (f"learned prompt context, {self.context_tokens} vectors (zeroshot uses them)"
+                   if self.context_tokens else f"prompts {self.prompt_template!r} (pass it to zeroshot --templates)")
+        return f"import-vificlip: wrote {self.out}; {prompts}"
+
+
+def _saved_ctx_init(checkpoint: object) -> str | None:
+    """TRAINER.ViFi_CLIP.CTX_INIT of the config ViFi-CLIP saves beside the weights, if it is there."""
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    trainer = config.get("TRAINER", {}).get("ViFi_CLIP", {}) if isinstance(config, dict) else {}
+    ctx_init = trainer.get("CTX_INIT") if isinstance(trainer, dict) else None
+    return ctx_init.replace("_", " ") if isinstance(ctx_init, str) else None
+
+
+def read_vificlip(path: str | Path) -> VifiCheckpoint:
+    """Read a ViFi-CLIP checkpoint, refusing what open_clip cannot hold exactly (one-line reasons)."""
+    checkpoint = load_checkpoint(path)
+    state = model_state(checkpoint, path)
+    vision_prompts = sorted(k for k in state if _VISION_PROMPT.fullmatch(k))
+    if vision_prompts:
+        raise CheckpointError(f"has vision prompts ({', '.join(vision_prompts[:2])}, ...): a 'bridge and prompt' "
+                              f"image tower adds learned tokens to its blocks, which an open_clip tower and the "
+                              f"cache's per-frame tokens cannot hold; fine-tuned and text-prompted models convert",
+                              path)
+    deep_text_prompts = sorted(k for k in state if _DEEP_TEXT_PROMPT.fullmatch(k))
+    if deep_text_prompts:
+        raise CheckpointError(f"has text prompts inside the text tower ({deep_text_prompts[0]}, ...), which an "
+                              f"open_clip text tower cannot hold; only prompt_learner.ctx at its input converts", path)
+    clip_state, unexpected = {}, []
+    for key, value in state.items():
+        if key.startswith("image_encoder."):
+            clip_state["visual." + key.removeprefix("image_encoder.")] = value
+        elif key.startswith("text_encoder."):
+            clip_state[key.removeprefix("text_encoder.")] = value
+        elif key == "logit_scale":
+            clip_state[key] = value
+        elif key != "prompt_learner.ctx" and key not in PROMPT_BUFFERS:
+            unexpected.append(key)
+    if unexpected:
+        raise CheckpointError(f"unexpected keys for a ViFi-CLIP checkpoint: {', '.join(unexpected[:5])}", path)
+    if not any(k.startswith("visual.") for k in clip_state) or "text_projection" not in clip_state:
+        raise CheckpointError("not a ViFi-CLIP checkpoint: no image_encoder.* or text_encoder.text_projection "
+                              "weights under 'model'", path)
+    ctx_init = _saved_ctx_init(checkpoint)
+    context = state.get("prompt_learner.ctx")
+    if context is None:
+        return VifiCheckpoint(clip_state, None, None, f"{ctx_init if ctx_init is not None else DEFAULT_CTX_INIT} {{}}.")
+    if context.dim() != 2:
+        raise CheckpointError(f"prompt_learner.ctx has shape {tuple(context.shape)}: only context shared by all "
+                              f"classes ([n, width]) is supported", path)
+    prefix = None
+    if len(context) <= CONTEXT_FROM_WORDS:
+        if ctx_init is None:
+            raise CheckpointError(f"its {len(context)} learned context vectors stand in place of the words they "
+                                  f"started from (CTX_INIT), which the checkpoint's saved config would name, but it "
+                                  f"holds none", path)
+        prefix = ctx_init or None  # an empty CTX_INIT: random initialisation, placeholder words
+    return VifiCheckpoint(clip_state, context.float(), prefix, None)
+
+
+def _base_clip(config: VifiImportConfig) -> torch.nn.Module:
+    """The open_clip model with the base CLIP weights (only its token embedding is kept)."""
+    if config.base != "openai" and not os.path.isfile(config.base):
+        raise BackboneError(f"--base {config.base!r} is neither openai nor a file (CLIP weights for the token "
+                            f"embedding)", config.base)
+    try:
+        clip, _ = load_clip(config.model, config.base)
+    except DownloadError:
+        raise DownloadError(f"could not download OpenAI's CLIP weights for {config.model} (no network?), which give "
+                            f"the token embedding: pass --base /path/to/weights, a local open_clip weights file of "
+                            f"them", config.checkpoint) from None
+    return clip
+
+
+def import_vificlip(config: VifiImportConfig) -> VifiImport:
+    """Convert a ViFi-CLIP checkpoint into an open_clip weights file (see the module docstring)."""
+    import open_clip
+
+    if config.checkpoint is None or config.out is None:
+        raise EvlCacheError("a CHECKPOINT and --out are required")
+    out = Path(config.out)
+    if out.exists():
+        raise EvlCacheError("exists already: choose another --out, or remove it", out)
+    model_config = open_clip.get_model_config(_register_model_name(config.model)) or {}
+    if not model_config.get("quick_gelu"):
+        raise BackboneError(f"{config.model} uses GELU, but ViFi-CLIP's towers are OpenAI's CLIP with QuickGELU: "
+                            f"use a -quickgelu model name (ViT-B-16-quickgelu)")
+    vifi = read_vificlip(config.checkpoint)
+    clip = _base_clip(config)
+    base_state = clip.state_dict()
+    state = {**{k: base_state[k] for k in FROM_BASE if k not in vifi.clip_state}, **vifi.clip_state}
+    load_exactly(clip, state, config.checkpoint, config.model)
+    record = {"format": "vifi-clip", "checkpoint": str(config.checkpoint),
+              "checkpoint_sha256": sha256_file(config.checkpoint), "model": config.model, "base": config.base}
+    if vifi.text_context is not None:
+        if vifi.text_context.shape[1] != clip.token_embedding.weight.shape[1]:
+            raise CheckpointError(f"prompt_learner.ctx has width {vifi.text_context.shape[1]}, {config.model}'s text "
+                                  f"tower {clip.token_embedding.weight.shape[1]}", config.checkpoint)
+        record["text_context"] = vifi.text_context
+        if vifi.context_prefix is not None:
+            record["context_prefix"] = vifi.context_prefix
+    else:
+        record["prompt_template"] = vifi.prompt_template
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": clip.state_dict(), "vifi_clip": record}, out)
+    result = VifiImport(out, vifi.prompt_template, 0 if vifi.text_context is None else len(vifi.text_context))
+    log.info("%s (from %s; %s from --base %s)", result.line(), config.checkpoint, ", ".join(FROM_BASE), config.base)
+    return result
+
+
+def learned_prompt(weights: str | Path) -> tuple[Tensor, str | None] | None:
+    """(context vectors, the words they overwrite or None) of a weights file `import-vificlip` wrote from
+    a text-prompted model; None for any other weights (a tag, or a file without learned context)."""
+    if not os.path.isfile(weights) or str(weights).endswith(".safetensors"):
+        return None
+    try:
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:
+        raise BackboneError(f"cannot read the weights file: {(str(error).splitlines() or [''])[0]}", weights) from None
+    record = checkpoint.get("vifi_clip") if isinstance(checkpoint, dict) else None
+    if not isinstance(record, dict) or "text_context" not in record:
+        return None
+    return record["text_context"], record.get("context_prefix")
+
+
+def prompt_class_names(names: list[str]) -> list[str]:
+    """Class names as ViFi-CLIP's learned prompts spell them: underscores as spaces."""
+    return [name.replace("_", " ") for name in names]

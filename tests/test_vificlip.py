@@ -1,0 +1,303 @@
+"""ViFi-CLIP checkpoints: conversion to open_clip weights, zero-shot with learned prompts, refusals.
+
+The checkpoints are made here in ViFi-CLIP's layout (`model` -> `module.image_encoder.*`,
+`module.text_encoder.*`, `module.logit_scale`, `module.prompt_learner.*`, beside a pickled config object
+of a class torch does not allow), from a tiny open_clip model with every tensor random. The reference
+is ViFi-CLIP's forward written out here from those tensors: its image encoder (OpenAI's ViT, QuickGELU,
+sequence-first attention), its text encoder on prompt embeddings, and its logits.
+"""
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from evl_cache.backbone import load_clip
+from evl_cache.cli import main
+from evl_cache.clips import ClipSpec, read_video_clips
+from evl_cache.errors import BackboneError, CheckpointError, EvlCacheError
+from evl_cache.extract import ExtractConfig, extract
+from evl_cache.store import FeatureStore
+from evl_cache.vificlip import VifiImportConfig, import_vificlip, learned_prompt
+from evl_cache.zeroshot import ZeroShotConfig, zeroshot, zeroshot_scores
+
+TINY = "EVL-Tiny"  # vision: width 64, 2 heads, 4 blocks, patch 8, 32 px; text: width 32, 2 heads, 2 blocks
+IMAGENET = dict(mean="0.485,0.456,0.406", std="0.229,0.224,0.225")
+
+
+class CfgNode(dict):
+    """Stands for ViFi-CLIP's yacs config: a dict subclass with attributes, pickled beside the weights."""
+
+    def __init__(self, values):
+        super().__init__(values)
+        self.__dict__["frozen"] = True
+
+
+def random_clip_state(seed: int) -> dict[str, torch.Tensor]:
+    """A tiny open_clip CLIP's state dict with every tensor (LayerNorms, logit scale too) random."""
+    clip, _ = load_clip(TINY, "none", seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in clip.state_dict().items()}
+
+
+def vifi_layout(clip_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenAI/open_clip names -> ViFi-CLIP's DDP state dict names (the token embedding is not saved)."""
+    state = {}
+    for key, value in clip_state.items():
+        if key.startswith("visual."):
+            state["module.image_encoder." + key[len("visual."):]] = value
+        elif key == "logit_scale":
+            state["module.logit_scale"] = value
+        elif key != "token_embedding.weight":
+            state["module.text_encoder." + key] = value
+    return state
+
+
+def write_checkpoint(path, clip_state, context=None, ctx_init="a photo of a", extra=None):
+    """A ViFi-CLIP checkpoint as its epoch_saving writes it; `context` adds prompt_learner.ctx."""
+    model = vifi_layout(clip_state)
+    width = clip_state["token_embedding.weight"].shape[1]
+    if context is not None:
+        model["module.prompt_learner.ctx"] = context
+        model["module.prompt_learner.token_prefix"] = torch.zeros(3, 1, width)
+        model["module.prompt_learner.token_suffix"] = torch.zeros(3, 77 - 1 - len(context), width)
+    else:
+        model["module.prompt_learner.complete_text_embeddings"] = torch.zeros(3, 77, width)
+    model.update(extra or {})
+    config = CfgNode({"TRAINER": CfgNode({"ViFi_CLIP": CfgNode({"CTX_INIT": ctx_init, "N_CTX_TEXT": 0})}),
+                      "DATA": CfgNode({"NUM_FRAMES": 4})}) if ctx_init is not None else None
+    checkpoint = {"model": model, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5, "betas": (0.9, 0.98)}]},
+                  "lr_scheduler": {"t_initial": 10}, "max_accuracy": 12.5, "epoch": 9}
+    if config is not None:
+        checkpoint["config"] = config
+    torch.save(checkpoint, path)
+    return model
+
+
+# --- ViFi-CLIP's forward, written out from its own tensors ----------------------------------------------
+
+def _layer_norm(x, p, name):
+    return F.layer_norm(x.float(), (x.shape[-1],), p[name + ".weight"], p[name + ".bias"])
+
+
+def _block(x, p, prefix, heads, mask=None):
+    """ResidualAttentionBlock on [L, N, D]: x + attn(ln_1 x); x + mlp(ln_2 x) with QuickGELU."""
+    y = _layer_norm(x, p, prefix + "ln_1")
+    attended, _ = F.multi_head_attention_forward(
+        y, y, y, y.shape[-1], heads, p[prefix + "attn.in_proj_weight"], p[prefix + "attn.in_proj_bias"],
+        None, None, False, 0.0, p[prefix + "attn.out_proj.weight"], p[prefix + "attn.out_proj.bias"],
+        training=False, need_weights=False, attn_mask=mask)
+    x = x + attended
+    h = F.linear(_layer_norm(x, p, prefix + "ln_2"), p[prefix + "mlp.c_fc.weight"], p[prefix + "mlp.c_fc.bias"])
+    return x + F.linear(h * torch.sigmoid(1.702 * h), p[prefix + "mlp.c_proj.weight"], p[prefix + "mlp.c_proj.bias"])
+
+
+def vifi_image_features(p, images, heads=2, layers=4):
+    """image_encoder(images) of ViFi-CLIP: [N, 3, S, S] normalised -> [N, E]."""
+    pre = "module.image_encoder."
+    weight = p[pre + "conv1.weight"]
+    x = F.conv2d(images, weight, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+    x = torch.cat([p[pre + "class_embedding"].expand(len(x), 1, -1), x], dim=1) + p[pre + "positional_embedding"]
+    x = _layer_norm(x, p, pre + "ln_pre").transpose(0, 1)
+    for i in range(layers):
+        x = _block(x, p, f"{pre}transformer.resblocks.{i}.", heads)
+    return _layer_norm(x.transpose(0, 1)[:, 0], p, pre + "ln_post") @ p[pre + "proj"]
+
+
+def vifi_text_features(p, prompt_embeddings, token_ids, heads=2, layers=2):
+    """text_encoder(prompts, tokenized_prompts) of ViFi-CLIP: the end-of-text token's projection."""
+    pre = "module.text_encoder."
+    length = prompt_embeddings.shape[1]
+    mask = torch.full((length, length), float("-inf")).triu(1)
+    x = (prompt_embeddings + p[pre + "positional_embedding"]).transpose(0, 1)
+    for i in range(layers):
+        x = _block(x, p, f"{pre}transformer.resblocks.{i}.", heads, mask)
+    x = _layer_norm(x.transpose(0, 1), p, pre + "ln_final")
+    return x[torch.arange(len(x)), token_ids.argmax(-1)] @ p[pre + "text_projection"]
+
+
+def vifi_prompt_embeddings(token_embedding, names, context=None, prefix="a photo of a"):
+    """ViFi-CLIP's VLPromptLearner: "{prefix} {name}." embedded; with learned context, its first n
+    tokens after the start token replaced by the context (names with underscores as spaces)."""
+    tokenizer = open_clip.get_tokenizer(TINY)
+    if context is None:
+        ids = tokenizer([f"{prefix} {name}." for name in names])
+        return F.embedding(ids, token_embedding), ids
+    prefix = prefix if len(context) <= 4 else " ".join(["X"] * len(context))
+    ids = tokenizer([f"{prefix} {name.replace('_', ' ')}." for name in names])
+    embedded = F.embedding(ids, token_embedding)
+    context = context.expand(len(names), -1, -1)
+    return torch.cat([embedded[:, :1], context, embedded[:, 1 + context.shape[1]:]], dim=1), ids
+
+
+# --- conversion -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def base_file(tmp_path_factory):
+    """Base CLIP weights (another random model), as a local open_clip weights file."""
+    path = tmp_path_factory.mktemp("base") / "base_clip.pt"
+    torch.save(random_clip_state(seed=2), path)
+    return path
+
+
+def test_conversion_loads_into_open_clip_and_computes_what_vifi_clip_computes(tmp_path, base_file):
+    source = random_clip_state(seed=1)
+    checkpoint = write_checkpoint(tmp_path / "vifi.pth", source, ctx_init="a video_of a")
+    result = import_vificlip(VifiImportConfig(checkpoint=tmp_path / "vifi.pth", out=tmp_path / "vifi_tiny.pt",
+                                              base=str(base_file), model=TINY))
+    assert result.prompt_template == "a video of a {}." and result.context_tokens == 0  # from the saved config
+    converted, spec = load_clip(TINY, str(tmp_path / "vifi_tiny.pt"))
+    assert spec.quick_gelu
+    state = converted.state_dict()
+    base = torch.load(base_file, weights_only=True)
+    assert set(state) == set(source)
+    for key in source:  # every tensor from the checkpoint, but the token embedding from the base
+        expected = base[key] if key == "token_embedding.weight" else source[key]
+        assert torch.equal(state[key], expected), key
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    names = ["riding a bike", "slide_left", "x"]
+    with torch.no_grad():
+        prompts, ids = vifi_prompt_embeddings(base["token_embedding.weight"], names, prefix="a video of a")
+        torch.testing.assert_close(converted.encode_image(images), vifi_image_features(checkpoint, images),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(converted.encode_text(ids), vifi_text_features(checkpoint, prompts, ids),
+                                   rtol=1e-5, atol=1e-5)
+    assert torch.equal(converted.logit_scale, checkpoint["module.logit_scale"])
+    assert learned_prompt(tmp_path / "vifi_tiny.pt") is None
+    record = torch.load(tmp_path / "vifi_tiny.pt", weights_only=True)["vifi_clip"]
+    assert record["prompt_template"] == "a video of a {}." and record["base"] == str(base_file)
+
+
+def test_learned_context_is_kept_with_the_words_it_replaces(tmp_path, base_file):
+    context = torch.randn(2, 32)
+    write_checkpoint(tmp_path / "short.pth", random_clip_state(seed=1), context=context)
+    result = import_vificlip(VifiImportConfig(checkpoint=tmp_path / "short.pth", out=tmp_path / "short.pt",
+                                              base=str(base_file), model=TINY))
+    assert result.context_tokens == 2 and "zeroshot uses them" in result.line()
+    vectors, prefix = learned_prompt(tmp_path / "short.pt")
+    assert torch.equal(vectors, context) and prefix == "a photo of a"  # 4 or fewer start from CTX_INIT's words
+    write_checkpoint(tmp_path / "long.pth", random_clip_state(seed=1), context=torch.randn(6, 32), ctx_init=None)
+    import_vificlip(VifiImportConfig(checkpoint=tmp_path / "long.pth", out=tmp_path / "long.pt",
+                                     base=str(base_file), model=TINY))
+    assert learned_prompt(tmp_path / "long.pt")[1] is None  # more than 4: placeholder words, config or not
+
+
+def test_refusals_are_one_line_and_name_the_file(tmp_path, base_file):
+    source = random_clip_state(seed=1)
+    options = dict(base=str(base_file), model=TINY)
+
+    def attempt(name, **extra):
+        return import_vificlip(VifiImportConfig(checkpoint=tmp_path / name, out=tmp_path / f"{name}.pt",
+                                                **{**options, **extra}))
+
+    write_checkpoint(tmp_path / "vpt.pth", source, extra={"module.image_encoder.VPT": torch.zeros(8, 64)})
+    with pytest.raises(CheckpointError, match="vpt.pth: has vision prompts .*image_encoder.VPT"):
+        attempt("vpt.pth")
+    deep = {"module.image_encoder.transformer.resblocks.1.VPT_shallow": torch.zeros(8, 64)}
+    write_checkpoint(tmp_path / "deep.pth", source, extra=deep)
+    with pytest.raises(CheckpointError, match="has vision prompts"):
+        attempt("deep.pth")
+    text_deep = {"module.text_encoder.transformer.resblocks.1.VPT_shallow": torch.zeros(4, 32)}
+    write_checkpoint(tmp_path / "text_deep.pth", source, context=torch.zeros(4, 32), extra=text_deep)
+    with pytest.raises(CheckpointError, match="text prompts inside the text tower"):
+        attempt("text_deep.pth")
+    write_checkpoint(tmp_path / "no_config.pth", source, context=torch.zeros(3, 32), ctx_init=None)
+    with pytest.raises(CheckpointError, match="no_config.pth: its 3 learned context vectors .*holds none"):
+        attempt("no_config.pth")
+    torch.save({"model": {"module.decoder.cls_token": torch.zeros(64)}}, tmp_path / "evl.pth")
+    with pytest.raises(CheckpointError, match="unexpected keys for a ViFi-CLIP checkpoint: decoder.cls_token"):
+        attempt("evl.pth")
+    torch.save({"epoch": 3}, tmp_path / "empty.pth")
+    with pytest.raises(CheckpointError, match="empty.pth: no state dict under 'model'"):
+        attempt("empty.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="text.pth: cannot read as a torch checkpoint"):
+        attempt("text.pth")
+    bigger = dict(source)
+    bigger["visual.proj"] = torch.zeros(64, 48)
+    write_checkpoint(tmp_path / "shape.pth", bigger)
+    with pytest.raises(CheckpointError, match="visual.proj has shape \\(64, 48\\), EVL-Tiny needs \\(64, 32\\)"):
+        attempt("shape.pth")
+    write_checkpoint(tmp_path / "good.pth", source)
+    with pytest.raises(BackboneError, match="--base 'nope.pt' is neither openai nor a file"):
+        attempt("good.pth", base="nope.pt")
+    with pytest.raises(BackboneError, match="ViT-B-16 uses GELU.*-quickgelu"):
+        attempt("good.pth", model="ViT-B-16")
+    (tmp_path / "taken.pt").write_text("")
+    with pytest.raises(EvlCacheError, match="taken.pt: exists already"):
+        import_vificlip(VifiImportConfig(checkpoint=tmp_path / "good.pth", out=tmp_path / "taken.pt", **options))
+
+
+def test_missing_base_download_says_to_pass_a_file(tmp_path):
+    """Offline (the tests never reach a hub), --base openai fails naming the checkpoint and --base FILE."""
+    write_checkpoint(tmp_path / "vifi.pth", random_clip_state(seed=1))
+    result = CliRunner().invoke(main, ["import-vificlip", str(tmp_path / "vifi.pth"), "--out", str(tmp_path / "o.pt")])
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]  # (open_clip logs its own)
+    assert len(errors) == 1 and "vifi.pth: could not download OpenAI's CLIP weights for ViT-B-16-quickgelu" in errors[0]
+    assert "pass --base /path/to/weights" in errors[0] and not (tmp_path / "o.pt").exists()
+
+
+# --- zero-shot from the cache -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prompted(sample_videos, base_file, tmp_path_factory):
+    """A text-prompted ViFi-CLIP checkpoint (3 context vectors in place of the first 3 of its CTX_INIT
+    words, "a photo of a"), converted, and a cache extracted with ViFi-CLIP's multi-view protocol: 2
+    temporal views (random segment draws) x 3 crops, ImageNet normalisation."""
+    root = tmp_path_factory.mktemp("vifi_cache")
+    source = random_clip_state(seed=5)
+    context = 0.1 * torch.randn(3, 32, generator=torch.Generator().manual_seed(6))
+    checkpoint = write_checkpoint(root / "vifi.pth", source, context=context)
+    import_vificlip(VifiImportConfig(checkpoint=root / "vifi.pth", out=root / "vifi_tiny.pt", base=str(base_file),
+                                     model=TINY))
+    cache = root / "feats.zarr"
+    extract(ExtractConfig(out=cache, videos=sample_videos, model=TINY, pretrained=str(root / "vifi_tiny.pt"),
+                          frames=4, sampling="vifi", eval_views=2, spatial_views=3, blocks=0, workers=0, **IMAGENET))
+    base = torch.load(base_file, weights_only=True)
+    return cache, checkpoint, context, base["token_embedding.weight"]
+
+
+def test_zeroshot_equals_vifi_clip_formula_with_the_learned_context(prompted, sample_videos):
+    cache, checkpoint, context, token_embedding = prompted
+    names, scores, prompts = zeroshot_scores(ZeroShotConfig(features=cache, workers=0))
+    assert prompts.context_tokens == 3 and torch.equal(prompts.context.detach(), context)
+    with FeatureStore(cache) as store:
+        attrs = store.attrs
+        paths = store.column("path")
+    assert attrs["preprocessing"]["crop"] == "three" and attrs["sampling"]["mode"] == "vifi"
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        prompt_embeddings, ids = vifi_prompt_embeddings(token_embedding, names, context)
+        text = F.normalize(vifi_text_features(checkpoint, prompt_embeddings, ids), dim=-1)
+        scale = checkpoint["module.logit_scale"].exp()
+        direct = []
+        for video in scores["videos"]:
+            clips = read_video_clips(sample_videos / paths[video], "val", int(video), ClipSpec.from_cache(attrs)).clips
+            views, frames = clips.shape[:2]
+            assert views == 6
+            pixels = (clips.flatten(0, 1).float() / 255 - mean) / std
+            features = vifi_image_features(checkpoint, pixels).view(views, frames, -1).mean(1)  # mean over frames
+            logits = scale * F.normalize(features, dim=-1) @ text.T
+            direct.append(logits.softmax(-1).mean(0))  # ViFi-CLIP sums the views' softmax: the same ranking
+    direct = torch.stack(direct).numpy()
+    assert direct.shape == (8, 4)
+    np.testing.assert_allclose(scores["probabilities"], direct, atol=3e-4)  # the cache holds float16 embeddings
+    assert (scores["probabilities"].argmax(1) == direct.argmax(1)).all()
+
+
+def test_zeroshot_command_reports_the_learned_prompt_and_refuses_templates(prompted, tmp_path):
+    cache = prompted[0]
+    result = CliRunner().invoke(main, ["zeroshot", "--features", str(cache), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "learned prompt context of 3 vectors" in result.output
+    templates = tmp_path / "t.txt"
+    templates.write_text("a photo of a {}.\n")
+    with pytest.raises(EvlCacheError, match="learned prompt context, which replaces templates"):
+        zeroshot(ZeroShotConfig(features=cache, templates=templates, workers=0))
+    info = CliRunner().invoke(main, ["info", str(cache), "--json"])
+    assert json.loads(info.stdout)["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
