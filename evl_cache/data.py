@@ -3,10 +3,14 @@
 A run that uses N decoder layers reads the last N cached blocks and nothing else; a run without
 temporal cross-attention reads no maps; a text-head run reads only the per-frame CLIP embeddings.
 Batches are read by threads straight into the tensors training uses (`CacheLoader`), so memory stays
-flat however large the cache is, unless `in_memory` asks to hold the selection in RAM.
+flat however large the cache is, unless `hold_in_memory` reads the selection into RAM (once per node
+under torchrun: the processes of a node share one copy in shared memory).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -138,13 +142,14 @@ class CacheDataset(Dataset):
     """
 
     def __init__(self, path: str | Path, videos: np.ndarray, selection: FeatureSelection,
-                 views: str = "all", seed: int = 0, in_memory: bool = False, label_map: np.ndarray | None = None):
+                 views: str = "all", seed: int = 0, label_map: np.ndarray | None = None):
         self.path = location(path)
         self.selection = selection
         self.views_mode = views
         self.seed = seed
         with FeatureStore(self.path) as store:
             attrs = store.attrs
+            self._cache_id = [str(self.path), attrs.get("created"), attrs.get("dataset", {}).get("fingerprint")]
             self.encoding = encoding(cache_storage(attrs)["encoding"])
             grid = attrs["backbone"]["patch_grid"]
             self.dims = {"tokens": attrs["backbone"]["width"], "maps": grid[0] * grid[1]}  # values per row
@@ -164,9 +169,9 @@ class CacheDataset(Dataset):
             self.items = [(int(v), -1 if views == "random" else 0) for v in self.videos]
         self._store: FeatureStore | None = None
         self._opening = threading.Lock()
-        self._memory: dict[str, np.ndarray] | None = None
-        if in_memory:
-            self._memory = self._load_all()
+        self._memory: dict[str, np.ndarray] | None = None  # hold_in_memory: name -> [videos, views, ...]
+        self._row = {int(v): i for i, v in enumerate(np.sort(self.videos))}
+        self._memory_views = int(self.view_counts[self.videos].max()) if len(self.videos) else 0
 
     def __len__(self) -> int:
         return len(self.items)
@@ -200,18 +205,47 @@ class CacheDataset(Dataset):
         """Bytes one item reads from the cache (the selected rows of each selected array)."""
         return sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in self.item_shapes.values())
 
-    def _load_all(self) -> dict[str, np.ndarray]:
-        """Every view of the dataset's videos, the selected rows of each selected array, in RAM."""
-        order = np.sort(self.videos)
-        self._row = {int(v): i for i, v in enumerate(order)}
-        views = int(self.view_counts[order].max()) if len(order) else 0
-        arrays = {name: np.zeros((len(order), views) + shape, dtype) for name, (dtype, shape) in self.item_shapes.items()}
-        with FeatureStore(self.path) as store:
-            for row, video in enumerate(order):
-                for view in range(int(self.view_counts[video])):
-                    for name, values in arrays.items():
-                        store.read_view(name, int(video), view, self.rows(name), values[row, view])
-        return arrays
+    def memory_bytes(self) -> int:
+        """Bytes `hold_in_memory` takes: every view of the dataset's videos, the selected rows."""
+        return len(self.videos) * self._memory_views * self.bytes_per_item()
+
+    def shared_memory_name(self) -> str:
+        """The file name in shared memory that the processes of a node holding this selection share."""
+        key = json.dumps([self._cache_id, [list(self.selection.blocks), self.selection.frame_start,
+                          self.selection.frames, self.selection.frame_step, self.selection.maps,
+                          self.selection.embed]]).encode() + self.videos.tobytes()
+        return f"evl-cache-{hashlib.sha256(key).hexdigest()[:24]}.mem"
+
+    def hold_in_memory(self, shared: Path | None = None, read: bool = True) -> None:
+        """Read the selection into RAM: every view of the dataset's videos, each selected array's rows.
+
+        With `shared` (a file in a RAM file system, /dev/shm), the arrays live in that file instead of
+        this process's memory: the process with `read` reads the cache into it and renames it into
+        place; the other processes of the node then (after a barrier) open it with `read=False` and
+        share its pages. The reading process removes the name once all have it open.
+        """
+        names = list(self.item_shapes)
+        shapes = [(len(self.videos), self._memory_views) + self.item_shapes[n][1] for n in names]
+        offsets = np.cumsum([0] + [self.item_shapes[n][0].itemsize * int(np.prod(shape))
+                                   for n, shape in zip(names, shapes)])
+        if shared is None or offsets[-1] == 0:
+            arrays = {n: np.zeros(shape, self.item_shapes[n][0]) for n, shape in zip(names, shapes)}
+        else:
+            target = shared.with_name(shared.name + f".partial-{os.getpid()}") if read else shared
+            if read:
+                with open(target, "wb") as handle:
+                    handle.truncate(int(offsets[-1]))
+            arrays = {n: np.memmap(target, self.item_shapes[n][0], "r+" if read else "r", int(offset), shape)
+                      for n, shape, offset in zip(names, shapes, offsets[:-1])}
+        if read:
+            with FeatureStore(self.path) as store:
+                for video, row in self._row.items():
+                    for view in range(int(self.view_counts[video])):
+                        for name, values in arrays.items():
+                            store.read_view(name, video, view, self.rows(name), values[row, view])
+            if shared is not None:
+                os.replace(target, shared)
+        self._memory = arrays
 
     def samples(self, keys: list) -> list[tuple[int, int]]:
         """(video, view) of each key: an item index, or an `(item, epoch)` pair from `EpochBatches`."""
@@ -232,7 +266,8 @@ class CacheDataset(Dataset):
         if pin_memory:
             return {name: torch.empty((size,) + shape, dtype=_TORCH_DTYPES[dtype], pin_memory=True)
                     for name, (dtype, shape) in self.item_shapes.items()}
-        return {name: torch.from_numpy(np.empty((size,) + shape, dtype)) for name, (dtype, shape) in self.item_shapes.items()}
+        return {name: torch.from_numpy(np.empty((size,) + shape, dtype))
+                for name, (dtype, shape) in self.item_shapes.items()}
 
     def read_sample(self, arrays: dict[str, torch.Tensor], row: int, video: int, view: int) -> None:
         """Fill row `row` of the batch tensors with one (video, view), straight from the cache (or RAM)."""
@@ -280,6 +315,18 @@ class CacheDataset(Dataset):
             return value[0] if isinstance(value, torch.Tensor) else value
 
         return {name: unbatched(value) for name, value in self.batch([(video, view)], arrays).items()}
+
+
+def memory_available() -> int | None:
+    """Bytes this machine can give a process now (MemAvailable, Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class CacheLoader:

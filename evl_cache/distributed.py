@@ -24,6 +24,7 @@ class Process:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this node
 
     @property
     def is_main(self) -> bool:
@@ -52,7 +53,8 @@ def init_process(device: torch.device) -> Process:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # the main process evaluates alone between epochs: give the others time to wait for it
         dist.init_process_group(backend, timeout=timedelta(hours=2))
-    return Process(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Process(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                   int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def barrier(process: Process) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .backbone import model_geometry
+from .data import memory_available
 from .encodings import ENCODINGS
 from .errors import EvlCacheError
 from .store import CacheLayout, is_url
@@ -72,7 +73,7 @@ def plan_cache(config, probe_mb: float = 256) -> CachePlan:
                      geometry["embed_dim"]), encoding=name, compress="none") for name in ENCODINGS}
     plan = CachePlan(videos={}, views={}, bytes_per_view={}, read_per_view={}, split_bytes={}, total_bytes={},
                      epoch_read_bytes={}, shapes=_shapes(layouts["fp16"]), chosen=config.storage, probe=None,
-                     memory_available=_memory_available())
+                     memory_available=memory_available())
     for split in sorted(set(splits)):
         plan.videos[split] = int((splits == split).sum())
         plan.views[split] = int(own_views[splits == split].sum())
@@ -104,18 +105,6 @@ def _shapes(layout: CacheLayout) -> str:
     t, p = layout.frames, layout.grid[0] * layout.grid[1]
     return (f"per view: {len(layout.blocks)} blocks of tokens [{t} x {layout.tokens} x {layout.width}], their maps "
             f"[{t - 1} x {p} x {p}] both ways, embeddings [{t} x {layout.embed_dim}]")
-
-
-def _memory_available() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), in bytes."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def probe_disk(folder: Path, size: int, chunk: int) -> DiskProbe:

@@ -25,9 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .config import option, to_dict
-from .data import (CacheDataset, CacheLoader, EpochBatches, holdout_split, model_inputs,
+from .data import (CacheDataset, CacheLoader, EpochBatches, holdout_split, memory_available, model_inputs,
                    select_features, usable_videos)
-from .distributed import barrier, gather_objects, init_process, on_main, sum_across
+from .distributed import Process, barrier, gather_objects, init_process, on_main, raise_together, sum_across
 from .errors import EvlCacheError
 from .data import class_label_map, select_embeddings
 from .evaluate import add_novel, build_model, load_weights, predict_views, saved_weights, write_evaluation
@@ -85,7 +85,8 @@ class TrainConfig:
     seed: int = option(0, "seed of initialisation, data order, views and dropout")
     device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
     workers: int = option(2, "threads that read the cache ahead of training (0: read in the training loop)")
-    in_memory: bool = option(False, "hold the selected features in RAM (small datasets)")
+    in_memory: bool = option(False, "hold the selected features in RAM before the first epoch (one copy per node "
+                                    "under torchrun); refused with the size it needs when it does not fit")
     resume: bool = option(False, "continue a killed run in --out from its last finished epoch")
     overwrite: bool = option(False, "delete an existing run folder at --out first")
 
@@ -233,6 +234,14 @@ def train(config: TrainConfig) -> TrainSummary:
                    **({"val_novel": len(novel_videos)} if len(novel_videos) else {})},
         "versions": library_versions(),
     }
+    train_set = CacheDataset(config.features, train_videos, selection,
+                             views="random" if config.train_views == "all" else "first",
+                             seed=config.seed, label_map=label_map)
+    val_set = CacheDataset(config.features, val_videos, selection, views="all", label_map=label_map)
+    novel_set = CacheDataset(config.features, novel_videos, selection, views="all",
+                             label_map=novel_map) if len(novel_videos) else None
+    datasets = [train_set, val_set] + ([novel_set] if novel_set else [])
+    shared_memory = _memory_for(process, datasets) if config.in_memory else None  # refused before any file is written
     out = Path(config.out)
     on_main(process, lambda: _prepare_run_folder(config, run_config))  # only the main process writes it
     resumed = _latest_state(out) if config.resume else None
@@ -244,13 +253,8 @@ def train(config: TrainConfig) -> TrainSummary:
     if process.rank:  # dropout draws its own masks in each process
         torch.manual_seed(config.seed + 1_000_003 * process.rank)
     micro_batch = config.batch_size // config.grad_accum
-    train_set = CacheDataset(config.features, train_videos, selection,
-                             views="random" if config.train_views == "all" else "first",
-                             seed=config.seed, in_memory=config.in_memory, label_map=label_map)
-    val_set = CacheDataset(config.features, val_videos, selection, views="all", in_memory=config.in_memory,
-                           label_map=label_map)
-    novel_set = CacheDataset(config.features, novel_videos, selection, views="all", in_memory=config.in_memory,
-                             label_map=novel_map) if len(novel_videos) else None
+    if config.in_memory:
+        _hold_in_memory(process, datasets, shared_memory)
     micro_per_epoch = math.ceil(len(train_set) / micro_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
     total_steps = config.steps or config.epochs * steps_per_epoch
@@ -378,6 +382,54 @@ def train(config: TrainConfig) -> TrainSummary:
                                  "val_top5": final["top5"], **_novel_record(final)}) + "\n")
     log.info(summary.line())
     return summary
+
+
+def _memory_for(process: Process, datasets: list[CacheDataset]) -> Path | None:
+    """Where --in-memory holds the datasets' selection: this process's memory (None) or, under torchrun,
+    one copy per node in shared memory (/dev/shm); or a one-line refusal with the size it needs."""
+    needed = sum(d.memory_bytes() for d in datasets)
+    shared = Path("/dev/shm") if process.world_size > 1 and Path("/dev/shm").is_dir() else None
+    copies = 1 if shared is not None else process.local_world_size
+    free = [("memory available", memory_available())]
+    if shared is not None:
+        stat = os.statvfs(shared)
+        free.append(("free in /dev/shm", stat.f_bavail * stat.f_frsize))
+    error = None
+    for what, available in free:
+        if available is not None and needed * copies > available:
+            error = EvlCacheError(f"--in-memory needs {needed * copies / 1e9:.2f} GB for the selected features "
+                                  f"({'one copy per process' if copies > 1 else 'one copy'}); {what} is "
+                                  f"{available / 1e9:.2f} GB: train without --in-memory, or from a cache with "
+                                  f"fewer bytes per clip (extract --storage int8 or int4)")
+            break
+    raise_together(process, error)
+    return shared
+
+
+def _hold_in_memory(process: Process, datasets: list[CacheDataset], shared: Path | None) -> None:
+    """Read every dataset's selection into memory (`_memory_for` says where)."""
+    needed = sum(d.memory_bytes() for d in datasets)
+    started = time.perf_counter()
+    if shared is None:
+        for dataset in datasets:
+            dataset.hold_in_memory()
+    else:  # the first process of each node reads; the others map its file, then the name goes
+        first = process.local_rank == 0
+        if first:
+            for dataset in datasets:
+                dataset.hold_in_memory(shared / dataset.shared_memory_name(), read=True)
+        barrier(process)
+        if not first:
+            for dataset in datasets:
+                dataset.hold_in_memory(shared / dataset.shared_memory_name(), read=False)
+        barrier(process)
+        if first:
+            for dataset in datasets:
+                (shared / dataset.shared_memory_name()).unlink(missing_ok=True)
+    log.info("train: holding %.2f GB of features in memory%s (read in %.1f s)", needed / 1e9,
+             " shared by this node's processes" if shared is not None else
+             f", one copy in each of {process.local_world_size} processes" if process.world_size > 1 else "",
+             time.perf_counter() - started)
 
 
 def _video_scores(model: EVLModel, loader: CacheLoader, device: torch.device, use_amp: bool) -> dict:

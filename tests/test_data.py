@@ -158,19 +158,27 @@ def _expected_item(store: FeatureStore, selection: FeatureSelection, video: int,
     for key, group in names.items():
         item[key] = [np.asarray(store.array(name)[video, view])[rows] for name, rows in group]
         if scaled:
-            item[f"scales/{key}"] = [np.asarray(store.array(f"scales/{name}")[video, view])[rows] for name, rows in group]
+            item[f"scales/{key}"] = [np.asarray(store.array(f"scales/{name}")[video, view])[rows]
+                                     for name, rows in group]
     if selection.embed:
         item["embed"] = [np.asarray(store.array("embed")[video, view])[frames]]
     return item
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("in_memory", [False, True])
+@pytest.mark.parametrize("memory", ["disk", "private", "shared"])
 @pytest.mark.parametrize("selection", SELECTIONS, ids=["all", "window", "step2"])
 def test_loader_batches_equal_item_reads(cache: Path, selection: FeatureSelection, workers: int,
-                                         in_memory: bool) -> None:
+                                         memory: str, tmp_path: Path) -> None:
     done = np.array([v for v in range(LAYOUT["num_videos"]) if v not in PENDING_VIDEOS])
-    dataset = CacheDataset(cache, done, selection, views="random", seed=3, in_memory=in_memory)
+    dataset = CacheDataset(cache, done, selection, views="random", seed=3)
+    if memory == "private":
+        dataset.hold_in_memory()
+    elif memory == "shared":  # one process reads into a shared file; another (here: a second dataset) maps it
+        shared = tmp_path / CacheDataset(cache, done, selection).shared_memory_name()
+        CacheDataset(cache, done, selection, views="random", seed=3).hold_in_memory(shared, read=True)
+        dataset.hold_in_memory(shared, read=False)
+        assert shared.stat().st_size == dataset.memory_bytes() and not list(tmp_path.glob("*.partial-*"))
     sampler = EpochBatches(len(dataset), 3, seed=1)
     loader = CacheLoader(dataset, sampler, workers=workers, prefetch=2)
     with FeatureStore(cache) as store:

@@ -96,17 +96,28 @@ def _train_args(cache, out):
             "--workers", "0"]
 
 
-def test_two_process_training_equals_one_process(reference_cache, tmp_path):
-    from safetensors.torch import load_file
-    one, two = tmp_path / "one", tmp_path / "two"
+@pytest.fixture(scope="module")
+def one_process_run(reference_cache, tmp_path_factory):
+    one = tmp_path_factory.mktemp("one") / "run"
     result = subprocess.run([sys.executable, "-m", "evl_cache.cli"] + _train_args(reference_cache, one),
                             env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    result = subprocess.run(_torchrun(_train_args(reference_cache, two)), env=ONE_THREAD, capture_output=True,
-                            text=True, timeout=300)
+    return one
+
+
+@pytest.mark.parametrize("in_memory", [False, True], ids=["from-disk", "in-shared-memory"])
+def test_two_process_training_equals_one_process(reference_cache, one_process_run, tmp_path, in_memory):
+    from safetensors.torch import load_file
+    two = tmp_path / "two"
+    before = set(Path("/dev/shm").glob("evl-cache-*"))
+    result = subprocess.run(_torchrun(_train_args(reference_cache, two) + (["--in-memory"] if in_memory else [])),
+                            env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr and result.stdout.count("train: ") == 1
-    a, b = load_file(one / "last.safetensors"), load_file(two / "last.safetensors")
+    if in_memory:  # one copy for the node, its name gone once both processes had it open
+        assert result.stderr.count("in memory shared by this node's processes") == 2
+        assert set(Path("/dev/shm").glob("evl-cache-*")) == before
+    a, b = load_file(one_process_run / "last.safetensors"), load_file(two / "last.safetensors")
     assert a.keys() == b.keys()
     for name in a:  # the same global batches; only the order of float reductions differs
         torch_close = np.allclose(a[name].numpy(), b[name].numpy(), rtol=1e-4, atol=1e-5)

@@ -132,3 +132,18 @@ def test_eval_refuses_a_cache_of_other_backbone_weights(learnable_cache, tmp_pat
                           stride=3, eval_views=2, blocks=3, workers=0))
     with pytest.raises(CacheError, match="backbone weights differ"):
         evaluate(EvalConfig(run=run, features=other, workers=0))
+
+
+def test_in_memory_equals_reading_the_cache_and_is_refused_when_it_does_not_fit(learnable_cache, tmp_path,
+                                                                                 monkeypatch):
+    options = dict(features=learnable_cache, layers=2, epochs=2, **FAST)
+    train(TrainConfig(out=tmp_path / "disk", **options))
+    train(TrainConfig(out=tmp_path / "memory", in_memory=True, **options))
+    a, b = load_file(tmp_path / "disk" / "last.safetensors"), load_file(tmp_path / "memory" / "last.safetensors")
+    assert all(a[name].equal(b[name]) for name in a)
+    import evl_cache.train as train_module
+    monkeypatch.setattr(train_module, "memory_available", lambda: 10_000)
+    with pytest.raises(EvlCacheError, match=r"--in-memory needs 0\.\d+ GB for the selected features \(one copy\); "
+                                            r"memory available is 0\.00 GB"):
+        train(TrainConfig(out=tmp_path / "refused", in_memory=True, **options))
+    assert not (tmp_path / "refused").exists()  # refused before the run folder is made
