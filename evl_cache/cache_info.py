@@ -20,6 +20,7 @@ def cache_info(path: str | Path, failed: bool = False) -> dict:
         info = {
             "path": str(path),
             "format": store.kind,
+            "part_files": [file.name for file in store.part_files],  # a joined HDF5 cache's, beside it
             "format_version": attrs["format_version"],
             "backbone": attrs["backbone"],
             "blocks": attrs["blocks"],
@@ -45,8 +46,9 @@ def format_info(info: dict) -> str:
     """The plain-text form of `cache_info`."""
     backbone = info["backbone"]
     sampling = info["sampling"]
+    parts = f" joined from {len(info['part_files'])} part files" if info["part_files"] else ""
     lines = [
-        f"cache:      {info['path']} ({info['format']}, format v{info['format_version']}, {info['dtype']})",
+        f"cache:      {info['path']} ({info['format']}{parts}, format v{info['format_version']}, {info['dtype']})",
         f"backbone:   {backbone['model']} pretrained={backbone['pretrained']} sha256={backbone['weights_sha256'][:16]}",
         f"            {backbone['image_size']} px, grid {backbone['patch_grid'][0]}x{backbone['patch_grid'][1]}, "
         f"width {backbone['width']}, {backbone['heads']} heads, {backbone['layers']} blocks, embed {backbone['embed_dim']}",
