@@ -21,6 +21,7 @@ from evl_cache.pixels import centre_crop
 from evl_cache.predict import OnlineModel, PredictConfig, predict
 from evl_cache.sampling import dense_eval_indices
 from evl_cache.store import FeatureStore
+from evl_cache.synthetic import write_named_pipe
 from test_evl_checkpoints import authors_checkpoint
 from test_model import naive_forward
 
@@ -121,3 +122,16 @@ def test_predict_cli_folders_lists_and_bad_files(cache_and_run, sample_videos, t
     assert sum(rows[0]["probabilities"]) == pytest.approx(1.0, abs=1e-5)
     result = runner.invoke(main, ["predict", str(bad), "--run", str(run)])
     assert result.exit_code == 1 and "no video could be predicted" in result.output
+
+
+def test_a_video_that_hangs_the_decoder_fails_alone_after_the_timeout(cache_and_run, sample_videos, tmp_path):
+    _, run = cache_and_run
+    hanging = write_named_pipe(tmp_path / "named pipe.mp4")
+    video = sample_videos / "val" / "red_still" / "red_still_000.mp4"
+    result = CliRunner().invoke(main, ["predict", str(hanging), str(video), "--run", str(run),
+                                       "--decode-timeout", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"{hanging}: error: decoding took longer than 1 s" in result.output
+    assert any(line.startswith(f"{video}: ") and "error" not in line for line in result.output.splitlines())
+    result = CliRunner().invoke(main, ["predict", str(video), "--run", str(run), "--decode-timeout", "-1"])
+    assert result.exit_code == 1 and "--decode-timeout must be 0 (no limit) or more" in result.output
