@@ -48,6 +48,13 @@ def _start_torchrun_until(args, metrics: Path, condition) -> subprocess.Popen:
     return process
 
 
+def _workers(process) -> list[int]:
+    """The process ids of a torchrun job's processes (torchrun starts each in a session of its own, so
+    killing torchrun's process group leaves them running)."""
+    with open(f"/proc/{process.pid}/task/{process.pid}/children") as handle:
+        return [int(pid) for pid in handle.read().split()]
+
+
 def _all_arrays(path):
     """Every array of a cache as its own library sees it: zarr, or plain h5py (strings decoded)."""
     if path.suffix == ".h5":
@@ -112,11 +119,14 @@ def test_killed_two_process_extraction_resumes(sample_videos, reference_cache, t
     out = tmp_path / "killed.zarr"
     process = _start_torchrun_until(_extract_args(sample_videos, out), Path(str(out) + ".extract.jsonl"),
                                     lambda text: text.count('"shard"') >= 2)
+    for pid in _workers(process):  # each with its session (and DataLoader workers), then torchrun
+        os.killpg(pid, signal.SIGKILL)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     status = _status(out)
     assert (status == PENDING).any() and (status == DONE).any(), "the kill did not land mid-way"
-    _run_torchrun(_extract_args(sample_videos, out))
+    result = _run_torchrun(_extract_args(sample_videos, out))
+    assert f"{int((status == DONE).sum())} skipped" in result.stdout  # only what was missing
     _assert_same_cache(out, reference_cache)
 
 
@@ -155,8 +165,7 @@ def test_hdf5_extraction_resumes_after_a_rank_died(sample_videos, reference_h5, 
     out = tmp_path / "killed.h5"
     process = _start_torchrun_until(_extract_args(sample_videos, out), Path(str(out) + ".extract.jsonl"),
                                     lambda text: '"rank": 1' in text)
-    with open(f"/proc/{process.pid}/task/{process.pid}/children") as handle:
-        rank_one = [int(child) for child in handle.read().split() if _rank_of(int(child)) == 1]
+    rank_one = [pid for pid in _workers(process) if _rank_of(pid) == 1]
     assert rank_one, "rank 1 was not running"
     os.kill(rank_one[0], signal.SIGKILL)
     assert process.wait(timeout=120) != 0
