@@ -127,7 +127,17 @@ def _assert_resumed_like(out, reference, epochs):
     assert _files(out) == _files(reference)  # nothing half-written left behind
 
 
-def test_random_kills_resume_to_the_same_weights(learnable_cache, tmp_path):
+@pytest.fixture
+def one_thread():
+    """One torch thread in this process, as the runs started with OMP_NUM_THREADS=1 have: the same float
+    reductions (and no threads spinning for a core on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_random_kills_resume_to_the_same_weights(learnable_cache, tmp_path, one_thread):
     """SIGKILLs at seeded random points of the training work (from the run folder's creation to the
     summary: epochs, evaluation, checkpoint writing), then --resume: the uninterrupted run's weights."""
     epochs = 4
@@ -141,20 +151,15 @@ def test_random_kills_resume_to_the_same_weights(learnable_cache, tmp_path):
         killed.update(kill_at_random_points(starts, lambda s: outs[s].exists(), lambda s: not _finished(outs[s]),
                                             seconds))
     assert sum(killed.values()) >= 2, f"too few kills landed before the work was done: {killed}"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the reference ran: the same float reductions
-    try:
-        for seed, out in outs.items():
-            result = CliRunner().invoke(main, _train_args(learnable_cache, out, epochs) + ["--resume"])
-            assert result.exit_code == 0, (seed, result.output)
-            _assert_resumed_like(out, reference, epochs)
-    finally:
-        torch.set_num_threads(threads)
+    for seed, out in outs.items():
+        result = CliRunner().invoke(main, _train_args(learnable_cache, out, epochs) + ["--resume"])
+        assert result.exit_code == 0, (seed, result.output)
+        _assert_resumed_like(out, reference, epochs)
     result = CliRunner().invoke(main, _train_args(learnable_cache, outs[0], epochs) + ["--resume", "--lr", "0.1"])
     assert result.exit_code == 1 and "cannot resume with different options (lr:" in result.output
 
 
-def test_a_kill_while_files_are_replaced_resumes(learnable_cache, tmp_path, monkeypatch):
+def test_a_kill_while_files_are_replaced_resumes(learnable_cache, tmp_path, monkeypatch, one_thread):
     """The run folder as a SIGKILL leaves it just before each file or checkpoint folder is put in place
     (or an old checkpoint removed), copied during one run, then resumed: the run's own weights."""
     out, epochs = tmp_path / "run", 2
