@@ -15,7 +15,9 @@ beside it (`feats.part-0-of-2.h5`, ...): each part holds every array at full siz
 the chunks written), shard s is written to part s % parts, and the main file maps each array's rows
 to the parts with HDF5 virtual datasets, one strided hyperslab per part. Readers (and plain h5py) see
 one cache; writes go to the parts (`for_shard`), never through the virtual datasets (writing strings
-through one crashes HDF5 2.0).
+through one crashes HDF5 2.0). Measured (benchmarks/bench_join.py, 30,000 shards, 8 parts): one
+mapping per shard would make the main file 92 MB and opening it 15 s, against 70 kB and 55 ms; a
+row read through the strided mapping costs about 0.4 ms, from its part file 4 us.
 """
 from __future__ import annotations
 
@@ -268,7 +270,8 @@ class FeatureStore:
 
     def for_shard(self, shard: int) -> "FeatureStore":
         """The store that holds shard `shard`'s rows and takes their writes: its part file in a joined
-        HDF5 cache (opened on first use, in this store's mode), this store otherwise."""
+        HDF5 cache (opened on first use, in this store's mode), this store otherwise. Reading the rows
+        from it skips the virtual dataset's lookup, which grows with the number of shards."""
         if not self.part_files:
             return self
         part = shard % len(self.part_files)
