@@ -236,14 +236,17 @@ def add_quiet_option(parser) -> None:
                         help="first wait up to SECONDS for other processes to leave the CPU idle")
 
 
-def clean_run(fn, tries: int, wait_quiet: float, threshold: float = 0.05):
+def clean_run(fn, tries: int, wait_quiet: float, threshold: float = 0.05, prepare=None):
     """Run `fn()` until other processes took at most `threshold` of the CPU while it ran, at most
-    `tries` times, each after waiting up to `wait_quiet` s for a quiet machine. Returns
-    (fn's result, seconds, others' CPU share, attempts) of the cleanest attempt (least contaminated)."""
+    `tries` times, each after waiting up to `wait_quiet` s for a quiet machine (and after `prepare()`,
+    untimed, if given). Returns (fn's result, seconds, others' CPU share, attempts) of the cleanest
+    attempt (least contaminated)."""
     best = None
     for attempt in range(1, max(tries, 1) + 1):
         if wait_quiet > 0:
             wait_until_quiet(wait_quiet)
+        if prepare is not None:
+            prepare()
         with OtherLoad() as other, Timer() as timer:
             result = fn()
         if best is None or other.share < best[2]:

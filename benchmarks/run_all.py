@@ -1,7 +1,7 @@
 """Run every benchmark with its defaults, one after the other, and print their outputs.
 
 Run: python benchmarks/run_all.py [names...]   (e.g. `run_all.py loader epoch`; default: all)
-About 10-15 minutes on 2 CPU cores. Run it on a quiet machine: each script reports how much CPU other
+About 20 minutes on 2 CPU cores. Run it on a quiet machine: each script reports how much CPU other
 processes took while it ran.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["decoder", "extract", "epoch", "loader", "text_head"]
+SCRIPTS = ["decoder", "extract", "epoch", "loader", "text_head", "scale", "join"]
 
 
 def main() -> int:

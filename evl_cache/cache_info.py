@@ -20,6 +20,7 @@ def cache_info(path: str | Path, failed: bool = False) -> dict:
         info = {
             "path": str(path),
             "format": store.kind,
+            "part_files": [file.name for file in store.part_files],  # a joined HDF5 cache's, beside it
             "format_version": attrs["format_version"],
             "backbone": attrs["backbone"],
             "blocks": attrs["blocks"],
@@ -55,11 +56,12 @@ def format_info(info: dict) -> str:
     sampling, preprocessing = info["sampling"], info["preprocessing"]
     crops = 3 if preprocessing.get("crop") == "three" else 1
     eval_views = f"{sampling['eval_views']}" + (f" x {crops} spatial" if crops > 1 else "")
+    parts = f" joined from {len(info['part_files'])} part files" if info["part_files"] else ""
 
     def channels(values: list[float]) -> str:
         return ",".join(f"{v:.4g}" for v in values)
     lines = [
-        f"cache:      {info['path']} ({info['format']}, format v{info['format_version']})",
+        f"cache:      {info['path']} ({info['format']}{parts}, format v{info['format_version']})",
         f"storage:    {_storage_line(info['storage'])}",
         f"backbone:   {backbone['model']} pretrained={backbone['pretrained']} sha256={backbone['weights_sha256'][:16]}",
         f"            {backbone['image_size']} px, grid {backbone['patch_grid'][0]}x{backbone['patch_grid'][1]}, "

@@ -90,13 +90,17 @@ def raise_together(process: Process, error: EvlCacheError | None) -> None:
         raise EvlCacheError(f"another process failed: {first}")
 
 
-def on_main(process: Process, action: Callable[[], T]) -> T | None:
-    """Run `action` on the main process only; a user error there stops every process."""
+def on_every(process: Process, action: Callable[[], T]) -> T:
+    """Run `action` on every process; a user error in any stops them all. Returns once all are done."""
     result, error = None, None
-    if process.is_main:
-        try:
-            result = action()
-        except EvlCacheError as raised:
-            error = raised
+    try:
+        result = action()
+    except EvlCacheError as raised:
+        error = raised
     raise_together(process, error)
     return result
+
+
+def on_main(process: Process, action: Callable[[], T]) -> T | None:
+    """Run `action` on the main process only; a user error there stops every process."""
+    return on_every(process, action if process.is_main else lambda: None)

@@ -27,12 +27,12 @@ from . import __version__
 from .backbone import BackboneSpec, FrozenBackbone, load_clip
 from .config import option, to_dict
 from .clips import ClipSpec, VideoClips, read_video_clips
-from .distributed import Process, init_process, on_main, raise_together, sum_across
+from .distributed import Process, init_process, on_every, on_main, raise_together, sum_across
 from .encodings import ENCODINGS, encode, encoding
 from .errors import CacheError, DatasetError, EvlCacheError
 from .pixels import SPATIAL_VIEWS
 from .sampling import SAMPLING_MODES
-from .store import (DONE, FAILED, PENDING, CacheLayout, FeatureStore, cache_storage, is_url, location,
+from .store import (DONE, FAILED, PENDING, CacheLayout, FeatureStore, cache_storage, disk_usage, is_url, location,
                     remove_store, store_exists, store_kind)
 from .store import remove_partial_files, video_checksum
 from .videos import VideoEntry, VideoList, find_videos
@@ -257,34 +257,48 @@ def _check_sizes(config: ExtractConfig, size: int) -> None:
 
 
 def _open_store_together(process: Process, config: ExtractConfig, identity: dict, layout: CacheLayout,
-                         dataset: VideoList) -> FeatureStore:
-    """The main process creates (or checks) the cache first; the others then open it, checking it too."""
-    def create() -> FeatureStore:
-        store = open_or_create(config, identity, layout, dataset)
-        remove_partial_files(config.out)  # left by a killed run; no process writes yet
-        return store
+                         dataset: VideoList) -> tuple[np.ndarray, list[int], int]:
+    """(video statuses, the shards this process writes, the cache's HDF5 file count or 0 for Zarr).
 
-    store = on_main(process, create)
-    if store is None:
-        store = open_or_create(dataclasses.replace(config, overwrite=False), identity, layout, dataset)
+    The main process creates (or checks) the cache first, an HDF5 cache as one part file per process;
+    then every process checks it and reads it, and closes it before any process opens it to write (an
+    HDF5 file open for writing in one process cannot be read by another)."""
+    def create() -> None:
+        open_or_create(config, identity, layout, dataset, parts=process.world_size).close()
+        remove_partial_files(config.out)  # left by a killed run; no process writes yet
+
+    def read() -> tuple[np.ndarray, list[int], int]:
+        with checked_store(location(config.out), identity, mode="r") as store:
+            shards = -(-layout.num_videos // layout.shard_size)
+            mine = [s for s in range(shards) if store.shard_owner(s, process.world_size) == process.rank]
+            return store.column("status"), mine, store.parts
+
+    on_main(process, create)
+    return on_every(process, read)
+
+
+def checked_store(out: str | Path, identity: dict, mode: str = "r") -> FeatureStore:
+    """The cache at `out`, after checking that it was made the way `identity` says."""
+    store = FeatureStore(out, mode=mode)
+    attrs = store.check_version()
+    attrs["storage"] = cache_storage(attrs)  # a version-1 cache: fp16, uncompressed
+    diffs = _differences({k: attrs.get(k) for k in identity}, identity)
+    if diffs:
+        store.close()
+        raise CacheError("exists with a different configuration (" + "; ".join(diffs) +
+                         "); pass --overwrite to start again", out)
     return store
 
 
 def open_or_create(config: ExtractConfig, identity: dict, layout: CacheLayout,
-                   dataset: VideoList) -> FeatureStore:
-    """Create the cache, or reopen it for resuming after checking it was made the same way."""
+                   dataset: VideoList, parts: int = 1) -> FeatureStore:
+    """Create the cache (an HDF5 one as `parts` part files, one per writing process), or reopen it for
+    resuming after checking it was made the same way."""
     out = location(config.out)
     if store_exists(out) and config.overwrite:
         remove_store(out)
     if store_exists(out):
-        store = FeatureStore(out, mode="r+")
-        attrs = store.check_version()
-        attrs["storage"] = cache_storage(attrs)
-        diffs = _differences({k: attrs.get(k) for k in identity}, identity)
-        if diffs:
-            raise CacheError("exists with a different configuration (" + "; ".join(diffs) +
-                             "); pass --overwrite to start again", out)
-        return store
+        return checked_store(out, identity, mode="r+")
     columns = {
         "path": np.array([e.path for e in dataset.entries], dtype=object),
         "label": np.array([e.label for e in dataset.entries], dtype=np.int32),
@@ -292,7 +306,7 @@ def open_or_create(config: ExtractConfig, identity: dict, layout: CacheLayout,
     }
     attrs = {**identity, "extract_config": to_dict(config), "versions": library_versions(),
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    return FeatureStore.create(out, layout, attrs, columns)
+    return FeatureStore.create(out, layout, attrs, columns, parts=parts)
 
 
 class ShardWriter:
@@ -401,8 +415,6 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     dataset = find_videos(config.videos, config.train_list, config.val_list, config.data_root, config.classes)
     process = init_process(resolve_device(config.device))
     device = process.device(resolve_device(config.device))
-    if process.world_size > 1 and store_kind(config.out) == "h5":
-        raise CacheError("HDF5 takes one writer per file: under torchrun, extract to a .zarr cache", config.out)
     clip, spec = load_clip(config.model, config.pretrained, config.size, device, seed=config.seed)
     size = config.size or spec.image_size
     _check_sizes(config, size)
@@ -414,11 +426,9 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     clip_spec = clip_spec_of(config, size)
     identity = cache_identity(spec, clip_spec, config.blocks, dataset, views, config.shard_size, (mean, std),
                               {"encoding": config.storage, "compress": config.compress})
-    store = _open_store_together(process, config, identity, layout, dataset)
-    bytes_before = store.size_on_disk()
-    status = store.column("status")
-    num_shards = -(-layout.num_videos // layout.shard_size)
-    todo_shards = [s for s in range(process.rank, num_shards, process.world_size)  # shard s: rank s % world
+    status, my_shards, parts = _open_store_together(process, config, identity, layout, dataset)
+    bytes_before = disk_usage(location(config.out))
+    todo_shards = [s for s in my_shards  # shard s: rank s % world (HDF5: part s % parts, by rank part % world)
                    if (status[s * layout.shard_size:(s + 1) * layout.shard_size] == PENDING).any()]
     todo = [i for s in todo_shards for i in range(s * layout.shard_size,
                                                   min((s + 1) * layout.shard_size, layout.num_videos))
@@ -427,6 +437,10 @@ def extract(config: ExtractConfig) -> ExtractSummary:
              "%s (%s), blocks %s, device %s", layout.num_videos, dataset.count_by_split(),
              len(dataset.class_names), process.rank, process.world_size, len(todo_shards), len(todo),
              spec.model, spec.pretrained, list(layout.blocks), device)
+    if parts and parts != process.world_size and process.is_main:
+        log.info("extract: the cache is %d HDF5 file(s), each written by one process: with %d process(es), "
+                 "process r writes the files p with p %% %d == r", parts, process.world_size, process.world_size)
+    store = FeatureStore(config.out, mode="r+") if todo else None  # only a process with work opens it to write
     # beside a local cache; for a URL cache, in the current folder
     metrics_path = Path((Path(str(config.out).split("://")[-1]).name if is_url(config.out) else str(config.out))
                         + ".extract.jsonl")
@@ -483,7 +497,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
                 if writer is not None:
                     finish_shard()
                 count = min(layout.shard_size, layout.num_videos - shard * layout.shard_size)
-                writer = ShardWriter(store, layout, shard, count)
+                writer = ShardWriter(store.for_shard(shard), layout, shard, count)
             if item.clips is None:
                 writer.fail(item.index, item.error)
                 totals["failed"] += 1
@@ -516,8 +530,9 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     seconds = time.perf_counter() - started
     summary = ExtractSummary(location(config.out), layout.num_videos, int(done), int(failed),
                              layout.num_videos - int(todo_count), int(clips), seconds,
-                             max(store.size_on_disk() - bytes_before, 0), int(decoded))
-    store.close()
+                             max(disk_usage(location(config.out)) - bytes_before, 0), int(decoded))
+    if store is not None:
+        store.close()
     if not process.is_main:
         return summary
     with open(metrics_path, "a") as handle:

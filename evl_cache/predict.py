@@ -39,6 +39,8 @@ class PredictConfig:
     device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
     classes: Path | None = option(None, "class names to score against, one per line (text and clip-text runs) "
                                         "[default: the run's own]")
+    decode_timeout: float = option(120.0, "seconds one video may take to decode; a slower (or hanging) one gets "
+                                          "an error and the others are still predicted (0: no limit)")
 
 
 @dataclass
@@ -109,9 +111,10 @@ class OnlineModel:
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
             return self.model(tokens, prev, nxt).float().cpu()
 
-    def predict(self, path: str | Path) -> Prediction:
-        """Views of the video per the run's sampling; softmax and logits averaged over them."""
-        clips = read_video_clips(path, "val", 0, self.clip_spec)
+    def predict(self, path: str | Path, timeout: float | None = None) -> Prediction:
+        """Views of the video per the run's sampling; softmax and logits averaged over them. A video
+        that takes longer than `timeout` seconds to decode gets an error (as in extraction)."""
+        clips = read_video_clips(path, "val", 0, self.clip_spec, timeout)
         if clips.clips is None:
             return Prediction(str(path), error=clips.error)
         logits = self.logits(clips.clips)
@@ -133,11 +136,13 @@ def predict(config: PredictConfig) -> list[Prediction]:
     """Predictions for every video named by `config.videos`; bad videos carry their error."""
     if config.run is None:
         raise EvlCacheError("--run is required")
+    if config.decode_timeout < 0:
+        raise EvlCacheError("--decode-timeout must be 0 (no limit) or more")
     paths = expand_video_inputs(config.videos)
     online = OnlineModel(config.run, config.weights, config.pretrained, config.device, prediction_classes(config))
     predictions = []
     for path in paths:
-        prediction = online.predict(path)
+        prediction = online.predict(path, config.decode_timeout)
         if prediction.error:
             log.warning("failed: %s: %s", path, prediction.error)
         predictions.append(prediction)

@@ -12,6 +12,7 @@ a small sample dataset to try the tool on.
 """
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -270,6 +271,14 @@ def write_empty_file(path: str | Path) -> Path:
     """A zero-byte file (a failed download)."""
     path = Path(path)
     path.write_bytes(b"")
+    return path
+
+
+def write_named_pipe(path: str | Path) -> Path:
+    """A named pipe, usually under a video's name: opening it to read blocks until a writer comes
+    (here: never), as a file on a stalled network mount does. It makes a decoder hang."""
+    path = Path(path)
+    os.mkfifo(path)
     return path
 
 

@@ -137,6 +137,11 @@ def _prepare_run_folder(config: TrainConfig, run_config: dict) -> None:
         raise EvlCacheError("run folder exists; pass --resume to continue it or --overwrite to start again", out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "checkpoints").mkdir(exist_ok=True)
+    for stray in (*out.glob("*.partial"), *(out / "checkpoints").glob("*.partial")):  # a kill mid-write left it
+        shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
+    latest = out / "checkpoints" / "LATEST"
+    if latest.exists():  # a kill after LATEST moved on, before the older checkpoint was removed
+        _remove_checkpoints_but(out, latest.read_text().strip())
     if config.resume and saved_config.exists():
         old = json.loads(saved_config.read_text())
         diffs = [f"{k}: run has {old['train'].get(k)!r}, asked for {v!r}"
@@ -147,7 +152,23 @@ def _prepare_run_folder(config: TrainConfig, run_config: dict) -> None:
         if diffs:
             raise EvlCacheError("cannot resume with different options (" + "; ".join(diffs) + ")", out)
         return
-    saved_config.write_text(json.dumps(run_config, indent=2))
+    _atomic_save(lambda p: p.write_text(json.dumps(run_config, indent=2)), saved_config)
+
+
+def _keep_finished_epochs(metrics_path: Path, last_epoch: int) -> None:
+    """Drop what a killed run wrote to metrics.jsonl after its last checkpointed epoch (the epochs a
+    resumed run redoes, a summary, a line the kill cut short), so that each epoch is there once."""
+    if not metrics_path.exists():
+        return
+    kept = []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # only the last line can be cut short, and it is redone
+            continue
+        if record.get("event") == "epoch" and record["epoch"] <= last_epoch:
+            kept.append(line)
+    _atomic_save(lambda p: p.write_text("".join(line + "\n" for line in kept)), metrics_path)
 
 
 def _latest_state(out: Path) -> dict | None:
@@ -161,7 +182,9 @@ def _latest_state(out: Path) -> dict | None:
 
 
 def _save_checkpoint(out: Path, model: EVLModel, state: dict) -> None:
-    """Write epoch E's weights and state to checkpoints/epoch_E, then point LATEST at it."""
+    """Write epoch E's weights and state to checkpoints/epoch_E and last.safetensors, then point LATEST
+    at it: the step that makes epoch E finished, so a kill before it redoes epoch E (and rewrites
+    every file of it) and a kill after it finds all of them written."""
     name = f"epoch_{state['epoch']:04d}"
     folder = out / "checkpoints" / name
     if folder.exists():
@@ -174,8 +197,12 @@ def _save_checkpoint(out: Path, model: EVLModel, state: dict) -> None:
     save_file(weights, tmp / "weights.safetensors")
     torch.save(state, tmp / "state.pt")
     os.replace(tmp, folder)
-    _atomic_save(lambda p: p.write_text(name), out / "checkpoints" / "LATEST")
     _atomic_save(lambda p: save_file(weights, p), out / "last.safetensors")
+    _atomic_save(lambda p: p.write_text(name), out / "checkpoints" / "LATEST")
+    _remove_checkpoints_but(out, name)
+
+
+def _remove_checkpoints_but(out: Path, name: str) -> None:
     for old in (out / "checkpoints").glob("epoch_*"):
         if old.name != name:
             shutil.rmtree(old)
@@ -275,13 +302,11 @@ def train(config: TrainConfig) -> TrainSummary:
         rng_states = resumed["torch_rng"]
         torch.set_rng_state(rng_states[process.rank] if len(rng_states) == process.world_size else rng_states[0])
         start_epoch, step, best_top1 = resumed["epoch"] + 1, resumed["step"], resumed["best_top1"]
-        kept = [line for line in metrics_path.read_text().splitlines()
-                if json.loads(line).get("epoch", -1) <= resumed["epoch"]]
-        if process.is_main:
-            metrics_path.write_text("".join(line + "\n" for line in kept))
         log.info("train: resuming %s after epoch %d (step %d)", out, resumed["epoch"], step)
     elif config.resume:
         log.info("train: nothing to resume in %s; starting from the beginning", out)
+    if config.resume and process.is_main:
+        _keep_finished_epochs(metrics_path, resumed["epoch"] if resumed is not None else -1)
     if process.world_size > 1 and micro_batch % process.world_size:
         raise EvlCacheError(f"--batch-size {config.batch_size} / --grad-accum {config.grad_accum} does not split "
                             f"evenly over {process.world_size} processes")

@@ -204,7 +204,7 @@ def _check_data(store: FeatureStore, layout: CacheLayout, columns: dict[str, np.
 
 def verify(path: str | Path, repair: bool = False) -> VerifyReport:
     """Check the cache at `path` against itself; with `repair`, mark the videos with problems pending."""
-    with FeatureStore(path, mode="r+" if repair else "r") as store:
+    with FeatureStore(path) as store:
         attrs = store.check_version()
         layout = cache_layout_of(store, attrs)
         report = VerifyReport(str(path), layout.num_videos, {}, 0, store.has("videos/checksum"))
@@ -236,15 +236,16 @@ def verify(path: str | Path, repair: bool = False) -> VerifyReport:
                 problems.append(Problem(-1, "", f"column videos/checksum cannot be read ({_first_line(error)})"))
         data_problems, report.checked = _check_data(store, layout, columns, checksums, broken_arrays)
         report.problems = problems + sorted(data_problems, key=lambda p: p.index)
-        if repair:
-            report.repaired = _mark_pending(store, report.broken_videos)
+    if repair:  # reopened to write, in the part files of a joined HDF5 cache
+        report.repaired = _mark_pending(path, layout.shard_size, report.broken_videos)
     return report
 
 
-def _mark_pending(store: FeatureStore, videos: list[int]) -> list[int]:
-    """Mark `videos` pending with no error (status last, as extraction writes it)."""
-    for i in videos:
-        store.write_rows("error", i, np.array([""], dtype=object))
-        store.write_rows("status", i, np.array([PENDING], dtype=np.uint8))
-    store.flush()
+def _mark_pending(path: str | Path, shard_size: int, videos: list[int]) -> list[int]:
+    """Mark `videos` pending with no error (status last, as extraction writes it; closing flushes)."""
+    with FeatureStore(path, mode="r+") as store:
+        for i in videos:
+            rows = store.for_shard(i // shard_size)
+            rows.write_rows("error", i, np.array([""], dtype=object))
+            rows.write_rows("status", i, np.array([PENDING], dtype=np.uint8))
     return list(videos)

@@ -1,5 +1,6 @@
 """Several processes under torchrun (gloo, CPU): the same results as one process."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,8 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from evl_cache.cli import main
+from evl_cache.data import CacheDataset, CacheLoader, select_features, usable_videos
 from evl_cache.store import DONE, PENDING, FeatureStore
+from evl_cache.verify import verify
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -25,7 +30,41 @@ def _torchrun(args, nproc=2):
             str(29500 + os.getpid() % 1000), "-m", "evl_cache.cli"] + args
 
 
+def _run_torchrun(args):
+    """Run `args` under torchrun on 2 processes; it must succeed."""
+    result = subprocess.run(_torchrun(args), env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _start_torchrun_until(args, metrics: Path, condition) -> subprocess.Popen:
+    """Start `args` under torchrun on 2 processes; return once `condition(text of metrics)` holds."""
+    process = subprocess.Popen(_torchrun(args), env=ONE_THREAD, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and condition(metrics.read_text()):
+            break
+        time.sleep(0.01)
+    return process
+
+
+def _workers(process) -> list[int]:
+    """The process ids of a torchrun job's processes (torchrun starts each in a session of its own, so
+    killing torchrun's process group leaves them running)."""
+    with open(f"/proc/{process.pid}/task/{process.pid}/children") as handle:
+        return [int(pid) for pid in handle.read().split()]
+
+
 def _all_arrays(path):
+    """Every array of a cache as its own library sees it: zarr, or plain h5py (strings decoded)."""
+    if path.suffix == ".h5":
+        import h5py
+        found = {}
+        with h5py.File(path, "r") as file:
+            file.visititems(lambda name, item: found.__setitem__(name, item.asstr()[...] if h5py.check_string_dtype(
+                item.dtype) else item[...]) if isinstance(item, h5py.Dataset) else None)
+        return found
     import zarr
     group = zarr.open_group(str(path), mode="r")
 
@@ -38,6 +77,18 @@ def _all_arrays(path):
     return {name: np.asarray(group[name][...]) for name in walk(group)}
 
 
+def _assert_same_cache(actual, expected):
+    a, b = _all_arrays(actual), _all_arrays(expected)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def _status(cache):
+    with FeatureStore(cache) as store:
+        return store.column("status")
+
+
 @pytest.fixture(scope="module")
 def reference_cache(sample_videos, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "ref.zarr"
@@ -46,48 +97,100 @@ def reference_cache(sample_videos, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def reference_h5(sample_videos, tmp_path_factory):
+    """The same extraction into one HDF5 file, by one process."""
+    out = tmp_path_factory.mktemp("ref_h5") / "ref.h5"
+    result = CliRunner().invoke(main, _extract_args(sample_videos, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def test_two_process_extraction_equals_one_process(sample_videos, reference_cache, tmp_path):
     out = tmp_path / "two.zarr"
-    result = subprocess.run(_torchrun(_extract_args(sample_videos, out)), env=ONE_THREAD, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run_torchrun(_extract_args(sample_videos, out))
     assert result.stdout.count("extract: ") == 1  # one summary, from the main process
     ranks = {line.split('"rank": ')[1][0] for line in Path(str(out) + ".extract.jsonl").read_text().splitlines()
              if '"rank"' in line}
     assert ranks == {"0", "1"}
-    a, b = _all_arrays(reference_cache), _all_arrays(out)
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    _assert_same_cache(out, reference_cache)
 
 
 def test_killed_two_process_extraction_resumes(sample_videos, reference_cache, tmp_path):
     out = tmp_path / "killed.zarr"
-    process = subprocess.Popen(_torchrun(_extract_args(sample_videos, out)), env=ONE_THREAD,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    metrics = Path(str(out) + ".extract.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and metrics.read_text().count('"shard"') >= 2:
-            break
-        time.sleep(0.01)
+    process = _start_torchrun_until(_extract_args(sample_videos, out), Path(str(out) + ".extract.jsonl"),
+                                    lambda text: text.count('"shard"') >= 2)
+    for pid in _workers(process):  # each with its session (and DataLoader workers), then torchrun
+        os.killpg(pid, signal.SIGKILL)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    with FeatureStore(out) as store:
-        status = store.column("status")
+    status = _status(out)
     assert (status == PENDING).any() and (status == DONE).any(), "the kill did not land mid-way"
-    result = subprocess.run(_torchrun(_extract_args(sample_videos, out)), env=ONE_THREAD, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    a, b = _all_arrays(reference_cache), _all_arrays(out)
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    result = _run_torchrun(_extract_args(sample_videos, out))
+    assert f"{int((status == DONE).sum())} skipped" in result.stdout  # only what was missing
+    _assert_same_cache(out, reference_cache)
 
 
-def test_hdf5_under_torchrun_is_refused(sample_videos, tmp_path):
-    result = subprocess.run(_torchrun(_extract_args(sample_videos, tmp_path / "x.h5")), env=ONE_THREAD,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "under torchrun, extract to a .zarr cache" in result.stderr
+def test_two_process_hdf5_extraction_is_one_cache_of_two_part_files(sample_videos, reference_h5, tmp_path):
+    out = tmp_path / "two.h5"
+    _run_torchrun(_extract_args(sample_videos, out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.h5", "two.h5.extract.jsonl", "two.part-0-of-2.h5",
+                                                          "two.part-1-of-2.h5"]
+    _assert_same_cache(out, reference_h5)  # every array, read through the virtual datasets by plain h5py
+    with FeatureStore(out) as store, FeatureStore(tmp_path / "two.part-1-of-2.h5") as part:
+        assert store.parts == 2 and part.parts == 1
+        shards = -(-store.num_videos // store.attrs["shard_size"])
+        # shard s lives in part s % 2: the other part holds nothing of it (pending, no data)
+        for s in range(shards):
+            rows = slice(2 * s, 2 * s + 2)
+            written = (part.column("status", rows) != PENDING).any() or part.array("embed")[rows].any()
+            assert written == (s % 2 == 1), s
+    assert verify(out).ok
+    # the loader reads each video from its part file: the batches of the one-file cache
+    with FeatureStore(out) as store:
+        attrs, videos = store.attrs, usable_videos(store, ("train", "val"))
+    selection = select_features(attrs, 2, None, 1, True)
+    joined, single = (list(CacheLoader.sequential(CacheDataset(c, videos, selection), 5, workers=2))
+                      for c in (out, reference_h5))
+    for a, b in zip(joined, single, strict=True):
+        for key in ("tokens", "maps_prev", "maps_next"):
+            assert all(x.equal(y) for x, y in zip(a[key], b[key], strict=True)), key
+    result = CliRunner().invoke(main, ["info", str(out)])
+    assert result.exit_code == 0 and "h5 joined from 2 part files" in result.output, result.output
+    (tmp_path / "two.part-0-of-2.h5").rename(tmp_path / "elsewhere.h5")
+    result = CliRunner().invoke(main, ["info", str(out)])
+    assert result.exit_code == 1 and "part file two.part-0-of-2.h5 of the cache is missing" in result.output
+
+
+def _rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as handle:
+        variables = dict(v.split(b"=", 1) for v in handle.read().split(b"\0") if b"=" in v)
+    return int(variables.get(b"RANK", b"-1"))
+
+
+def test_hdf5_extraction_resumes_after_a_rank_died(sample_videos, reference_h5, tmp_path):
+    """SIGKILL rank 1 once it wrote a shard (torchrun then stops rank 0); the same command finishes
+    only what is missing; a copy of the killed cache resumed by one process (which then writes both
+    parts) gives the same cache."""
+    out = tmp_path / "killed.h5"
+    process = _start_torchrun_until(_extract_args(sample_videos, out), Path(str(out) + ".extract.jsonl"),
+                                    lambda text: '"rank": 1' in text)
+    rank_one = [pid for pid in _workers(process) if _rank_of(pid) == 1]
+    assert rank_one, "rank 1 was not running"
+    os.kill(rank_one[0], signal.SIGKILL)
+    assert process.wait(timeout=120) != 0
+    status = _status(out)
+    assert (status == PENDING).any() and (status == DONE).any(), "the kill did not land mid-way"
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in tmp_path.glob("killed*.h5"):
+        shutil.copy(file, copy / file.name)
+    result = _run_torchrun(_extract_args(sample_videos, out))
+    assert f"{int((status == DONE).sum())} skipped" in result.stdout
+    _assert_same_cache(out, reference_h5)
+    result = CliRunner().invoke(main, _extract_args(sample_videos, copy / "killed.h5"))
+    assert result.exit_code == 0, result.output
+    _assert_same_cache(copy / "killed.h5", reference_h5)
 
 
 def _train_args(cache, out):
@@ -110,9 +213,7 @@ def test_two_process_training_equals_one_process(reference_cache, one_process_ru
     from safetensors.torch import load_file
     two = tmp_path / "two"
     before = set(Path("/dev/shm").glob("evl-cache-*"))
-    result = subprocess.run(_torchrun(_train_args(reference_cache, two) + (["--in-memory"] if in_memory else [])),
-                            env=ONE_THREAD, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run_torchrun(_train_args(reference_cache, two) + (["--in-memory"] if in_memory else []))
     assert "2 process(es)" in result.stderr and result.stdout.count("train: ") == 1
     if in_memory:  # one copy for the node, its name gone once both processes had it open
         assert result.stderr.count("in memory shared by this node's processes") == 2

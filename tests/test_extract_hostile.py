@@ -1,7 +1,6 @@
 """Extraction against hostile inputs: odd names, extreme sizes and lengths, a file that hangs the decoder,
 bad list files and a cache from a newer evl-cache. Each bad input fails alone with a one-line reason."""
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from evl_cache.cli import main
 from evl_cache.errors import CacheError
 from evl_cache.extract import ExtractConfig, extract
 from evl_cache.store import DONE, FAILED, FeatureStore
-from evl_cache.synthetic import moving_shape_frames, write_video
+from evl_cache.synthetic import moving_shape_frames, write_named_pipe, write_video
 from evl_cache.verify import verify
 
 TINY = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, blocks=2, shard_size=2, eval_views=2)
@@ -42,7 +41,7 @@ def hostile(tmp_path_factory):
                 frame_times=[0.0, 36000.0])
     write_video(videos / "écrit normalement 正常.mp4",
                 moving_shape_frames(20, 32, 40, "circle", (40, 60, 220), "left", rng))
-    os.mkfifo(videos / "named pipe.mp4")  # opening it blocks until a writer comes: forever
+    write_named_pipe(videos / "named pipe.mp4")
     (root / "empty class").mkdir()
     out = base / "sortie ü 缓存" / "caché 特征.zarr"
     out.parent.mkdir()

@@ -23,6 +23,7 @@ from evl_cache.sampling import dense_eval_indices
 from evl_cache.errors import CacheError
 from evl_cache.store import FeatureStore
 from evl_cache.train import TrainConfig, train
+from evl_cache.synthetic import write_named_pipe
 from test_evl_checkpoints import authors_checkpoint
 from test_model import naive_forward
 
@@ -155,3 +156,16 @@ def test_predict_uses_the_caches_crops_and_normalisation(sample_videos, tmp_path
     extract(ExtractConfig(out=tmp_path / "clip_mean.zarr", **options))
     with pytest.raises(CacheError, match="clip_mean.zarr: preprocessing differs from the run's cache"):
         evaluate(EvalConfig(run=run, features=tmp_path / "clip_mean.zarr", workers=0))
+
+
+def test_a_video_that_hangs_the_decoder_fails_alone_after_the_timeout(cache_and_run, sample_videos, tmp_path):
+    _, run = cache_and_run
+    hanging = write_named_pipe(tmp_path / "named pipe.mp4")
+    video = sample_videos / "val" / "red_still" / "red_still_000.mp4"
+    result = CliRunner().invoke(main, ["predict", str(hanging), str(video), "--run", str(run),
+                                       "--decode-timeout", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"{hanging}: error: decoding took longer than 1 s" in result.output
+    assert any(line.startswith(f"{video}: ") and "error" not in line for line in result.output.splitlines())
+    result = CliRunner().invoke(main, ["predict", str(video), "--run", str(run), "--decode-timeout", "-1"])
+    assert result.exit_code == 1 and "--decode-timeout must be 0 (no limit) or more" in result.output

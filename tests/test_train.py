@@ -1,12 +1,15 @@
 """Stage two: training from the cache learns, resumes exactly, refuses what the cache cannot serve."""
+import dataclasses
+import functools
 import json
-import signal
+import os
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -17,6 +20,7 @@ from evl_cache.extract import ExtractConfig, extract
 from evl_cache.store import FeatureStore
 from evl_cache.synthetic import make_sample_dataset
 from evl_cache.train import TrainConfig, train
+from sigkill import kill_at_random_points, time_work
 
 FAST = dict(batch_size=8, lr=3e-3, mlp_dropout=0.0, head_dropout=0.0, workers=0, heads=2)
 
@@ -94,32 +98,92 @@ def _train_args(cache, out, epochs=6):
     return args
 
 
-def test_killed_training_resumes_to_the_same_weights(learnable_cache, tmp_path):
-    reference = tmp_path / "reference"
-    result = CliRunner().invoke(main, _train_args(learnable_cache, reference))
-    assert result.exit_code == 0, result.output
-    out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "evl_cache.cli"] + _train_args(learnable_cache, out),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = out / "checkpoints" / "LATEST"
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if latest.exists() and latest.read_text() >= "epoch_0001":
-            break
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert latest.exists() and latest.read_text() < "epoch_0005", "the kill did not land mid-way"
-    result = CliRunner().invoke(main, _train_args(learnable_cache, out) + ["--resume"])
-    assert result.exit_code == 0, result.output
-    a, b = load_file(reference / "last.safetensors"), load_file(out / "last.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert (a[name] == b[name]).all(), name
+def _start_train(cache, out, epochs):
+    """`python -m evl_cache.cli train` into `out`, on one thread (two at once on two cores run as fast
+    as one alone)."""
+    return subprocess.Popen([sys.executable, "-m", "evl_cache.cli"] + _train_args(cache, out, epochs),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def _finished(out):
+    metrics = out / "metrics.jsonl"
+    return metrics.exists() and '"summary"' in metrics.read_text()
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _assert_resumed_like(out, reference, epochs):
+    """`out`, resumed, holds the reference run's weights, one metrics line per epoch and the same files."""
+    for name in ("last.safetensors", "best.safetensors"):
+        resumed, expected = load_file(out / name), load_file(reference / name)
+        assert resumed.keys() == expected.keys(), name
+        assert all((resumed[k] == expected[k]).all() for k in expected), name
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines if r["event"] == "epoch"] == list(range(6))
-    result = CliRunner().invoke(main, _train_args(learnable_cache, out) + ["--resume", "--lr", "0.1"])
+    assert [r["epoch"] for r in lines if r["event"] == "epoch"] == list(range(epochs))
+    assert [r["event"] for r in lines].count("summary") == 1
+    assert _files(out) == _files(reference)  # nothing half-written left behind
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread in this process, as the runs started with OMP_NUM_THREADS=1 have: the same float
+    reductions (and no threads spinning for a core on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_random_kills_resume_to_the_same_weights(learnable_cache, tmp_path, one_thread):
+    """SIGKILLs at seeded random points of the training work (from the run folder's creation to the
+    summary: epochs, evaluation, checkpoint writing), then --resume: the uninterrupted run's weights."""
+    epochs = 4
+    reference = tmp_path / "reference"
+    seconds = time_work(_start_train(learnable_cache, reference, epochs), reference.exists,
+                        lambda: _finished(reference))
+    outs = {seed: tmp_path / f"seed{seed}" for seed in range(4)}
+    killed = {}
+    for pair in ((0, 1), (2, 3)):  # two at a time: one per core
+        starts = {s: functools.partial(_start_train, learnable_cache, outs[s], epochs) for s in pair}
+        killed.update(kill_at_random_points(starts, lambda s: outs[s].exists(), lambda s: not _finished(outs[s]),
+                                            seconds))
+    assert sum(killed.values()) >= 2, f"too few kills landed before the work was done: {killed}"
+    for seed, out in outs.items():
+        result = CliRunner().invoke(main, _train_args(learnable_cache, out, epochs) + ["--resume"])
+        assert result.exit_code == 0, (seed, result.output)
+        _assert_resumed_like(out, reference, epochs)
+    result = CliRunner().invoke(main, _train_args(learnable_cache, outs[0], epochs) + ["--resume", "--lr", "0.1"])
     assert result.exit_code == 1 and "cannot resume with different options (lr:" in result.output
+
+
+def test_a_kill_while_files_are_replaced_resumes(learnable_cache, tmp_path, monkeypatch, one_thread):
+    """The run folder as a SIGKILL leaves it just before each file or checkpoint folder is put in place
+    (or an old checkpoint removed), copied during one run, then resumed: the run's own weights."""
+    out, epochs = tmp_path / "run", 2
+    kills = []
+    replace, rmtree = os.replace, shutil.rmtree
+
+    def kill_here(path):
+        if out in Path(path).parents:
+            kills.append(tmp_path / f"kill{len(kills)}")
+            shutil.copytree(out, kills[-1])
+
+    monkeypatch.setattr(os, "replace", lambda src, dst: kill_here(dst) or replace(src, dst))
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: kill_here(path) or rmtree(path, *a, **k))
+    config = TrainConfig(features=learnable_cache, out=out, layers=2, epochs=epochs, **FAST)
+    train(config)
+    monkeypatch.undo()
+    assert len(kills) >= 8, kills
+    reference = tmp_path / "reference"
+    out.rename(reference)
+    for kill in kills:  # each resumed where the run was (the run folder records its own path)
+        kill.rename(out)
+        train(dataclasses.replace(config, resume=True))
+        _assert_resumed_like(out, reference, epochs)
+        shutil.rmtree(out)
 
 
 def test_eval_refuses_a_cache_of_other_backbone_weights(learnable_cache, tmp_path):

@@ -1,10 +1,10 @@
 """verify and --repair: damage found per video and redone alone; random SIGKILLs resume to the same cache."""
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ from evl_cache.cli import main
 from evl_cache.extract import ExtractConfig, extract
 from evl_cache.store import FAILED, PENDING, VIDEO_COLUMNS, FeatureStore
 from evl_cache.verify import verify
+from sigkill import kill_at_random_points, time_work
 
 OPTIONS = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, blocks=2, workers=0, shard_size=2,
                train_views=2, eval_views=2)
@@ -69,17 +70,9 @@ def reference(dataset, tmp_path_factory):
     summary (before the interpreter's exit)."""
     out = tmp_path_factory.mktemp("reference") / "ref.zarr"
     metrics = Path(f"{out}.extract.jsonl")
-    process = _start_extract(dataset, out)
-    started = finished = None
-    while process.poll() is None:
-        now = time.monotonic()
-        if started is None and any(out.parent.iterdir()):
-            started = now
-        if finished is None and metrics.exists() and '"summary"' in metrics.read_text():
-            finished = now
-        time.sleep(0.002)
-    assert process.returncode == 0 and started is not None
-    return out, (finished or time.monotonic()) - started
+    seconds = time_work(_start_extract(dataset, out), lambda: any(out.parent.iterdir()),
+                        lambda: metrics.exists() and '"summary"' in metrics.read_text())
+    return out, seconds
 
 
 def _damage_chunk_on_disk(cache: Path, name: str, video: int, view: int) -> None:
@@ -205,34 +198,6 @@ def test_missing_array_is_a_problem_of_the_cache(reference, tmp_path):
 
 # -- crash safety: SIGKILL at random points ----------------------------------------------------------
 
-def _kill_at_random_points(dataset: dict, outs: dict[int, Path], work_seconds: float) -> dict[int, bool]:
-    """Run `evl-cache extract` into each out at once, and SIGKILL each a random time (drawn from its
-    seed, within the work's expected duration) after it starts writing: the moment anything appears
-    in its own folder. Returns seed -> whether the kill landed before its work was done (the cache
-    missing or with pending videos)."""
-    processes = {seed: _start_extract(dataset, out) for seed, out in outs.items()}
-    delays = {seed: float(np.random.default_rng(seed).uniform(0, work_seconds)) for seed in outs}
-    kill_at: dict[int, float] = {}
-    killed: dict[int, bool] = {}
-    deadline = time.monotonic() + 120
-    while len(killed) < len(outs):
-        now = time.monotonic()
-        for seed, process in processes.items():
-            if seed in killed:
-                continue
-            if process.poll() is not None:
-                assert process.returncode == 0, f"seed {seed}: extraction failed"
-                killed[seed] = False
-            elif seed not in kill_at and any(outs[seed].parent.iterdir()):
-                kill_at[seed] = now + delays[seed]
-            elif (seed in kill_at and now >= kill_at[seed]) or now > deadline:
-                process.kill()
-                process.wait()
-                killed[seed] = not outs[seed].exists() or bool((_arrays(outs[seed])["videos/status"] == PENDING).any())
-        time.sleep(0.002)
-    return killed
-
-
 def test_random_kills_resume_to_the_same_cache(reference, dataset, tmp_path):
     ref, seconds = reference
     expected = _arrays(ref)
@@ -240,8 +205,14 @@ def test_random_kills_resume_to_the_same_cache(reference, dataset, tmp_path):
     for out in outs.values():
         out.parent.mkdir()
     killed = {}
+
+    def landed(seed):  # the cache missing, or with pending videos
+        return not outs[seed].exists() or bool((_arrays(outs[seed])["videos/status"] == PENDING).any())
+
     for pair in ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9)):  # two at a time: one per core
-        killed.update(_kill_at_random_points(dataset, {s: outs[s] for s in pair}, seconds))
+        starts = {s: functools.partial(_start_extract, dataset, outs[s]) for s in pair}
+        # the kill clock starts when anything appears in the run's own folder
+        killed.update(kill_at_random_points(starts, lambda s: any(outs[s].parent.iterdir()), landed, seconds))
     assert sum(killed.values()) >= 5, f"too few kills landed before the work was done: {killed}"
     for seed, out in outs.items():
         summary = extract(ExtractConfig(out=out, **dataset, **OPTIONS))
