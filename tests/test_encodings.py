@@ -76,6 +76,14 @@ def test_coarser_encodings_lose_more() -> None:
     assert errors["fp16"] < errors["fp8"] < errors["int4"]
 
 
+def test_every_fp8_code_decodes_as_torch_casts_it() -> None:
+    codes = torch.arange(256, dtype=torch.uint8).repeat(2, 1)
+    scale = torch.tensor([1.0, 0.375])
+    decoded = decode(codes, scale, encoding("fp8"), True, 256, torch.float32)
+    cast = codes.view(torch.float8_e4m3fn).float() * scale[:, None]
+    assert torch.equal(decoded.isnan(), cast.isnan()) and torch.equal(decoded.nan_to_num(), cast.nan_to_num())
+
+
 def test_fp16_is_a_plain_cast() -> None:
     values = _tokens()
     codes, scale = encode(values, encoding("fp16"), True)
