@@ -5,8 +5,9 @@ a small sample dataset to try the tool on.
   frame rate).
 - `numbered_frames` / `read_frame_number` write each frame's index into its pixels, so a test can
   tell exactly which frames a decoder returned.
-- `moving_shape_frames` and `make_sample_dataset` render a tiny action dataset: some classes differ
-  only by motion, others only by appearance.
+- `moving_shape_frames` and `make_sample_dataset` render a tiny action dataset: in SAMPLE_CLASSES
+  some classes differ only by motion, others only by appearance; MOTION_CLASSES is a harder set
+  told apart only by direction and speed.
 - `write_empty_file`, `write_text_file`, `truncate_file`, `write_audio_only` and `hollow_out_tail`
   make the broken inputs that decoding must reject.
 """
@@ -173,16 +174,30 @@ def moving_shape_frames(
     color: Sequence[int],
     direction: str,
     rng: np.random.Generator,
+    travel_range: tuple[float, float] = (0.4, 0.9),
+    side_range: tuple[float, float] = (0.25, 0.5),
+    unbiased_start: bool = False,
 ) -> np.ndarray:
     """A `shape` ("square" or "circle") of RGB `color` moving in `direction` ("left", "right", "up",
     "down" or "still") over a noisy textured background; its size, start, speed and the background
     come from `rng`. Returns uint8 [num_frames, height, width, 3]; the shape stays inside the frame.
+
+    The shape's side is drawn from `side_range` (fractions of the shorter frame side) and the
+    distance it moves from `travel_range` (fractions of the range free for it along its direction).
+    By default the path lies anywhere in that range, so where a shape starts hints at its direction
+    (a right-mover starts left of the middle more often); `unbiased_start` draws the start from the
+    same range for both directions of an axis (its middle part; `travel_range` at most 0.5), so that
+    only the motion tells them apart.
     """
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    side = int(rng.integers(max(3, min(height, width) // 4), max(4, min(height, width) // 2) + 1))
+    if unbiased_start and travel_range[1] > 0.5:
+        raise ValueError(f"unbiased_start needs travel_range at most 0.5, got {travel_range}")
+    shorter = min(height, width)
+    smallest, largest = (int(shorter * fraction) for fraction in side_range)
+    side = int(rng.integers(max(3, smallest), max(4, largest) + 1))
     base = rng.uniform(50, 170) + rng.uniform(-15, 15, size=3)  # greyish: colour belongs to the shape
     background = base + rng.normal(0, 18, size=(height, width, 3))
 
@@ -192,13 +207,9 @@ def moving_shape_frames(
     progress = np.linspace(0.0, 1.0, num_frames)
     ys, xs = np.full(num_frames, start_y), np.full(num_frames, start_x)
     if direction in ("left", "right"):
-        travel = rng.uniform(0.4, 0.9) * free_x
-        first = rng.uniform(0, free_x - travel)
-        xs = first + travel * (progress if direction == "right" else 1 - progress)
+        xs = _track(free_x, direction == "right", progress, travel_range, unbiased_start, rng)
     elif direction in ("up", "down"):
-        travel = rng.uniform(0.4, 0.9) * free_y
-        first = rng.uniform(0, free_y - travel)
-        ys = first + travel * (progress if direction == "down" else 1 - progress)
+        ys = _track(free_y, direction == "down", progress, travel_range, unbiased_start, rng)
 
     grid_y, grid_x = np.mgrid[0:height, 0:width]
     frames = np.empty((num_frames, height, width, 3), np.uint8)
@@ -215,6 +226,18 @@ def moving_shape_frames(
     return frames
 
 
+def _track(free: float, forward: bool, progress: np.ndarray, travel_range: tuple[float, float],
+           unbiased_start: bool, rng: np.random.Generator) -> np.ndarray:
+    """Positions along one axis (0 .. `free`) of a uniform motion over `progress` (0 .. 1), forward
+    (increasing) or back; see `moving_shape_frames` for `travel_range` and `unbiased_start`."""
+    distance = rng.uniform(*travel_range) * free
+    if unbiased_start:
+        start = rng.uniform(distance, free - distance)
+        return start + distance * (progress if forward else -progress)
+    first = rng.uniform(0, free - distance)
+    return first + distance * (progress if forward else 1 - progress)
+
+
 @dataclass(frozen=True)
 class ShapeClass:
     """How the videos of one synthetic class look and move."""
@@ -222,6 +245,9 @@ class ShapeClass:
     shape: str
     color: tuple[int, int, int]
     direction: str
+    travel_range: tuple[float, float] = (0.4, 0.9)  # see `moving_shape_frames`
+    side_range: tuple[float, float] = (0.25, 0.5)
+    unbiased_start: bool = False
 
 
 # Two classes told apart only by motion, two only by appearance.
@@ -234,6 +260,20 @@ SAMPLE_CLASSES: Mapping[str, ShapeClass] = MappingProxyType(
     }
 )
 SAMPLE_SPLITS: Mapping[str, int] = MappingProxyType({"train": 8, "val": 4})
+
+# A harder set (benchmarks/bench_storage.py): one look, a small square, in eight classes told apart
+# only by direction and speed. Starts are drawn alike for both directions of an axis, so where the
+# square starts does not give its direction away, as it does in SAMPLE_CLASSES.
+MOTION_CLASSES: Mapping[str, ShapeClass] = MappingProxyType(
+    {
+        f"{direction}_{speed}": ShapeClass(
+            "square", (240, 200, 40), direction, travel, side_range=(0.2, 0.35), unbiased_start=True
+        )
+        for direction in ("left", "right", "up", "down")
+        for speed, travel in (("slow", (0.15, 0.25)), ("fast", (0.35, 0.5)))
+    }
+)
+MOTION_SPLITS: Mapping[str, int] = MappingProxyType({"train": 24, "val": 16})
 
 
 def make_sample_dataset(
@@ -258,7 +298,8 @@ def make_sample_dataset(
                 video_seed = zlib.crc32(f"{split}/{name}/{video_name}".encode())
                 rng = np.random.default_rng([seed, video_seed])
                 frames = moving_shape_frames(
-                    num_frames, height, width, spec.shape, spec.color, spec.direction, rng
+                    num_frames, height, width, spec.shape, spec.color, spec.direction, rng,
+                    spec.travel_range, spec.side_range, spec.unbiased_start,
                 )
                 write_video(root / split / name / video_name, frames)
     return root

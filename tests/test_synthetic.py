@@ -1,0 +1,66 @@
+"""Tests for evl_cache/synthetic.py's action datasets: the harder MOTION_CLASSES set is deterministic,
+its squares move as their class says, and where a square starts does not give its direction away."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evl_cache.synthetic import MOTION_CLASSES, make_sample_dataset, moving_shape_frames
+
+SIZE = (32, 40)
+
+
+def _digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.mp4")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _frames(name: str, seed: int, num_frames: int = 6) -> np.ndarray:
+    spec = MOTION_CLASSES[name]
+    return moving_shape_frames(num_frames, *SIZE, spec.shape, spec.color, spec.direction,
+                               np.random.default_rng(seed), spec.travel_range, spec.side_range,
+                               spec.unbiased_start)
+
+
+def _centre(frame: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    """(y, x) of the pixels painted in the shape's colour."""
+    ys, xs = np.nonzero((frame == np.array(color, np.uint8)).all(-1))
+    return np.array([ys.mean(), xs.mean()])
+
+
+def test_motion_classes_generate_the_same_videos_every_time(tmp_path: Path) -> None:
+    counts = {"train": 1, "val": 1}
+    first = make_sample_dataset(tmp_path / "a", MOTION_CLASSES, counts, num_frames=8, size=SIZE)
+    again = make_sample_dataset(tmp_path / "b", MOTION_CLASSES, counts, num_frames=8, size=SIZE)
+    other = make_sample_dataset(tmp_path / "c", MOTION_CLASSES, counts, num_frames=8, size=SIZE, seed=1)
+    assert sorted(p.name for p in (first / "train").iterdir()) == sorted(MOTION_CLASSES)
+    assert _digest(first) == _digest(again)
+    assert _digest(first) != _digest(other)
+
+
+@pytest.mark.parametrize("name", sorted(MOTION_CLASSES))
+def test_squares_move_in_their_direction_by_their_speed(name: str) -> None:
+    spec = MOTION_CLASSES[name]
+    axis, sign = {"left": (1, -1), "right": (1, 1), "up": (0, -1), "down": (0, 1)}[spec.direction]
+    for seed in range(5):
+        frames = _frames(name, seed)
+        moved = _centre(frames[-1], spec.color) - _centre(frames[0], spec.color)
+        side = int(np.sqrt((frames[0] == np.array(spec.color, np.uint8)).all(-1).sum()))
+        free = SIZE[axis] - side
+        low, high = spec.travel_range
+        assert abs(moved[1 - axis]) < 1e-9  # no motion across the axis
+        assert low * free - 1 <= sign * moved[axis] <= high * free + 1  # pixel rounding
+
+
+def test_start_does_not_depend_on_the_direction_along_an_axis() -> None:
+    for seed in range(3):
+        for forward, back in (("right_slow", "left_slow"), ("down_fast", "up_fast")):
+            forward_frames, back_frames = _frames(forward, seed), _frames(back, seed)
+            np.testing.assert_array_equal(forward_frames[0], back_frames[0])
+            assert not np.array_equal(forward_frames[-1], back_frames[-1])
