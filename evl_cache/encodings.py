@@ -100,7 +100,7 @@ def decode(codes: torch.Tensor, scale: torch.Tensor | None, enc: Encoding, signe
     if not enc.scaled:
         return codes.to(dtype)
     if enc.name == "fp8":  # a table of the 256 codes' values: 3x faster than torch's float8 cast on a CPU
-        values = torch.take(_fp8_values(codes.device), codes.long())
+        values = torch.index_select(_fp8_values(codes.device), 0, codes.int().flatten()).view(codes.shape)
     elif enc.per_byte == 1:
         values = codes.float()
     else:
