@@ -105,8 +105,8 @@ def decode(codes: torch.Tensor, scale: torch.Tensor | None, enc: Encoding, signe
         values = codes.float()
     else:
         nibbles = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)[..., :dim]
-        values = nibbles.float() - (8 if signed else 0)
-    return (values * scale.float()[..., None]).to(dtype)
+        values = nibbles.float().sub_(8 if signed else 0)
+    return values.mul_(scale.float()[..., None]).to(dtype)  # `values` is a new tensor in every branch
 
 
 @functools.lru_cache(maxsize=None)
