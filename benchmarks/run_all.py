@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import machine, read_result  # noqa: E402
 
-SCRIPTS = ["decoder", "extract", "epoch", "loader", "text_head"]
+SCRIPTS = ["decoder", "extract", "epoch", "loader", "text_head", "study"]
 COLUMNS = ("question", "ours", "baseline", "ratio", "goal", "load")
 
 
