@@ -223,8 +223,8 @@ def main() -> None:
     print(f"while timing: {other.note()}")
     ours_name = "ours (EVLModel)"
     ratio = min(seconds[baseline_name]) / min(seconds[ours_name])
-    print_result("decoder", f"decoder training clips/s, EVLModel vs the authors' decoder (maps from q/k, full K/V), "
-                 f"B/16 shapes, {FRAMES} frames, {LAYERS} layers, batch {b}", b / min(seconds[ours_name]), base,
+    print_result("decoder", f"decoder training clips/s, EVLModel vs the authors' decoder (B/16, {FRAMES} frames, "
+                 f"{LAYERS} layers, batch {b})", b / min(seconds[ours_name]), base,
                  "clips/s", "ours/baseline", ">= 4x", ratio >= 4, other.share, vars(args),
                  precomputed_maps_only=min(seconds[baseline_name]) / min(seconds["baseline + precomputed maps"]))
 

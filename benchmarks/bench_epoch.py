@@ -230,8 +230,8 @@ def main() -> None:
     print(f"other processes' CPU share in the epochs used: worst {100 * worst:.0f} %"
           f"{'  <-- contaminated: rerun on a quiet machine' if worst > 0.05 else ' (clean)'}")
     print(load_line())
-    print_result("epoch", f"epoch from the cache vs the online frozen-backbone epoch (authors' way), {MODEL} "
-                 f"{FRAMES}x{STRIDE}, {n} clips, batch {args.batch}, {args.workers} loader workers",
+    print_result("epoch", f"epoch from the cache vs the online frozen-backbone epoch (B/16 {FRAMES}x{STRIDE}, {n} clips, "
+                 f"batch {args.batch}, {args.workers} workers)",
                  cache_s, online_s, "s/epoch", "baseline/ours", f"ratio/limit >= 0.85: {ratio / limit:.2f}",
                  ratio / limit >= 0.85, worst, vars(args), limit=limit, ratio_to_limit=ratio / limit,
                  data_wait_share=cache_wait / cache_s, backbone_s=online_backbone, decoder_only_s=decoder_s,

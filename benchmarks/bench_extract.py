@@ -182,8 +182,8 @@ def main() -> None:
     print(load_line())
     for workers, (summary, call_seconds, share) in results.items():
         per_clip = summary.seconds / summary.clips
-        print_result("extract", f"extraction wall time / backbone-only time, {MODEL} {FRAMES}x{STRIDE}, {n} videos, "
-                     f"{workers} decode worker{'s' if workers > 1 else ''}", per_clip, base, "s/clip",
+        print_result("extract", f"extraction wall time / backbone-only time (B/16 {FRAMES}x{STRIDE}, {n} videos, "
+                     f"{workers} decode worker{'s' if workers > 1 else ''})", per_clip, base, "s/clip",
                      "ours/baseline", "<= 1.15", per_clip / base <= 1.15, worst, vars(args),
                      vs_faster_backbone_pass=per_clip / fastest, backbone_pass_spread=spread - 1,
                      decoded_frames_per_clip=summary.decoded_frames / summary.clips, sampling_span=SPAN)

@@ -290,13 +290,12 @@ def main() -> None:
               f"(attempt {alone_attempts})")
     print(load_line())
     for mode, (ours, raw, mode_share) in headline.items():
-        print_result("loader", f"loader bytes/s / raw read of the same shard files, {mode} "
-                     f"({'page cache' if mode == 'warm' else 'evicted'}), B/16 cache, {BLOCKS} blocks with maps, "
-                     f"{args.videos} videos, batch {args.batch}, 2 reader threads", ours / 1e9, raw / 1e9, "GB/s",
+        print_result("loader", f"loader bytes/s / raw read of the same files, {mode} (B/16, {args.videos} videos, "
+                     f"batch {args.batch}, 2 threads)", ours / 1e9, raw / 1e9, "GB/s",
                      "ours/baseline", "", None, mode_share, vars(args))
     wait_share = sum(waits) / epoch
-    print_result("loader", f"training epoch from the cache / the same decoder steps on batches in memory, B/16, "
-                 f"batch {args.train_batch}, {args.train_workers} reader threads", epoch, alone, "s/epoch",
+    print_result("loader", f"training epoch from the cache / the same steps on batches in memory (B/16, "
+                 f"batch {args.train_batch}, {args.train_workers} threads)", epoch, alone, "s/epoch",
                  "ours/baseline", f"data wait < 5 %: {100 * wait_share:.1f} %", wait_share < 0.05,
                  max(share, alone_share), vars(args), data_wait_share=wait_share)
 

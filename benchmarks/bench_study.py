@@ -133,9 +133,9 @@ def main() -> None:
                for name, kinds_ in timed.items()}
     print()
     for name, kinds_ in fastest.items():
-        cache_s, online_s = kinds_["cache"][0], kinds_["online"][0]
+        cache_s, (online_s, (_, backbone_s, decoder_s), _) = kinds_["cache"][0], kinds_["online"]
         print(f"run {name}: epoch from the cache {cache_s:.2f} s, online epoch {online_s:.2f} s (backbone "
-              f"{kinds_['online'][1][1]:.2f} s, decoder {kinds_['online'][1][2]:.2f} s); ratio {online_s / cache_s:.2f}")
+              f"{backbone_s:.2f} s, decoder {decoder_s:.2f} s); ratio {online_s / cache_s:.2f}")
     cache_sum = sum(k["cache"][0] for k in fastest.values())
     online_sum = sum(k["online"][0] for k in fastest.values())
     worst = max([extract_share] + [k[kind][2] for k in fastest.values() for kind in k])
@@ -153,9 +153,8 @@ def main() -> None:
           f"{'  <-- contaminated: rerun on a quiet machine' if worst > 0.05 else ' (clean)'}")
     print(load_line())
     for e in epochs:
-        print_result("study", f"{len(runs)}-run ablation study ({', '.join(runs)}), E = {e} epoch{'' if e == 1 else 's'} "
-                     f"per run: one extraction + {len(runs)} x E epochs from the cache vs {len(runs)} x E online "
-                     f"epochs, {MODEL} {FRAMES}x{STRIDE}, {args.clips} clips, batch {args.batch}",
+        print_result("study", f"{len(runs)}-run ablation study, E = {e}: extraction + {len(runs)} x E cache epochs vs "
+                     f"{len(runs)} x E online epochs (B/16 {FRAMES}x{STRIDE}, {args.clips} clips)",
                      extract_s + e * cache_sum, e * online_sum, "s", "baseline/ours", "", None, worst, vars(args),
                      epochs_per_run=e, extraction_s=extract_s, cache_epochs_s=cache_sum, online_epochs_s=online_sum,
                      per_run={name: {"cache_epoch_s": k["cache"][0], "online_epoch_s": k["online"][0],

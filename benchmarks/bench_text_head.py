@@ -165,8 +165,8 @@ def main() -> None:
           f"image tower {min(image_s):.2f} s, limit {(min(image_s) + min(step_s)) / min(step_s):.1f}")
     print(f"while timing: {other.note()}")
     print(load_line())
-    print_result("text_head", f"--head text epoch from the cache vs CLIP's image tower online, {MODEL}, {clip_count} "
-                 f"clips, batch {args.batch}, text tower {'trained' if args.tune_text else 'frozen'} (medians)",
+    print_result("text_head", f"--head text epoch from the cache vs the image tower online (B/16, {clip_count} clips, "
+                 f"{'--tune text' if args.tune_text else 'text tower frozen'}, medians)",
                  med(cache_s), med(online_s), "s/epoch", "baseline/ours", "", None, other.share, vars(args),
                  limit=(med(image_s) + med(step_s)) / med(step_s), data_wait_share=med(wait_s) / med(cache_s))
 
