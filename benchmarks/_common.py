@@ -4,6 +4,7 @@ Not a benchmark itself (the scripts import it from their own folder).
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -35,13 +36,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine() -> dict:
+    """The machine a figure is measured on: platform, CPU model, cores, python, torch and its threads."""
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
+
+
 def machine_line() -> str:
     """Platform, CPU model, cores, torch version and threads, load average now."""
-    load = os.getloadavg()
-    return (f"machine: {platform.platform()}, CPU {cpu_model()}, {os.cpu_count()} cores, "
-            f"python {platform.python_version()}, torch {torch.__version__} with {torch.get_num_threads()} "
-            f"threads (interop {torch.get_num_interop_threads()}); load average {load[0]:.2f} {load[1]:.2f} "
-            f"{load[2]:.2f} at start")
+    m, load = machine(), os.getloadavg()
+    return (f"machine: {m['platform']}, CPU {m['cpu']}, {m['cores']} cores, python {m['python']}, torch "
+            f"{m['torch']} with {m['threads']} threads (interop {m['interop_threads']}); load average "
+            f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start")
 
 
 def load_line(label: str = "after") -> str:
@@ -133,16 +140,26 @@ def loader_epoch(sampler, loader, epoch: int, step) -> tuple[float, float]:
     return time.perf_counter() - start, wait
 
 
-def b16_decoder(num_classes: int = 400, seed: int = 0):
-    """EVLModel with ViT-B/16 shapes (4 layers, 12 heads, 8 frames) and its AdamW (the authors' recipe)."""
+def b16_decoder(num_classes: int = 400, seed: int = 0, **options):
+    """EVLModel with ViT-B/16 shapes (4 layers, 12 heads, 8 frames) and its AdamW (the authors' recipe).
+    `options` are other DecoderConfig fields (an ablation: layers=2, temporal_conv=False, ...)."""
     from evl_cache.model import DecoderConfig, EVLModel
 
     torch.manual_seed(seed)
-    model = EVLModel(DecoderConfig(width=WIDTH, grid=GRID, frames=FRAMES, num_classes=num_classes,
-                                   layers=BLOCKS, heads=HEADS))
+    model = EVLModel(DecoderConfig(**{"width": WIDTH, "grid": GRID, "frames": FRAMES, "num_classes": num_classes,
+                                      "layers": BLOCKS, "heads": HEADS, **options}))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.05)
     return model, optimizer
+
+
+def b16_backbone(blocks: int = BLOCKS):
+    """A newly built frozen ViT-B/16 (open_clip, random weights) capturing the last `blocks` blocks,
+    as extraction builds its own."""
+    from evl_cache.backbone import FrozenBackbone, load_clip
+
+    clip_model, spec = load_clip(MODEL, "none", None, "cpu", seed=0)
+    return FrozenBackbone(clip_model.visual, blocks, spec.mean, spec.std)
 
 
 def _system_cpu_seconds() -> tuple[float, float]:
@@ -267,3 +284,37 @@ def add_clean_options(parser, tries: int = 2, wait: float = 30.0) -> None:
 def share_note(share: float) -> str:
     return (f"others {100 * share:.0f} % CPU"
             + ("  <-- contaminated: other processes were busy" if share > 0.05 else ""))
+
+
+RESULT_PREFIX = "result: "
+
+
+def print_result(name: str, question: str, ours: float, baseline: float, unit: str, ratio_of: str, goal: str,
+                 met: bool | None, others_share: float | None, settings: dict | None = None,
+                 **details) -> dict:
+    """Print a benchmark's headline figure as one `result: {json}` line, the line `run_all.py` collects
+    into its summary table (a script may print several, one per figure). Returns the record.
+
+    name: the script's short name ("epoch"); question: what the figure answers, with its setup;
+    ours, baseline: the two measured figures in `unit`, both from this run; ratio_of: "ours/baseline"
+    or "baseline/ours" (the ratio printed, computed here from the two); goal: the target in words
+    ("<= 1.15", "ratio/limit >= 0.85: 0.82"; "" if none is set) and met: whether this run reached it
+    (None: no goal); others_share: the worst CPU share other processes took in the timed phases
+    (OtherLoad, clean_run), None if not measured; settings: the script's options (vars(args));
+    details: any other figures, as JSON values.
+    """
+    if ratio_of not in ("ours/baseline", "baseline/ours"):
+        raise ValueError(f"ratio_of must be 'ours/baseline' or 'baseline/ours', not {ratio_of!r}")
+    ratio = ours / baseline if ratio_of == "ours/baseline" else baseline / ours
+    record = {"name": name, "question": question, "ours": ours, "baseline": baseline, "unit": unit,
+              "ratio": ratio, "ratio_of": ratio_of, "goal": goal, "met": met, "others_share": others_share,
+              "contaminated": None if others_share is None else others_share > 0.05,
+              "load_average": list(os.getloadavg()), "machine": machine(),
+              "settings": settings or {}, "details": details}
+    print(RESULT_PREFIX + json.dumps(record, default=str), flush=True)
+    return record
+
+
+def read_result(line: str) -> dict | None:
+    """The record of a `print_result` line, None for any other output line."""
+    return json.loads(line[len(RESULT_PREFIX):]) if line.startswith(RESULT_PREFIX) else None

@@ -16,13 +16,18 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from evl_cache.model import DecoderConfig, EVLModel, LayerNorm, QuickGELU
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import OtherLoad, print_result  # noqa: E402
+
+from evl_cache.model import DecoderConfig, EVLModel, LayerNorm, QuickGELU  # noqa: E402
 
 WIDTH, GRID, FRAMES, LAYERS, HEADS, CLASSES = 768, (14, 14), 8, 4, 12, 400
 BACKBONE_HEADS = 12
@@ -206,14 +211,23 @@ def main() -> None:
         step(name)  # warm-up
     # Interleaved and judged by the fastest step: other jobs on a shared machine only ever add time.
     seconds = {name: [] for name in runs}
-    for _ in range(args.iters):
-        for name in runs:
-            seconds[name].append(step(name))
+    with OtherLoad() as other:
+        for _ in range(args.iters):
+            for name in runs:
+                seconds[name].append(step(name))
     base = b / min(seconds[baseline_name])
     for name, times in seconds.items():
         best, median = b / min(times), b / statistics.median(times)
         print(f"training clips/s  {name}: {best:.2f} (median step: {median:.2f}), {best / base:.1f}x baseline")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    print(f"while timing: {other.note()}")
+    ours_name = "ours (EVLModel)"
+    ratio = min(seconds[baseline_name]) / min(seconds[ours_name])
+    print_result("decoder", f"decoder training clips/s, EVLModel vs the authors' decoder (B/16, {FRAMES} frames, "
+                 f"{LAYERS} layers, batch {b})", b / min(seconds[ours_name]), base,
+                 "clips/s", "ours/baseline", ">= 4x", ratio >= 4, other.share, vars(args),
+                 precomputed_maps_only=min(seconds[baseline_name]) / min(seconds["baseline + precomputed maps"]))
+
 
 if __name__ == "__main__":
     main()

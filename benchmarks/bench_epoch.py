@@ -35,15 +35,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BLOCKS, FRAMES, MODEL, STRIDE, Timer, add_clean_options, b16_decoder,  # noqa: E402
-                     clean_run, decode_eval_clip, decoder_step, load_line, loader_epoch, machine_line, share_note,
-                     train_loader, write_kinetics_like_videos)
+from _common import (BLOCKS, FRAMES, MODEL, STRIDE, Timer, add_clean_options, b16_backbone,  # noqa: E402
+                     b16_decoder, clean_run, decode_eval_clip, decoder_step, load_line, loader_epoch, machine_line,
+                     print_result, share_note, train_loader, write_kinetics_like_videos)
 
-from evl_cache.backbone import FrozenBackbone, load_clip  # noqa: E402
-from evl_cache.data import CacheDataset, CacheLoader, select_features  # noqa: E402
+from evl_cache.backbone import FrozenBackbone  # noqa: E402
+from evl_cache.data import CacheDataset, CacheLoader, model_inputs, select_features  # noqa: E402
 from evl_cache.extract import ExtractConfig, extract  # noqa: E402
 from evl_cache.store import FeatureStore  # noqa: E402
 from evl_cache.videos import find_videos  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 class DecodedClips(Dataset):
@@ -65,6 +67,40 @@ def _one_thread(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def train_videos(root: Path, clips: int) -> Path:
+    """`clips` Kinetics-like videos in a `train/` split under `root` (reused if already there)."""
+    return write_kinetics_like_videos(root / f"videos_train_{clips}", clips, split="train")
+
+
+def cache_config(videos: Path, out: Path, batch: int) -> ExtractConfig:
+    """The extraction of the benchmark's cache: one centre clip per training video, B/16 8 x 16, 4 blocks."""
+    return ExtractConfig(videos=videos, out=out, model=MODEL, pretrained="none", blocks=BLOCKS, frames=FRAMES,
+                         stride=STRIDE, eval_views=1, train_views=1, batch_size=batch, workers=2, device="cpu")
+
+
+def cache_dataset(cache: Path, layers: int = BLOCKS, cross_attention: bool = True) -> CacheDataset:
+    """The training dataset a decoder of `layers` layers reads from the cache (maps only with
+    cross-attention), as `evl_cache.train` selects it."""
+    with FeatureStore(cache) as store:
+        attrs = store.check_version()
+        videos = [i for i, s in enumerate(store.column("status")) if s == 1]
+    return CacheDataset(cache, videos, select_features(attrs, layers, None, 1, cross_attention), views="random",
+                        seed=0)
+
+
+def decoded_batches(videos: Path, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same clips as the cache's, decoded here (one process) into (uint8 [B, T, 3, S, S], labels)."""
+    entries = find_videos(videos, None, None, None, None).entries
+    decoded = [(decode_eval_clip(videos / e.path, e.split, i)[0], e.label) for i, e in enumerate(entries)]
+    return [(torch.stack([clip for clip, _ in decoded[i:i + batch]]),
+             torch.tensor([label for _, label in decoded[i:i + batch]])) for i in range(0, len(decoded), batch)]
+
+
+def cache_step(model, optimizer):
+    """`step(batch)` for a cache batch: the model's inputs as `evl_cache.train` takes them, then the step."""
+    return lambda b: decoder_step(model, optimizer, *model_inputs(b, CPU), b["label"])
+
+
 _LOADERS: dict = {}
 
 
@@ -73,14 +109,14 @@ def cache_epoch(dataset: CacheDataset, batch: int, workers: int, epoch: int, mod
     key = (id(dataset), batch, workers)
     if key not in _LOADERS:  # train() keeps one loader for the whole run
         _LOADERS[key] = train_loader(dataset, batch, workers)
-    return loader_epoch(*_LOADERS[key], epoch, lambda b: decoder_step(model, optimizer, b["tokens"], b["maps_prev"],
-                                                                      b["maps_next"], b["label"]))
+    return loader_epoch(*_LOADERS[key], epoch, cache_step(model, optimizer))
 
 
 def decoder_only_epoch(batches: list[dict], model, optimizer) -> float:
+    step = cache_step(model, optimizer)
     with Timer() as timer:
         for batch in batches:
-            decoder_step(model, optimizer, batch["tokens"], batch["maps_prev"], batch["maps_next"], batch["label"])
+            step(batch)
     return timer.seconds
 
 
@@ -101,16 +137,21 @@ def online_epoch(batches, backbone: FrozenBackbone, model, optimizer) -> tuple[f
     return time.perf_counter() - start, backbone_s, decoder_s
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_epoch_options(parser) -> None:
+    """The options of the epoch comparison's setup (clips, batch, loader, repeats, videos, clean runs)."""
     parser.add_argument("--clips", type=int, default=6, help="videos, one clip each")
     parser.add_argument("--batch", type=int, default=2, help="clips per step (both sides)")
     parser.add_argument("--workers", type=int, default=2, help="cache reader threads")
     parser.add_argument("--repeats", type=int, default=2, help="timed epochs of each kind, interleaved")
-    parser.add_argument("--online-decode", action="store_true",
-                        help="baseline decodes its frames during the epoch (2 workers) instead of from memory")
     parser.add_argument("--video-dir", type=Path, default=None, help="write (or reuse) the videos here")
     add_clean_options(parser)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_epoch_options(parser)
+    parser.add_argument("--online-decode", action="store_true",
+                        help="baseline decodes its frames during the epoch (2 workers) instead of from memory")
     args = parser.parse_args()
     print(machine_line())
     print(f"setup: {MODEL} (random weights), {FRAMES} x {STRIDE}, {BLOCKS} blocks + maps, 400-class EVL decoder, "
@@ -119,33 +160,21 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_epoch_") as tmp:
         tmp = Path(tmp)
-        video_dir = (args.video_dir or tmp) / f"videos_train_{args.clips}"
         with Timer() as timer:
-            write_kinetics_like_videos(video_dir, args.clips, split="train")
+            video_dir = train_videos(args.video_dir or tmp, args.clips)
         print(f"videos: {args.clips} written in {timer.seconds:.1f} s")
         cache = tmp / "cache.zarr"
-        summary = extract(ExtractConfig(videos=video_dir, out=cache, model=MODEL, pretrained="none", blocks=BLOCKS,
-                                        frames=FRAMES, stride=STRIDE, eval_views=1, train_views=1,
-                                        batch_size=args.batch, workers=2, device="cpu"))
+        summary = extract(cache_config(video_dir, cache, args.batch))
         print(f"cache: {summary.clips} clips extracted in {summary.seconds:.1f} s (not part of the comparison)")
 
-        with FeatureStore(cache) as store:
-            attrs = store.check_version()
-            videos = [i for i, s in enumerate(store.column("status")) if s == 1]
-        selection = select_features(attrs, BLOCKS, None, 1, True)
-        dataset = CacheDataset(cache, videos, selection, views="random", seed=0)
+        dataset = cache_dataset(cache)
         print(f"cache dataset: {len(dataset)} items, {dataset.bytes_per_item() / 1e6:.1f} MB read per item")
 
         entries = find_videos(video_dir, None, None, None, None).entries
-        clip_model, spec = load_clip(MODEL, "none", None, "cpu", seed=0)
-        backbone = FrozenBackbone(clip_model.visual, BLOCKS, spec.mean, spec.std)
+        backbone = b16_backbone()
         with Timer() as timer:
-            decoded = [(decode_eval_clip(video_dir / e.path, e.split, i, spec.image_size)[0], e.label)
-                       for i, e in enumerate(entries)]
-        print(f"decode: {timer.seconds / len(decoded):.3f} s/clip (one process)")
-        memory_batches = [(torch.stack([c for c, _ in decoded[i:i + args.batch]]),
-                           torch.tensor([label for _, label in decoded[i:i + args.batch]]))
-                          for i in range(0, len(decoded), args.batch)]
+            memory_batches = decoded_batches(video_dir, args.batch)
+        print(f"decode: {timer.seconds / len(entries):.3f} s/clip (one process)")
 
         def online_batches():
             if not args.online_decode:
@@ -186,7 +215,7 @@ def main() -> None:
     online_s, (_, online_backbone, online_decoder) = fastest["online"][0], fastest["online"][1]
     ratio = online_s / cache_s
     limit = (online_backbone + decoder_s) / decoder_s
-    n = len(decoded)
+    n = len(entries)
     print()
     print(f"cache epoch: {cache_s:.2f} s ({cache_s / n:.3f} s/clip; data wait {100 * cache_wait / cache_s:.1f} % of it)")
     zero_s, (_, zero_wait) = fastest["cache, workers=0"][0], fastest["cache, workers=0"][1]
@@ -201,6 +230,12 @@ def main() -> None:
     print(f"other processes' CPU share in the epochs used: worst {100 * worst:.0f} %"
           f"{'  <-- contaminated: rerun on a quiet machine' if worst > 0.05 else ' (clean)'}")
     print(load_line())
+    print_result("epoch", f"epoch from the cache vs the online frozen-backbone epoch (B/16 {FRAMES}x{STRIDE}, {n} clips, "
+                 f"batch {args.batch}, {args.workers} workers)",
+                 cache_s, online_s, "s/epoch", "baseline/ours", f"ratio/limit >= 0.85: {ratio / limit:.2f}",
+                 ratio / limit >= 0.85, worst, vars(args), limit=limit, ratio_to_limit=ratio / limit,
+                 data_wait_share=cache_wait / cache_s, backbone_s=online_backbone, decoder_only_s=decoder_s,
+                 workers0_ratio=online_s / zero_s)
 
 
 if __name__ == "__main__":

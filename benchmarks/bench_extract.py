@@ -39,8 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (BLOCKS, FRAMES, MODEL, SPAN, STRIDE, VIDEO_FPS, VIDEO_HEIGHT, VIDEO_SECONDS,  # noqa: E402
-                     VIDEO_WIDTH, Timer, add_clean_options, clean_run, decode_eval_clip, load_line,
-                     machine_line, share_note, write_kinetics_like_videos)
+                     VIDEO_WIDTH, Timer, add_clean_options, b16_backbone, clean_run, decode_eval_clip,
+                     load_line, machine_line, print_result, share_note, write_kinetics_like_videos)
 
 from evl_cache.backbone import FrozenBackbone, load_clip  # noqa: E402
 from evl_cache.decode import probe_video  # noqa: E402
@@ -76,12 +76,6 @@ def backbone_pass(backbone: FrozenBackbone, clips: list[torch.Tensor], batch_siz
             backbone(torch.cat(clips[start:start + batch_size]))
         seconds.append(timer.seconds)
     return seconds
-
-
-def fresh_backbone() -> FrozenBackbone:
-    """A newly built backbone, as each extraction builds its own (so both sides pay the first call)."""
-    clip_model, spec = load_clip(MODEL, "none", None, "cpu", seed=0)
-    return FrozenBackbone(clip_model.visual, BLOCKS, spec.mean, spec.std)
 
 
 def main() -> None:
@@ -133,7 +127,7 @@ def main() -> None:
 
         def timed_backbone(label: str) -> tuple[float, float]:
             nonlocal backbone
-            backbone = fresh_backbone()  # not timed, like extraction's model build; no warm-up, like extraction
+            backbone = b16_backbone()  # not timed, like extraction's model build; no warm-up, like extraction
             batches, seconds, share, attempts = clean_run(lambda: backbone_pass(backbone, clips, args.batch_size),
                                                           args.tries, args.wait_quiet)
             rest = sum(batches[1:]) / max(len(clips) - args.batch_size, 1)
@@ -186,6 +180,13 @@ def main() -> None:
     print(f"other processes' CPU share, worst timed phase: {100 * worst:.0f} %"
           f"{'  <-- contaminated: rerun on a quiet machine' if worst > 0.05 else ' (clean)'}")
     print(load_line())
+    for workers, (summary, call_seconds, share) in results.items():
+        per_clip = summary.seconds / summary.clips
+        print_result("extract", f"extraction wall time / backbone-only time (B/16 {FRAMES}x{STRIDE}, {n} videos, "
+                     f"{workers} decode worker{'s' if workers > 1 else ''})", per_clip, base, "s/clip",
+                     "ours/baseline", "<= 1.15", per_clip / base <= 1.15, worst, vars(args),
+                     vs_faster_backbone_pass=per_clip / fastest, backbone_pass_spread=spread - 1,
+                     decoded_frames_per_clip=summary.decoded_frames / summary.clips, sampling_span=SPAN)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OtherLoad, Timer, load_line, machine_line  # noqa: E402
+from _common import OtherLoad, Timer, load_line, machine_line, print_result  # noqa: E402
 
 import evl_cache.store as store_module  # noqa: E402
 from evl_cache.store import CacheLayout, FeatureStore  # noqa: E402
@@ -117,6 +117,12 @@ def main() -> None:
                 opened, per_read = results[kind]
                 print(f"  {kind} / one file: open {opened / base_open:.1f}x, row read {per_read / base_read:.1f}x")
     print(other.note())
+    (base_open, base_read), (opened, per_read) = results["one file"], results["joined, strided"]
+    setup = f"{videos} videos, {-(-videos // SHARD)} shards, {PARTS} parts, as written"
+    print_result("join", f"joined HDF5 cache / one file: open + one row of each array ({setup})", opened, base_open,
+                 "s", "ours/baseline", "", None, other.share, vars(args))
+    print_result("join", f"joined HDF5 cache / one file: a random row read through the virtual dataset ({setup})",
+                 per_read, base_read, "s", "ours/baseline", "", None, other.share, vars(args))
     print(load_line())
 
 

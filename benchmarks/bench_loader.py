@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (BLOCKS, FRAMES, GRID, HEADS, PATCHES, STRIDE, TOKENS, WIDTH, Timer,  # noqa: E402
                      add_clean_options, b16_decoder, clean_run, decoder_step, load_line, machine_line,
-                     share_note)
+                     print_result, share_note)
 
 from evl_cache.data import CacheDataset, CacheLoader, EpochBatches, select_features  # noqa: E402
 from evl_cache.store import CacheLayout, FeatureStore  # noqa: E402
@@ -237,8 +237,11 @@ def main() -> None:
                     seconds[kind].append(timer.seconds)
             return seconds
 
+        loader_kind = "CacheLoader, 2 reader threads"  # train's default --workers
+        headline = {}
         for mode in ("warm", "cold"):
             seconds, _, share, attempts = clean_run(lambda: read_all(mode), args.tries, args.wait_quiet)
+            headline[mode] = (payload / min(seconds[loader_kind]), file_bytes / min(seconds[raw_kind]), share)
             print(f"\n{mode} ({'page cache' if mode == 'warm' else 'files evicted before each read'}), "
                   f"{args.repeats} reads each, interleaved; {share_note(share)} (attempt {attempts})")
             base = file_bytes / min(seconds[raw_kind])
@@ -286,6 +289,15 @@ def main() -> None:
               f"(the loader's whole cost, waits plus its threads slowing the steps); {share_note(alone_share)} "
               f"(attempt {alone_attempts})")
     print(load_line())
+    for mode, (ours, raw, mode_share) in headline.items():
+        print_result("loader", f"loader bytes/s / raw read of the same files, {mode} (B/16, {args.videos} videos, "
+                     f"batch {args.batch}, 2 threads)", ours / 1e9, raw / 1e9, "GB/s",
+                     "ours/baseline", "", None, mode_share, vars(args))
+    wait_share = sum(waits) / epoch
+    print_result("loader", f"training epoch from the cache / the same steps on batches in memory (B/16, "
+                 f"batch {args.train_batch}, {args.train_workers} threads)", epoch, alone, "s/epoch",
+                 "ours/baseline", f"data wait < 5 %: {100 * wait_share:.1f} %", wait_share < 0.05,
+                 max(share, alone_share), vars(args), data_wait_share=wait_share)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (BLOCKS, FRAMES, MODEL, STRIDE, VIDEO_FPS, VIDEO_HEIGHT, VIDEO_SECONDS,  # noqa: E402
-                     VIDEO_WIDTH, Timer, add_clean_options, clean_run, load_line, machine_line, share_note,
-                     write_kinetics_like_videos)
+                     VIDEO_WIDTH, Timer, add_clean_options, clean_run, load_line, machine_line, print_result,
+                     share_note, write_kinetics_like_videos)
 
 from evl_cache.store import PENDING, FeatureStore, remove_store  # noqa: E402
 from evl_cache.verify import cache_layout_of  # noqa: E402
@@ -203,6 +203,14 @@ def main() -> None:
     worst = max([r[2] for r in runs.values()] + [share])
     print(f"other processes' CPU share, worst timed phase: {100 * worst:.0f} %"
           f"{'  <-- contaminated: rerun on a quiet machine' if worst > 0.05 else ' (clean)'}")
+    setup = f"B/16 8x16, {args.videos} videos, {args.format}"
+    print_result("scale", f"extraction clips/s, 2 processes under torchrun / 1 process ({setup})",
+                 two["clips"] / two["seconds"], one["clips"] / one["seconds"], "clips/s", "ours/baseline", "", None,
+                 max(r[2] for r in runs.values()), vars(args),
+                 cpu_seconds_per_clip={"1": one["cpu_seconds"] / one["clips"], "2": two["cpu_seconds"] / two["clips"]})
+    print_result("scale", f"resume of a 2-process extraction killed at {100 * count / args.videos:.0f} % / the "
+                          f"uninterrupted command ({setup})", resume_seconds, full, "s", "ours/baseline", "", None,
+                 share, vars(args), missing_videos_seconds=missing)
     print(load_line())
 
 

@@ -54,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (BLOCKS, OtherLoad, Timer, add_clean_options, clean_run, load_line, loader_epoch,  # noqa: E402
-                     machine_line, share_note, train_loader)
+                     machine_line, print_result, share_note, train_loader)
 from bench_loader import array_files, write_cache  # noqa: E402
 
 from evl_cache.data import CacheDataset, model_inputs, select_features, usable_videos  # noqa: E402
@@ -349,6 +349,16 @@ def main() -> None:
         losses = [f"{o} on {n} ({statistics.mean(top1[n, o]) - statistics.mean(top1[n, BASELINE]):+.3f})"
                   for o in options[1:] for n in names if verdicts[n, o] == "measured loss"]
         print(f"measured losses: {', '.join(losses) or 'none'}")
+        for name in names:
+            base = statistics.mean(top1[name, BASELINE])
+            for option in options[1:]:
+                ratio = disk_bytes_per_view(caches[name][option]) / disk_bytes_per_view(caches[name][BASELINE])
+                print_result("storage", f"{option} vs {BASELINE}: top-1 on {name}, mean over {args.seeds} seeds "
+                                        f"(bytes per view {ratio:.3f}x on disk)",
+                             statistics.mean(top1[name, option]), base, "top-1", "ours/baseline",
+                             "within seed noise", verdicts[name, option] == "within noise", train_load.share,
+                             vars(args), verdict=verdicts[name, option], seeds=top1[name, option],
+                             bytes_ratio=ratio)
     print(f"time: videos and extraction {extracted - started:.0f} s, loader timings {timed - extracted:.0f} s, "
           f"training and evaluation {trained - timed:.0f} s ({train_load.note()}); total "
           f"{time.perf_counter() - started:.0f} s")

@@ -34,7 +34,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OtherLoad, load_line, loader_epoch, machine_line, train_loader  # noqa: E402
+from _common import OtherLoad, load_line, loader_epoch, machine_line, print_result, train_loader  # noqa: E402
 
 from evl_cache.backbone import load_clip  # noqa: E402
 from evl_cache.clips import ClipSpec, read_video_clips  # noqa: E402
@@ -165,6 +165,10 @@ def main() -> None:
           f"image tower {min(image_s):.2f} s, limit {(min(image_s) + min(step_s)) / min(step_s):.1f}")
     print(f"while timing: {other.note()}")
     print(load_line())
+    print_result("text_head", f"--head text epoch from the cache vs the image tower online (B/16, {clip_count} clips, "
+                 f"{'--tune text' if args.tune_text else 'text tower frozen'}, medians)",
+                 med(cache_s), med(online_s), "s/epoch", "baseline/ours", "", None, other.share, vars(args),
+                 limit=(med(image_s) + med(step_s)) / med(step_s), data_wait_share=med(wait_s) / med(cache_s))
 
 
 if __name__ == "__main__":
