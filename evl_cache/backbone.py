@@ -1,9 +1,10 @@
 """The frozen CLIP image tower and what EVL needs from it (evl-model.md sections 1 and 2).
 
 `load_clip` builds an open_clip model from a model name (or a model-config JSON file) and weights given
-as an open_clip pretrained tag, a local file, or `none` (random weights, for tests). `FrozenBackbone`
-runs its image tower in eval mode without gradients and captures, for the last K blocks, the block
-outputs and the adjacent-frame attention maps, plus the projected per-frame CLS embedding.
+as an open_clip pretrained tag, a local file, or `none` (random weights, for tests), with any prompt
+tokens the file fixes into the towers' blocks (`block_prompts`). `FrozenBackbone` runs its image tower
+in eval mode without gradients and captures, for the last K blocks, the block outputs (CLS and patch
+tokens) and the adjacent-frame attention maps, plus the projected per-frame CLS embedding.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .block_prompts import attach_image_prompts, attach_text_prompts, read_block_prompts
 from .errors import BackboneError, DownloadError
 
 log = logging.getLogger(__name__)
@@ -112,8 +114,8 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
               device: str | torch.device = "cpu", seed: int = 0) -> tuple[nn.Module, BackboneSpec]:
     """Build an open_clip CLIP model with frozen weights and describe it.
 
-    `pretrained` is an open_clip tag (downloaded by open_clip), a local weights file, or `none`
-    (random weights from `seed`, for tests). A tag whose weights used QuickGELU gets QuickGELU even
+    `pretrained` is an open_clip tag (downloaded by open_clip), a local weights file (with the prompt
+    tokens it may carry for the towers' blocks), or `none` (random weights from `seed`, for tests). A tag whose weights used QuickGELU gets QuickGELU even
     if the model name lacks `-quickgelu` (open_clip would otherwise build a different network).
     """
     import open_clip
@@ -156,6 +158,15 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
     else:
         from open_clip.pretrained import download_pretrained
         sha = sha256_file(download_pretrained(tag_cfg))
+    if weights is not None and os.path.isfile(weights):
+        prompts = read_block_prompts(weights)
+        if "image" in prompts:
+            attach_image_prompts(clip.visual, prompts["image"], weights)
+        if "text" in prompts:
+            attach_text_prompts(clip, prompts["text"], weights)
+        for tower, blocks in prompts.items():
+            log.info("%s: %d prompt tokens fixed into %s blocks %s", weights, len(next(iter(blocks.values()))),
+                     tower, ", ".join(map(str, sorted(blocks))))
     clip = clip.to(device).eval().requires_grad_(False)
     visual = clip.visual
     config = open_clip.get_model_config(name) or {}
@@ -200,6 +211,8 @@ class FrozenBackbone(nn.Module):
                 raise BackboneError("unsupported image tower: blocks need ln_1 and a MultiheadAttention")
         self.visual = visual.eval().requires_grad_(False)
         self.block_indices = list(range(len(resblocks) - blocks, len(resblocks)))
+        grid = visual.grid_size
+        self.tokens = 1 + int(grid[0]) * int(grid[1])  # CLS and patches; any prompt tokens follow, not kept
         self.batch_first = getattr(visual.transformer, "batch_first", True)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -228,11 +241,11 @@ class FrozenBackbone(nn.Module):
         outputs, prevs, nexts = [], [], []
         heads = self.visual.transformer.resblocks[0].attn.num_heads
         for i in self.block_indices:
-            out = self._captured.pop(f"out{i}")
+            out = self._captured.pop(f"out{i}")[:, :self.tokens]
             outputs.append(out.reshape(batch, frames, *out.shape[1:]))
-            qk = self._captured.pop(f"qk{i}")
+            qk = self._captured.pop(f"qk{i}")[:, 1:self.tokens]
             width = qk.shape[-1] // 2
-            qk = qk[:, 1:].reshape(batch, frames, qk.shape[1] - 1, 2, heads, width // heads)
+            qk = qk.reshape(batch, frames, self.tokens - 1, 2, heads, width // heads)
             prev, nxt = adjacent_maps(qk[..., 0, :, :], qk[..., 1, :, :])
             prevs.append(prev)
             nexts.append(nxt)

@@ -159,6 +159,11 @@ class ClassPrompts(nn.Module):
             raise EvlCacheError("--prompt-tokens must be 0 or more")
         if context_tokens and templates and list(templates) != [BARE_NAME]:
             raise EvlCacheError("--templates apply to --prompt-tokens 0; learned prompts are 'context name.'")
+        deep = getattr(tower.transformer, "block_prompts", None)
+        if deep is not None and context_tokens != deep.tokens:
+            raise EvlCacheError(f"the text tower's blocks put {deep.tokens} learned prompt tokens after the start "
+                                f"token, in place of {deep.tokens} context vectors in front of the class name: "
+                                f"use --prompt-tokens {deep.tokens}, not {context_tokens}")
         self.tower = tower.requires_grad_(tune_tower)
         self.tune_tower = tune_tower
         self.tokenizer = tokenizer

@@ -14,12 +14,14 @@ and how ViFi-CLIP prompts its text tower:
 - a fine-tuned model scores the prompt "{CTX_INIT} {name}." ("a photo of a {}." unless its config
   changed CTX_INIT); the file records the template, for `zeroshot --templates`;
 - a text-prompted model (`prompt_learner.ctx`: n learned vectors in place of the first n tokens after
-  the start token, at the text tower's input only) keeps its vectors in the file, and `zeroshot` uses
-  them, naming classes with underscores as spaces as ViFi-CLIP does.
-
-Refused, with the reason: vision prompts and text prompts deeper than the input ("bridge and prompt":
-`image_encoder.VPT`, `*.transformer.resblocks.N.VPT_shallow`), which put learned tokens into every
-prompted block; the open_clip towers, and the cache's per-frame token layout, have no place for them.
+  the start token, at the text tower's input) keeps its vectors in the file, and `zeroshot` uses
+  them, naming classes with underscores as spaces as ViFi-CLIP does;
+- a "bridge and prompt" model (deep vision and language prompts: `image_encoder.VPT`,
+  `image_encoder.transformer.resblocks.N.VPT_shallow`, `text_encoder.transformer.resblocks.N.VPT_shallow`)
+  also has its prompt tokens in the file, under a third key, `prompts` (see `block_prompts`), rounded
+  to float16 as ViFi-CLIP's forward rounds them; `load_clip` fixes them into the towers, so
+  extraction, `predict` and `zeroshot` run the prompted towers. The cache holds each block's CLS and
+  patch tokens, not the prompt tokens.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .backbone import _register_model_name, load_clip, sha256_file
+from .block_prompts import attach_image_prompts, attach_text_prompts, read_weights_file
 from .checkpoint_files import load_checkpoint, load_exactly, model_state
 from .config import option
 from .errors import BackboneError, CheckpointError, DownloadError, EvlCacheError
@@ -44,8 +47,8 @@ PROMPT_BUFFERS = ("prompt_learner.token_prefix", "prompt_learner.token_suffix",
                   "prompt_learner.complete_text_embeddings")  # token embeddings of its training class names
 DEFAULT_CTX_INIT = "a photo of a"  # ViFi-CLIP's TRAINER.ViFi_CLIP.CTX_INIT default
 CONTEXT_FROM_WORDS = 4  # ViFi-CLIP initialises at most this many context vectors from the CTX_INIT words
-_VISION_PROMPT = re.compile(r"image_encoder\.(VPT|transformer\.resblocks\.\d+\.VPT_shallow)")
-_DEEP_TEXT_PROMPT = re.compile(r"text_encoder\.transformer\.resblocks\.\d+\.VPT_shallow")
+INPUT_VISION_PROMPT = "image_encoder.VPT"  # block 0's vision prompts
+_BLOCK_PROMPT = re.compile(r"(image|text)_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow")
 
 
 @dataclass
@@ -66,6 +69,7 @@ class VifiCheckpoint:
     text_context: Tensor | None      # [n, width] learned context vectors, or None
     context_prefix: str | None       # the words the context overwrites (None: placeholder words)
     prompt_template: str | None      # the prompt of a model without learned context
+    block_prompts: dict[str, dict[int, Tensor]]  # "image"/"text" -> {block: [n, width]} (deep prompts)
 
 
 @dataclass
@@ -74,11 +78,14 @@ class VifiImport:
     out: Path
     prompt_template: str | None
     context_tokens: int
+    block_prompts: dict[str, list[int]]  # tower -> the blocks its prompt tokens go into
 
     def line(self) -> str:
         prompts = (f"learned prompt context, {self.context_tokens} vectors (zeroshot uses them)"
                    if self.context_tokens else f"prompts {self.prompt_template!r} (pass it to zeroshot --templates)")
-        return f"import-vificlip: wrote {self.out}; {prompts}"
+        deep = "".join(f"; {tower} prompt tokens in blocks {blocks[0]}-{blocks[-1]}"
+                       for tower, blocks in self.block_prompts.items())
+        return f"import-vificlip: wrote {self.out}; {prompts}{deep}"
 
 
 def _saved_ctx_init(checkpoint: object) -> str | None:
@@ -90,22 +97,16 @@ def _saved_ctx_init(checkpoint: object) -> str | None:
 
 
 def read_vificlip(path: str | Path) -> VifiCheckpoint:
-    """Read a ViFi-CLIP checkpoint, refusing what open_clip cannot hold exactly (one-line reasons)."""
+    """Read a ViFi-CLIP checkpoint, refusing what cannot be converted exactly (one-line reasons)."""
     checkpoint = load_checkpoint(path)
     state = model_state(checkpoint, path)
-    vision_prompts = sorted(k for k in state if _VISION_PROMPT.fullmatch(k))
-    if vision_prompts:
-        raise CheckpointError(f"has vision prompts ({', '.join(vision_prompts[:2])}, ...): a 'bridge and prompt' "
-                              f"image tower adds learned tokens to its blocks, which an open_clip tower and the "
-                              f"cache's per-frame tokens cannot hold; fine-tuned and text-prompted models convert",
-                              path)
-    deep_text_prompts = sorted(k for k in state if _DEEP_TEXT_PROMPT.fullmatch(k))
-    if deep_text_prompts:
-        raise CheckpointError(f"has text prompts inside the text tower ({deep_text_prompts[0]}, ...), which an "
-                              f"open_clip text tower cannot hold; only prompt_learner.ctx at its input converts", path)
-    clip_state, unexpected = {}, []
+    clip_state, block_prompts, unexpected = {}, {}, []
     for key, value in state.items():
-        if key.startswith("image_encoder."):
+        found = _BLOCK_PROMPT.fullmatch(key)
+        if found or key == INPUT_VISION_PROMPT:
+            tower, block = (found[1], int(found[2])) if found else ("image", 0)
+            block_prompts.setdefault(tower, {})[block] = value.half().float()  # ViFi-CLIP's forward: .half()
+        elif key.startswith("image_encoder."):
             clip_state["visual." + key.removeprefix("image_encoder.")] = value
         elif key.startswith("text_encoder."):
             clip_state[key.removeprefix("text_encoder.")] = value
@@ -118,13 +119,24 @@ def read_vificlip(path: str | Path) -> VifiCheckpoint:
     if not any(k.startswith("visual.") for k in clip_state) or "text_projection" not in clip_state:
         raise CheckpointError("not a ViFi-CLIP checkpoint: no image_encoder.* or text_encoder.text_projection "
                               "weights under 'model'", path)
+    if "image" in block_prompts and 0 not in block_prompts["image"]:
+        raise CheckpointError(f"has vision prompts of blocks {sorted(block_prompts['image'])} but no "
+                              f"{INPUT_VISION_PROMPT}, the ones that enter with the patches", path)
     ctx_init = _saved_ctx_init(checkpoint)
     context = state.get("prompt_learner.ctx")
     if context is None:
-        return VifiCheckpoint(clip_state, None, None, f"{ctx_init if ctx_init is not None else DEFAULT_CTX_INIT} {{}}.")
+        if "text" in block_prompts:
+            raise CheckpointError("has text prompts inside the text tower but no prompt_learner.ctx, the context "
+                                  "they continue", path)
+        template = f"{ctx_init if ctx_init is not None else DEFAULT_CTX_INIT} {{}}."
+        return VifiCheckpoint(clip_state, None, None, template, block_prompts)
     if context.dim() != 2:
         raise CheckpointError(f"prompt_learner.ctx has shape {tuple(context.shape)}: only context shared by all "
                               f"classes ([n, width]) is supported", path)
+    for block, tokens in block_prompts.get("text", {}).items():
+        if len(tokens) != len(context):
+            raise CheckpointError(f"text prompts of block {block} hold {len(tokens)} tokens, prompt_learner.ctx "
+                                  f"{len(context)}: each block's replace the context's positions", path)
     prefix = None
     if len(context) <= CONTEXT_FROM_WORDS:
         if ctx_init is None:
@@ -132,7 +144,7 @@ def read_vificlip(path: str | Path) -> VifiCheckpoint:
                                   f"started from (CTX_INIT), which the checkpoint's saved config would name, but it "
                                   f"holds none", path)
         prefix = ctx_init or None  # an empty CTX_INIT: random initialisation, placeholder words
-    return VifiCheckpoint(clip_state, context.float(), prefix, None)
+    return VifiCheckpoint(clip_state, context.float(), prefix, None, block_prompts)
 
 
 def _base_clip(config: VifiImportConfig) -> torch.nn.Module:
@@ -167,6 +179,10 @@ def import_vificlip(config: VifiImportConfig) -> VifiImport:
     base_state = clip.state_dict()
     state = {**{k: base_state[k] for k in FROM_BASE if k not in vifi.clip_state}, **vifi.clip_state}
     load_exactly(clip, state, config.checkpoint, config.model)
+    if "image" in vifi.block_prompts:  # their shapes checked against the towers, as load_clip will
+        attach_image_prompts(clip.visual, vifi.block_prompts["image"], config.checkpoint)
+    if "text" in vifi.block_prompts:
+        attach_text_prompts(clip, vifi.block_prompts["text"], config.checkpoint)
     record = {"format": "vifi-clip", "checkpoint": str(config.checkpoint),
               "checkpoint_sha256": sha256_file(config.checkpoint), "model": config.model, "base": config.base}
     if vifi.text_context is not None:
@@ -179,8 +195,12 @@ def import_vificlip(config: VifiImportConfig) -> VifiImport:
     else:
         record["prompt_template"] = vifi.prompt_template
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": clip.state_dict(), "vifi_clip": record}, out)
-    result = VifiImport(out, vifi.prompt_template, 0 if vifi.text_context is None else len(vifi.text_context))
+    saved = {"state_dict": clip.state_dict(), "vifi_clip": record}
+    if vifi.block_prompts:
+        saved["prompts"] = vifi.block_prompts
+    torch.save(saved, out)
+    result = VifiImport(out, vifi.prompt_template, 0 if vifi.text_context is None else len(vifi.text_context),
+                        {tower: sorted(blocks) for tower, blocks in vifi.block_prompts.items()})
     log.info("%s (from %s; %s from --base %s)", result.line(), config.checkpoint, ", ".join(FROM_BASE), config.base)
     return result
 
@@ -188,13 +208,7 @@ def import_vificlip(config: VifiImportConfig) -> VifiImport:
 def learned_prompt(weights: str | Path) -> tuple[Tensor, str | None] | None:
     """(context vectors, the words they overwrite or None) of a weights file `import-vificlip` wrote from
     a text-prompted model; None for any other weights (a tag, or a file without learned context)."""
-    if not os.path.isfile(weights) or str(weights).endswith(".safetensors"):
-        return None
-    try:
-        checkpoint = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        raise BackboneError(f"cannot read the weights file: {(str(error).splitlines() or [''])[0]}", weights) from None
-    record = checkpoint.get("vifi_clip") if isinstance(checkpoint, dict) else None
+    record = read_weights_file(weights).get("vifi_clip")
     if not isinstance(record, dict) or "text_context" not in record:
         return None
     return record["text_context"], record.get("context_prefix")

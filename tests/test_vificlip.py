@@ -4,7 +4,8 @@ The checkpoints are made here in ViFi-CLIP's layout (`model` -> `module.image_en
 `module.text_encoder.*`, `module.logit_scale`, `module.prompt_learner.*`, beside a pickled config object
 of a class torch does not allow), from a tiny open_clip model with every tensor random. The reference
 is ViFi-CLIP's forward written out here from those tensors: its image encoder (OpenAI's ViT, QuickGELU,
-sequence-first attention), its text encoder on prompt embeddings, and its logits.
+sequence-first attention), its text encoder on prompt embeddings, their deep prompts ("bridge and
+prompt" models), and its logits.
 """
 import json
 
@@ -15,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from evl_cache.backbone import load_clip
+from evl_cache.backbone import FrozenBackbone, adjacent_maps, load_clip
 from evl_cache.cli import main
 from evl_cache.clips import ClipSpec, read_video_clips
 from evl_cache.errors import BackboneError, CheckpointError, EvlCacheError
 from evl_cache.extract import ExtractConfig, extract
 from evl_cache.store import FeatureStore
-from evl_cache.vificlip import VifiImportConfig, import_vificlip, learned_prompt
+from evl_cache.text import ClassPrompts, TextTower
+from evl_cache.vificlip import VifiImportConfig, import_vificlip, learned_prompt, prompt_class_names
 from evl_cache.zeroshot import ZeroShotConfig, zeroshot, zeroshot_scores
 
 TINY = "EVL-Tiny"  # vision: width 64, 2 heads, 4 blocks, patch 8, 32 px; text: width 32, 2 heads, 2 blocks
@@ -95,15 +97,33 @@ def _block(x, p, prefix, heads, mask=None):
     return x + F.linear(h * torch.sigmoid(1.702 * h), p[prefix + "mlp.c_proj.weight"], p[prefix + "mlp.c_proj.bias"])
 
 
-def vifi_image_features(p, images, heads=2, layers=4):
-    """image_encoder(images) of ViFi-CLIP: [N, 3, S, S] normalised -> [N, E]."""
+def _prompted(x, p, key, first):
+    """ViFi-CLIP's deep prompts on [L, N, D]: before block `block` > 0, its tokens `key` (if the checkpoint
+    has them) replace the previous ones: the last n (image, first=None) or positions 1..n (text)."""
+    if key not in p:
+        return x
+    tokens = p[key].half().float().unsqueeze(1).expand(-1, x.shape[1], -1)  # ViFi-CLIP: VPT_shallow....half()
+    if first is None:
+        return torch.cat([x[:len(x) - len(tokens)], tokens])
+    return torch.cat([x[:first], tokens, x[first + len(tokens):]])
+
+
+def vifi_image_features(p, images, heads=2, layers=4, blocks_out=None):
+    """image_encoder(images) of ViFi-CLIP: [N, 3, S, S] normalised -> [N, E]; with `blocks_out` (a list),
+    each block's output [N, L, D] (prompt tokens included) is appended to it."""
     pre = "module.image_encoder."
     weight = p[pre + "conv1.weight"]
     x = F.conv2d(images, weight, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
     x = torch.cat([p[pre + "class_embedding"].expand(len(x), 1, -1), x], dim=1) + p[pre + "positional_embedding"]
+    if pre + "VPT" in p:  # visual prompts follow the patch tokens, before ln_pre
+        x = torch.cat([x, p[pre + "VPT"].half().float().expand(len(x), -1, -1)], dim=1)
     x = _layer_norm(x, p, pre + "ln_pre").transpose(0, 1)
     for i in range(layers):
+        if i > 0:
+            x = _prompted(x, p, f"{pre}transformer.resblocks.{i}.VPT_shallow", None)
         x = _block(x, p, f"{pre}transformer.resblocks.{i}.", heads)
+        if blocks_out is not None:
+            blocks_out.append(x.transpose(0, 1))
     return _layer_norm(x.transpose(0, 1)[:, 0], p, pre + "ln_post") @ p[pre + "proj"]
 
 
@@ -114,6 +134,8 @@ def vifi_text_features(p, prompt_embeddings, token_ids, heads=2, layers=2):
     mask = torch.full((length, length), float("-inf")).triu(1)
     x = (prompt_embeddings + p[pre + "positional_embedding"]).transpose(0, 1)
     for i in range(layers):
+        if i > 0:
+            x = _prompted(x, p, f"{pre}transformer.resblocks.{i}.VPT_shallow", 1)
         x = _block(x, p, f"{pre}transformer.resblocks.{i}.", heads, mask)
     x = _layer_norm(x.transpose(0, 1), p, pre + "ln_final")
     return x[torch.arange(len(x)), token_ids.argmax(-1)] @ p[pre + "text_projection"]
@@ -131,6 +153,19 @@ def vifi_prompt_embeddings(token_embedding, names, context=None, prefix="a photo
     embedded = F.embedding(ids, token_embedding)
     context = context.expand(len(names), -1, -1)
     return torch.cat([embedded[:, :1], context, embedded[:, 1 + context.shape[1]:]], dim=1), ids
+
+
+def bridge_and_prompt(seed, context_tokens, vision_tokens=3, vision_depth=3):
+    """A "bridge and prompt" model's deep prompts in ViFi-CLIP's layout (its VPT_shallow in text and image
+    blocks 1..depth-1, image_encoder.VPT at the input) and its learned text context."""
+    generator = torch.Generator().manual_seed(seed)
+    extra = {"module.image_encoder.VPT": 0.5 * torch.randn(vision_tokens, 64, generator=generator)}
+    for i in range(1, vision_depth):
+        extra[f"module.image_encoder.transformer.resblocks.{i}.VPT_shallow"] = \
+            0.5 * torch.randn(vision_tokens, 64, generator=generator)
+    extra["module.text_encoder.transformer.resblocks.1.VPT_shallow"] = \
+        0.5 * torch.randn(context_tokens, 32, generator=generator)
+    return extra, 0.1 * torch.randn(context_tokens, 32, generator=generator)
 
 
 # --- conversion -------------------------------------------------------------------------------------------
@@ -185,6 +220,53 @@ def test_learned_context_is_kept_with_the_words_it_replaces(tmp_path, base_file)
     assert learned_prompt(tmp_path / "long.pt")[1] is None  # more than 4: placeholder words, config or not
 
 
+def test_bridge_and_prompt_towers_compute_what_vifi_clip_computes(tmp_path, base_file):
+    """Deep vision and text prompts: the converted towers, the cached block outputs and maps (CLS and patch
+    tokens of the prompted tower) and the class embeddings equal ViFi-CLIP's forward with its prompts."""
+    source = random_clip_state(seed=1)
+    extra, context = bridge_and_prompt(seed=3, context_tokens=5)  # more than 4: placeholder words
+    checkpoint = write_checkpoint(tmp_path / "bp.pth", source, context=context, extra=extra)
+    result = import_vificlip(VifiImportConfig(checkpoint=tmp_path / "bp.pth", out=tmp_path / "bp.pt",
+                                              base=str(base_file), model=TINY))
+    assert result.block_prompts == {"image": [0, 1, 2], "text": [1]}
+    assert "image prompt tokens in blocks 0-2; text prompt tokens in blocks 1-1" in result.line()
+    saved = torch.load(tmp_path / "bp.pt", weights_only=True)["prompts"]
+    assert torch.equal(saved["image"][0], extra["module.image_encoder.VPT"].half().float())
+    converted, _ = load_clip(TINY, str(tmp_path / "bp.pt"))
+    assert set(converted.state_dict()) == set(source)  # the prompts are no open_clip weights
+    pixels = torch.randint(0, 256, (1, 3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = pixels[0].float() / 255
+    blocks = []
+    pre = "module.image_encoder.transformer.resblocks."
+    with torch.no_grad():
+        expected = vifi_image_features(checkpoint, images, blocks_out=blocks)
+        unprompted = vifi_image_features({k: v for k, v in checkpoint.items() if "VPT" not in k}, images)
+        assert (expected - unprompted).abs().max() > 0.05  # the prompts matter
+        torch.testing.assert_close(converted.encode_image(images), expected, rtol=1e-5, atol=1e-5)
+        cached = FrozenBackbone(converted.visual, 2, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))(pixels)
+        torch.testing.assert_close(cached.embeddings[0], expected, rtol=1e-5, atol=1e-5)
+        for k, i in enumerate((2, 3)):  # the last 2 blocks: their CLS and 16 patch tokens; maps from those patches
+            torch.testing.assert_close(cached.block_outputs[k][0], blocks[i][:, :17], rtol=1e-5, atol=1e-5)
+            block_input = _prompted(blocks[i - 1].transpose(0, 1), checkpoint, f"{pre}{i}.VPT_shallow", None)
+            y = _layer_norm(block_input.transpose(0, 1), checkpoint, f"{pre}{i}.ln_1")
+            qk = F.linear(y, checkpoint[f"{pre}{i}.attn.in_proj_weight"][:128], checkpoint[f"{pre}{i}.attn.in_proj_bias"][:128])
+            qk = qk[:, 1:17].reshape(1, 3, 16, 2, 2, 32)
+            prev, nxt = adjacent_maps(qk[..., 0, :, :], qk[..., 1, :, :])
+            torch.testing.assert_close(cached.maps_prev[k], prev, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cached.maps_next[k], nxt, rtol=1e-5, atol=1e-5)
+        names = ["riding a bike", "slide_left", "x"]
+        tower, tokenizer = TextTower(converted), open_clip.get_tokenizer(TINY)
+        vectors, prefix = learned_prompt(tmp_path / "bp.pt")
+        classes = ClassPrompts(tower, tokenizer, prompt_class_names(names), context_vectors=vectors,
+                               context_prefix=prefix)
+        base = torch.load(base_file, weights_only=True)
+        prompt_embeddings, ids = vifi_prompt_embeddings(base["token_embedding.weight"], names, context)
+        text = F.normalize(vifi_text_features(checkpoint, prompt_embeddings, ids), dim=-1)
+        torch.testing.assert_close(classes(), text, rtol=1e-5, atol=1e-5)
+    with pytest.raises(EvlCacheError, match="text tower's blocks put 5 learned prompt tokens .*--prompt-tokens 5, not 2"):
+        ClassPrompts(tower, tokenizer, names, context_tokens=2)
+
+
 def test_refusals_are_one_line_and_name_the_file(tmp_path, base_file):
     source = random_clip_state(seed=1)
     options = dict(base=str(base_file), model=TINY)
@@ -193,17 +275,21 @@ def test_refusals_are_one_line_and_name_the_file(tmp_path, base_file):
         return import_vificlip(VifiImportConfig(checkpoint=tmp_path / name, out=tmp_path / f"{name}.pt",
                                                 **{**options, **extra}))
 
-    write_checkpoint(tmp_path / "vpt.pth", source, extra={"module.image_encoder.VPT": torch.zeros(8, 64)})
-    with pytest.raises(CheckpointError, match="vpt.pth: has vision prompts .*image_encoder.VPT"):
-        attempt("vpt.pth")
     deep = {"module.image_encoder.transformer.resblocks.1.VPT_shallow": torch.zeros(8, 64)}
     write_checkpoint(tmp_path / "deep.pth", source, extra=deep)
-    with pytest.raises(CheckpointError, match="has vision prompts"):
+    with pytest.raises(CheckpointError, match="deep.pth: has vision prompts of blocks \\[1\\] but no image_encoder.VPT"):
         attempt("deep.pth")
+    write_checkpoint(tmp_path / "wide.pth", source, extra={"module.image_encoder.VPT": torch.zeros(8, 48)})
+    with pytest.raises(BackboneError, match="wide.pth: image prompts of block 0 have shape \\(8, 48\\): the image "
+                                            "tower has blocks 0..3 of width 64"):
+        attempt("wide.pth")
     text_deep = {"module.text_encoder.transformer.resblocks.1.VPT_shallow": torch.zeros(4, 32)}
-    write_checkpoint(tmp_path / "text_deep.pth", source, context=torch.zeros(4, 32), extra=text_deep)
-    with pytest.raises(CheckpointError, match="text prompts inside the text tower"):
+    write_checkpoint(tmp_path / "text_deep.pth", source, extra=text_deep)
+    with pytest.raises(CheckpointError, match="text prompts inside the text tower but no prompt_learner.ctx"):
         attempt("text_deep.pth")
+    write_checkpoint(tmp_path / "counts.pth", source, context=torch.zeros(3, 32), extra=text_deep)
+    with pytest.raises(CheckpointError, match="text prompts of block 1 hold 4 tokens, prompt_learner.ctx 3"):
+        attempt("counts.pth")
     write_checkpoint(tmp_path / "no_config.pth", source, context=torch.zeros(3, 32), ctx_init=None)
     with pytest.raises(CheckpointError, match="no_config.pth: its 3 learned context vectors .*holds none"):
         attempt("no_config.pth")
@@ -243,20 +329,25 @@ def test_missing_base_download_says_to_pass_a_file(tmp_path):
 
 # --- zero-shot from the cache -----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def prompted(sample_videos, base_file, tmp_path_factory):
-    """A text-prompted ViFi-CLIP checkpoint (3 context vectors in place of the first 3 of its CTX_INIT
-    words, "a photo of a"), converted, and a cache extracted with ViFi-CLIP's multi-view protocol: 2
-    temporal views (random segment draws) x 3 crops, ImageNet normalisation."""
+@pytest.fixture(scope="module", params=["text-prompted", "bridge-and-prompt"])
+def prompted(request, sample_videos, base_file, tmp_path_factory):
+    """A ViFi-CLIP checkpoint with 3 learned context vectors in place of the first 3 of its CTX_INIT words
+    ("a photo of a"), text-prompted or also with deep vision and text prompts, converted, and a cache
+    extracted with ViFi-CLIP's multi-view protocol: 2 temporal views (random segment draws) x 3 crops,
+    ImageNet normalisation (and, for the deep-prompted tower, 2 blocks of tokens)."""
     root = tmp_path_factory.mktemp("vifi_cache")
     source = random_clip_state(seed=5)
     context = 0.1 * torch.randn(3, 32, generator=torch.Generator().manual_seed(6))
-    checkpoint = write_checkpoint(root / "vifi.pth", source, context=context)
+    extra, blocks = {}, 0
+    if request.param == "bridge-and-prompt":
+        extra, blocks = bridge_and_prompt(seed=7, context_tokens=3)[0], 2
+    checkpoint = write_checkpoint(root / "vifi.pth", source, context=context, extra=extra)
     import_vificlip(VifiImportConfig(checkpoint=root / "vifi.pth", out=root / "vifi_tiny.pt", base=str(base_file),
                                      model=TINY))
     cache = root / "feats.zarr"
     extract(ExtractConfig(out=cache, videos=sample_videos, model=TINY, pretrained=str(root / "vifi_tiny.pt"),
-                          frames=4, sampling="vifi", eval_views=2, spatial_views=3, blocks=0, workers=0, **IMAGENET))
+                          frames=4, sampling="vifi", eval_views=2, spatial_views=3, blocks=blocks, workers=0,
+                          **IMAGENET))
     base = torch.load(base_file, weights_only=True)
     return cache, checkpoint, context, base["token_embedding.weight"]
 
@@ -269,6 +360,9 @@ def test_zeroshot_equals_vifi_clip_formula_with_the_learned_context(prompted, sa
         attrs = store.attrs
         paths = store.column("path")
     assert attrs["preprocessing"]["crop"] == "three" and attrs["sampling"]["mode"] == "vifi"
+    if "module.image_encoder.VPT" in checkpoint:  # the prompted tower's CLS and 16 patch tokens per frame
+        with FeatureStore(cache) as store:
+            assert store.array("tokens/block_3").shape[-2:] == (17, 64)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
