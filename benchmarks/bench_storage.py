@@ -3,7 +3,7 @@
 Two generated datasets: the demo's sample (`SAMPLE_CLASSES`: 4 classes, two told apart by motion,
 two by colour) and a harder one (`MOTION_CLASSES`: 8 classes of one small square told apart only by
 direction x speed, its start drawn alike for both directions of an axis). Each is extracted once per
-storage option (fp16, int8, fp8, int4, and fp16 and int8 with --compress zstd) by `extract()`, from
+storage option (fp16, int8, fp8, int4, and fp16, int8 and int4 with --compress zstd) by `extract()`, from
 the same videos with the same backbone (the shipped EVL-Small, random weights of seed 0) and
 sampling (8 frames x stride 4). Then, from each cache:
 
@@ -69,7 +69,8 @@ from evl_cache.train import TrainConfig, train  # noqa: E402
 from evl_cache.verify import cache_layout_of  # noqa: E402
 
 OPTIONS = {"fp16": ("fp16", "none"), "fp16+zstd": ("fp16", "zstd"), "int8": ("int8", "none"),
-           "int8+zstd": ("int8", "zstd"), "fp8": ("fp8", "none"), "int4": ("int4", "none")}  # (storage, compress)
+           "int8+zstd": ("int8", "zstd"), "fp8": ("fp8", "none"), "int4": ("int4", "none"),
+           "int4+zstd": ("int4", "zstd")}  # (storage, compress)
 BASELINE = "fp16"
 DEMO = DemoConfig()
 FRAMES, STRIDE = 8, 4  # the demo's sampling
