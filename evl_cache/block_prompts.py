@@ -18,6 +18,7 @@ A weights file carries them under a top-level `prompts` key, `{"image": {block: 
 from __future__ import annotations
 
 import os
+import zipfile
 
 import torch
 from torch import Tensor, nn
@@ -61,12 +62,13 @@ class BlockPrompts(nn.Module):
 
 
 def read_weights_file(weights: str | os.PathLike) -> dict:
-    """The top-level dict of a torch weights file, memory-mapped: open_clip's `state_dict` and what is
-    saved beside it ({} for a tag, `none`, safetensors, or a bare state dict's file read as one)."""
+    """The top-level dict of a torch weights file: open_clip's `state_dict` and what is saved beside it
+    ({} for a tag, `none`, safetensors, or a bare state dict's file read as one). A file in torch's zip
+    format is memory-mapped (its tensors are not read); one in the legacy format cannot be."""
     if not os.path.isfile(weights) or str(weights).endswith(".safetensors"):
         return {}
     try:
-        contents = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        contents = torch.load(weights, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(weights))
     except Exception as error:
         raise BackboneError(f"cannot read the weights file: {(str(error).splitlines() or [''])[0]}", weights) from None
     return contents if isinstance(contents, dict) else {}

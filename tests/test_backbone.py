@@ -106,6 +106,11 @@ def test_local_weights_file_and_hash(tiny, tmp_path):
     assert file_spec.weights_sha256 != spec.weights_sha256  # the file's own hash
     for a, b in zip(loaded.state_dict().values(), clip.state_dict().values()):
         assert torch.equal(a, b)
+    legacy = tmp_path / "legacy.pt"  # torch's pre-1.6 format, which open_clip reads and mmap cannot
+    torch.save({"state_dict": clip.state_dict()}, legacy, _use_new_zipfile_serialization=False)
+    loaded, _ = load_clip("EVL-Tiny", str(legacy), seed=123)
+    for a, b in zip(loaded.state_dict().values(), clip.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_model_config_json_path(tmp_path):
