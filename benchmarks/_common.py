@@ -63,7 +63,7 @@ def write_kinetics_like_videos(folder: Path, count: int, seconds: float = VIDEO_
     a still circle); returns `folder`. Videos already there (same name) are kept, so a `--video-dir`
     can be reused between runs.
     """
-    from evl_cache.synthetic import moving_shape_frames, write_video
+    from evl_cache.video.synthetic import moving_shape_frames, write_video
 
     classes = (("slide_right", "square", (240, 200, 40), "right"), ("red_still", "circle", (220, 40, 40), "still"))
     frames = round(seconds * fps)
@@ -95,9 +95,9 @@ def decode_eval_clip(path: Path, split: str, index: int, size: int = 224) -> tup
     (probe, plan, decode only the planned frames, centre crop): (uint8 [T, 3, S, S], frames in the
     video, frames the decoder produced, planned frame indices).
     """
-    from evl_cache.decode import decode_frames, probe_video
-    from evl_cache.pixels import centre_crop
-    from evl_cache.sampling import plan_views
+    from evl_cache.video.decode import decode_frames, probe_video
+    from evl_cache.video.pixels import centre_crop
+    from evl_cache.video.sampling import plan_views
 
     probe = probe_video(path)
     plan = plan_views(probe.num_frames, split, "dense", FRAMES, STRIDE, 1, 1, 0, index)[0]
@@ -106,7 +106,7 @@ def decode_eval_clip(path: Path, split: str, index: int, size: int = 224) -> tup
 
 
 def decoder_step(model, optimizer, tokens, maps_prev, maps_next, labels) -> float:
-    """One training step as `evl_cache.train` takes it on CPU (forward, cross-entropy, backward, AdamW
+    """One training step as `evl_cache.decoder.train` takes it on CPU (forward, cross-entropy, backward, AdamW
     step, zero grad); returns the loss."""
     from torch.nn import functional as F
 
@@ -119,16 +119,16 @@ def decoder_step(model, optimizer, tokens, maps_prev, maps_next, labels) -> floa
 
 
 def train_loader(dataset, batch: int, workers: int, seed: int = 0):
-    """(sampler, loader) as `evl_cache.train` builds them: one loader for the whole run, `workers` reader
+    """(sampler, loader) as `evl_cache.decoder.train` builds them: one loader for the whole run, `workers` reader
     threads, the sampler's `set_epoch` before each epoch."""
-    from evl_cache.data import CacheLoader, EpochBatches
+    from evl_cache.cache.dataset import CacheLoader, EpochBatches
 
     sampler = EpochBatches(len(dataset), batch, seed)
     return sampler, CacheLoader(dataset, sampler, workers)
 
 
 def loader_epoch(sampler, loader, epoch: int, step) -> tuple[float, float]:
-    """One epoch as `evl_cache.train` runs it, `step(batch)` per batch: (seconds, of which waiting for
+    """One epoch as `evl_cache.decoder.train` runs it, `step(batch)` per batch: (seconds, of which waiting for
     the next batch)."""
     sampler.set_epoch(epoch)
     start = fetch = time.perf_counter()
@@ -143,7 +143,7 @@ def loader_epoch(sampler, loader, epoch: int, step) -> tuple[float, float]:
 def b16_decoder(num_classes: int = 400, seed: int = 0, **options):
     """EVLModel with ViT-B/16 shapes (4 layers, 12 heads, 8 frames) and its AdamW (the authors' recipe).
     `options` are other DecoderConfig fields (an ablation: layers=2, temporal_conv=False, ...)."""
-    from evl_cache.model import DecoderConfig, EVLModel
+    from evl_cache.decoder.model import DecoderConfig, EVLModel
 
     torch.manual_seed(seed)
     model = EVLModel(DecoderConfig(**{"width": WIDTH, "grid": GRID, "frames": FRAMES, "num_classes": num_classes,
@@ -156,7 +156,7 @@ def b16_decoder(num_classes: int = 400, seed: int = 0, **options):
 def b16_backbone(blocks: int = BLOCKS):
     """A newly built frozen ViT-B/16 (open_clip, random weights) capturing the last `blocks` blocks,
     as extraction builds its own."""
-    from evl_cache.backbone import FrozenBackbone, load_clip
+    from evl_cache.towers.backbone import FrozenBackbone, load_clip
 
     clip_model, spec = load_clip(MODEL, "none", None, "cpu", seed=0)
     return FrozenBackbone(clip_model.visual, blocks, spec.mean, spec.std)

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OtherLoad, print_result  # noqa: E402
 
-from evl_cache.model import DecoderConfig, EVLModel, LayerNorm, QuickGELU  # noqa: E402
+from evl_cache.decoder.model import DecoderConfig, EVLModel, LayerNorm, QuickGELU  # noqa: E402
 
 WIDTH, GRID, FRAMES, LAYERS, HEADS, CLASSES = 768, (14, 14), 8, 4, 12, 400
 BACKBONE_HEADS = 12

@@ -2,14 +2,14 @@
 
 ViT-B-16 (open_clip, random weights), 8 x 16 dense sampling, 4 cached blocks with maps, the EVL
 decoder with a 400-class head, AdamW. The same clips on both sides: Kinetics-like videos (10 s,
-25 fps, 456x340, libx264, from `evl_cache.synthetic`) in a `train/` split, one clip each
+25 fps, 456x340, libx264, from `evl_cache.video.synthetic`) in a `train/` split, one clip each
 (--train-views 1: the centre clip).
 
 - baseline, the authors' way: every step runs the frozen backbone (`FrozenBackbone`, no grad) on the
   batch's decoded frames, then the decoder step. By default the frames are decoded once before timing
   and held in memory (this favours the baseline: the authors also decode every epoch);
   --online-decode decodes them during the epoch in 2 DataLoader workers instead.
-- ours: the epoch `evl_cache.train` runs: the run's one `CacheLoader` over `CacheDataset` (shuffled
+- ours: the epoch `evl_cache.decoder.train` runs: the run's one `CacheLoader` over `CacheDataset` (shuffled
   by `EpochBatches`, --workers reader threads, two batches read ahead), then per batch forward,
   cross-entropy, backward, AdamW step. The cache is written first by `extract()` (not timed).
 - the decoder step alone on batches already in memory, and the backbone alone (timed inside the
@@ -35,15 +35,32 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BLOCKS, FRAMES, MODEL, STRIDE, Timer, add_clean_options, b16_backbone,  # noqa: E402
-                     b16_decoder, clean_run, decode_eval_clip, decoder_step, load_line, loader_epoch, machine_line,
-                     print_result, share_note, train_loader, write_kinetics_like_videos)
+from _common import (  # noqa: E402
+    BLOCKS,
+    FRAMES,
+    MODEL,
+    STRIDE,
+    Timer,
+    add_clean_options,
+    b16_backbone,
+    b16_decoder,
+    clean_run,
+    decode_eval_clip,
+    decoder_step,
+    load_line,
+    loader_epoch,
+    machine_line,
+    print_result,
+    share_note,
+    train_loader,
+    write_kinetics_like_videos,
+)
 
-from evl_cache.backbone import FrozenBackbone  # noqa: E402
-from evl_cache.data import CacheDataset, CacheLoader, model_inputs, select_features  # noqa: E402
-from evl_cache.extract import ExtractConfig, extract  # noqa: E402
-from evl_cache.store import FeatureStore  # noqa: E402
-from evl_cache.videos import find_videos  # noqa: E402
+from evl_cache.cache.dataset import CacheDataset, CacheLoader, model_inputs, select_features  # noqa: E402
+from evl_cache.cache.extract import ExtractConfig, extract  # noqa: E402
+from evl_cache.cache.store import FeatureStore  # noqa: E402
+from evl_cache.towers.backbone import FrozenBackbone  # noqa: E402
+from evl_cache.video.find import find_videos  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -80,7 +97,7 @@ def cache_config(videos: Path, out: Path, batch: int) -> ExtractConfig:
 
 def cache_dataset(cache: Path, layers: int = BLOCKS, cross_attention: bool = True) -> CacheDataset:
     """The training dataset a decoder of `layers` layers reads from the cache (maps only with
-    cross-attention), as `evl_cache.train` selects it."""
+    cross-attention), as `evl_cache.decoder.train` selects it."""
     with FeatureStore(cache) as store:
         attrs = store.check_version()
         videos = [i for i, s in enumerate(store.column("status")) if s == 1]
@@ -97,7 +114,7 @@ def decoded_batches(videos: Path, batch: int) -> list[tuple[torch.Tensor, torch.
 
 
 def cache_step(model, optimizer):
-    """`step(batch)` for a cache batch: the model's inputs as `evl_cache.train` takes them, then the step."""
+    """`step(batch)` for a cache batch: the model's inputs as `evl_cache.decoder.train` takes them, then the step."""
     return lambda b: decoder_step(model, optimizer, *model_inputs(b, CPU), b["label"])
 
 
@@ -105,7 +122,7 @@ _LOADERS: dict = {}
 
 
 def cache_epoch(dataset: CacheDataset, batch: int, workers: int, epoch: int, model, optimizer) -> tuple[float, float]:
-    """An epoch as `evl_cache.train` runs it: (seconds, seconds spent waiting for batches)."""
+    """An epoch as `evl_cache.decoder.train` runs it: (seconds, seconds spent waiting for batches)."""
     key = (id(dataset), batch, workers)
     if key not in _LOADERS:  # train() keeps one loader for the whole run
         _LOADERS[key] = train_loader(dataset, batch, workers)

@@ -1,14 +1,14 @@
 """Is decoding and writing hidden behind the backbone during extraction?
 
 Stage one on Kinetics-like videos (10 s at 25 fps, 456x340, libx264, written here with
-`evl_cache.synthetic`), open_clip ViT-B-16 with random weights, 8 x 16 dense sampling, 4 cached blocks,
+`evl_cache.video.synthetic`), open_clip ViT-B-16 with random weights, 8 x 16 dense sampling, 4 cached blocks,
 one clip per video (a `val/` split with --eval-views 1). In the same run:
 
 - baseline: the backbone alone (`load_clip` + `FrozenBackbone`) on the same clips, already decoded to
   uint8 in memory, with the same batch size and the same torch threads as extraction's main process;
   a freshly built model per pass and no warm-up, as extraction builds its own (the first batch of a
   new model is slower: both sides pay that, and the output shows it);
-- ours: `evl_cache.extract.extract(ExtractConfig(...))`, which decodes in DataLoader workers (1 torch
+- ours: `evl_cache.cache.extract.extract(ExtractConfig(...))`, which decodes in DataLoader workers (1 torch
   thread each) while the main process (torch's default threads) runs the backbone and writes the
   shard. Timed by the extraction's own clock (`ExtractSummary.seconds`: the loop, from the first
   decode to the last shard written; model building is excluded) and by the wall time of the call.
@@ -27,9 +27,9 @@ Run: python benchmarks/bench_extract.py [--videos 6] [--workers 1,2] [--batch-si
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,15 +38,33 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BLOCKS, FRAMES, MODEL, SPAN, STRIDE, VIDEO_FPS, VIDEO_HEIGHT, VIDEO_SECONDS,  # noqa: E402
-                     VIDEO_WIDTH, Timer, add_clean_options, b16_backbone, clean_run, decode_eval_clip,
-                     load_line, machine_line, print_result, share_note, write_kinetics_like_videos)
+from _common import (  # noqa: E402
+    BLOCKS,
+    FRAMES,
+    MODEL,
+    SPAN,
+    STRIDE,
+    VIDEO_FPS,
+    VIDEO_HEIGHT,
+    VIDEO_SECONDS,
+    VIDEO_WIDTH,
+    Timer,
+    add_clean_options,
+    b16_backbone,
+    clean_run,
+    decode_eval_clip,
+    load_line,
+    machine_line,
+    print_result,
+    share_note,
+    write_kinetics_like_videos,
+)
 
-from evl_cache.backbone import FrozenBackbone, load_clip  # noqa: E402
-from evl_cache.decode import probe_video  # noqa: E402
-from evl_cache.extract import ExtractConfig, extract  # noqa: E402
-from evl_cache.store import FeatureStore  # noqa: E402
-from evl_cache.videos import find_videos  # noqa: E402
+from evl_cache.cache.extract import ExtractConfig, extract  # noqa: E402
+from evl_cache.cache.store import FeatureStore  # noqa: E402
+from evl_cache.towers.backbone import FrozenBackbone, load_clip  # noqa: E402
+from evl_cache.video.decode import probe_video  # noqa: E402
+from evl_cache.video.find import find_videos  # noqa: E402
 
 
 def extract_config(videos: Path, out: Path, args, workers: int) -> ExtractConfig:

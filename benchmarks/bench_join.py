@@ -1,7 +1,7 @@
 """What does reading an HDF5 cache joined from part files cost, against one file, as shards grow?
 
 An HDF5 cache written by P processes is P part files and a main file of virtual datasets
-(`evl_cache.store`). The main file can map a part's rows with one strided selection per part (what
+(`evl_cache.cache.store`). The main file can map a part's rows with one strided selection per part (what
 `FeatureStore.create` writes: at most P + 1 mappings per array) or with one mapping per shard (the
 obvious way: N / shard-size mappings). For caches of --videos videos in shards of 8 over 8 parts,
 made by `FeatureStore.create` with Kinetics' array set (4 blocks of tokens and maps, embed, the video
@@ -35,8 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OtherLoad, Timer, load_line, machine_line, print_result  # noqa: E402
 
-import evl_cache.store as store_module  # noqa: E402
-from evl_cache.store import CacheLayout, FeatureStore  # noqa: E402
+import evl_cache.cache.store as store_module  # noqa: E402
+from evl_cache.cache.store import CacheLayout, FeatureStore  # noqa: E402
 
 SHARD, PARTS = 8, 8
 

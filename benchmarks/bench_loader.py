@@ -7,7 +7,7 @@ is uncompressed, so the values do not change the bytes or the reading cost). In 
 - baseline: a raw read of the same bytes, the zarr shard files of the arrays a 4-layer run reads,
   each with plain `open(path, 'rb').read()`; and, between the two, numpy from the zarr arrays
   without the dataset machinery (`np.asarray(array[video, 0])`, one video at a time);
-- ours: `CacheLoader` over `CacheDataset`, as `evl_cache.train` reads (0, 2 and 4 reader threads,
+- ours: `CacheLoader` over `CacheDataset`, as `evl_cache.decoder.train` reads (0, 2 and 4 reader threads,
   batches of --batch, two read ahead), counting the bytes the batches hold; and, for comparison, the
   same dataset through torch's `DataLoader` with 2 worker processes and its default collate (the
   batches then pass through shared memory to this process).
@@ -17,8 +17,8 @@ files evicted from the page cache with posix_fadvise(DONTNEED) before each read:
 untouched) are measured.
 
 Then the data-wait share of training: the EVL decoder (B/16 shapes, 400 classes, AdamW) trained
-for an epoch from this cache with --train-workers reader threads, as `evl_cache.train` runs it; time
-spent waiting for the next batch / epoch time (the `data_wait_share` `evl_cache.train` logs).
+for an epoch from this cache with --train-workers reader threads, as `evl_cache.decoder.train` runs it; time
+spent waiting for the next batch / epoch time (the `data_wait_share` `evl_cache.decoder.train` logs).
 Target: under 5 %. The same steps on batches already
 in memory give the loader's whole cost (waiting, plus its workers taking CPU from the steps).
 
@@ -41,12 +41,28 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BLOCKS, FRAMES, GRID, HEADS, PATCHES, STRIDE, TOKENS, WIDTH, Timer,  # noqa: E402
-                     add_clean_options, b16_decoder, clean_run, decoder_step, load_line, machine_line,
-                     print_result, share_note)
+from _common import (  # noqa: E402
+    BLOCKS,
+    FRAMES,
+    GRID,
+    HEADS,
+    PATCHES,
+    STRIDE,
+    TOKENS,
+    WIDTH,
+    Timer,
+    add_clean_options,
+    b16_decoder,
+    clean_run,
+    decoder_step,
+    load_line,
+    machine_line,
+    print_result,
+    share_note,
+)
 
-from evl_cache.data import CacheDataset, CacheLoader, EpochBatches, select_features  # noqa: E402
-from evl_cache.store import CacheLayout, FeatureStore  # noqa: E402
+from evl_cache.cache.dataset import CacheDataset, CacheLoader, EpochBatches, select_features  # noqa: E402
+from evl_cache.cache.store import CacheLayout, FeatureStore  # noqa: E402
 
 B16_LAYERS = 12
 EMBED = 512

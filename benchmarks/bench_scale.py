@@ -1,7 +1,7 @@
 """Does extraction scale from 1 to 2 processes under torchrun, and how long does a killed run take to resume?
 
 Stage one on Kinetics-like videos (10 s at 25 fps, 456x340, libx264, written here with
-`evl_cache.synthetic`), open_clip ViT-B-16 with random weights, 8 x 16 dense sampling, 4 cached
+`evl_cache.video.synthetic`), open_clip ViT-B-16 with random weights, 8 x 16 dense sampling, 4 cached
 blocks, one clip per video (a `val/` split with --eval-views 1), one video per shard (the unit of
 resuming). Every run is the real command, `torchrun --standalone --nproc-per-node P -m evl_cache.cli
 extract ...`, into a new cache; the machine's cores are split evenly over the processes
@@ -39,12 +39,27 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BLOCKS, FRAMES, MODEL, STRIDE, VIDEO_FPS, VIDEO_HEIGHT, VIDEO_SECONDS,  # noqa: E402
-                     VIDEO_WIDTH, Timer, add_clean_options, clean_run, load_line, machine_line, print_result,
-                     share_note, write_kinetics_like_videos)
+from _common import (  # noqa: E402
+    BLOCKS,
+    FRAMES,
+    MODEL,
+    STRIDE,
+    VIDEO_FPS,
+    VIDEO_HEIGHT,
+    VIDEO_SECONDS,
+    VIDEO_WIDTH,
+    Timer,
+    add_clean_options,
+    clean_run,
+    load_line,
+    machine_line,
+    print_result,
+    share_note,
+    write_kinetics_like_videos,
+)
 
-from evl_cache.store import PENDING, FeatureStore, remove_store  # noqa: E402
-from evl_cache.verify import cache_layout_of  # noqa: E402
+from evl_cache.cache.store import PENDING, FeatureStore, remove_store  # noqa: E402
+from evl_cache.cache.verify import cache_layout_of  # noqa: E402
 
 
 def extract_command(videos: Path, out: Path, processes: int, workers: int) -> list[str]:

@@ -53,20 +53,30 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BLOCKS, OtherLoad, Timer, add_clean_options, clean_run, load_line, loader_epoch,  # noqa: E402
-                     machine_line, print_result, share_note, train_loader)
+from _common import (  # noqa: E402
+    BLOCKS,
+    OtherLoad,
+    Timer,
+    add_clean_options,
+    clean_run,
+    load_line,
+    loader_epoch,
+    machine_line,
+    print_result,
+    share_note,
+    train_loader,
+)
 from bench_loader import array_files, write_cache  # noqa: E402
 
-from evl_cache.data import CacheDataset, model_inputs, select_features, usable_videos  # noqa: E402
-from evl_cache.demo import DemoConfig  # noqa: E402
-from evl_cache.evaluate import EvalConfig, evaluate  # noqa: E402
-from evl_cache.extract import ExtractConfig, extract, stored_features  # noqa: E402
-from evl_cache.plan import plan_cache  # noqa: E402
-from evl_cache.store import DONE, FeatureStore  # noqa: E402
-from evl_cache.synthetic import (MOTION_CLASSES, MOTION_SPLITS, SAMPLE_CLASSES, ShapeClass,  # noqa: E402
-                                 make_sample_dataset)
-from evl_cache.train import TrainConfig, train  # noqa: E402
-from evl_cache.verify import cache_layout_of  # noqa: E402
+from evl_cache.apps.demo import DemoConfig  # noqa: E402
+from evl_cache.cache.dataset import CacheDataset, model_inputs, select_features, usable_videos  # noqa: E402
+from evl_cache.cache.extract import ExtractConfig, extract, stored_features  # noqa: E402
+from evl_cache.cache.plan import plan_cache  # noqa: E402
+from evl_cache.cache.store import DONE, FeatureStore  # noqa: E402
+from evl_cache.cache.verify import cache_layout_of  # noqa: E402
+from evl_cache.decoder.evaluate import EvalConfig, evaluate  # noqa: E402
+from evl_cache.decoder.train import TrainConfig, train  # noqa: E402
+from evl_cache.video.synthetic import MOTION_CLASSES, MOTION_SPLITS, SAMPLE_CLASSES, ShapeClass, make_sample_dataset  # noqa: E402
 
 OPTIONS = {"fp16": ("fp16", "none"), "fp16+zstd": ("fp16", "zstd"), "int8": ("int8", "none"),
            "int8+zstd": ("int8", "zstd"), "fp8": ("fp8", "none"), "int4": ("int4", "none"),

@@ -8,7 +8,7 @@ bench_epoch.py's pieces: Kinetics-like videos (10 s, 25 fps, 456x340, libx264) i
 one centre clip each.
 
 - ours: one extraction of the clips (`extract()`, timed as the whole call, model build included), then
-  for each run E epochs from that cache as `evl_cache.train` runs them (the run's one `CacheLoader`,
+  for each run E epochs from that cache as `evl_cache.decoder.train` runs them (the run's one `CacheLoader`,
   --workers reader threads), each run reading only what its decoder needs (layers_2: the last 2
   blocks; no cross-attention: no maps).
 - baseline, the authors' way: for each run, E epochs with the frozen backbone online (`FrozenBackbone`
@@ -42,14 +42,33 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BLOCKS, FRAMES, MODEL, STRIDE, Timer, b16_backbone, b16_decoder, clean_run,  # noqa: E402
-                     load_line, machine_line, print_result, share_note)
-from bench_epoch import (add_epoch_options, cache_config, cache_dataset, cache_epoch, decoded_batches,  # noqa: E402
-                         online_epoch, train_videos)
+from _common import (  # noqa: E402
+    BLOCKS,
+    FRAMES,
+    MODEL,
+    STRIDE,
+    Timer,
+    b16_backbone,
+    b16_decoder,
+    clean_run,
+    load_line,
+    machine_line,
+    print_result,
+    share_note,
+)
+from bench_epoch import (  # noqa: E402
+    add_epoch_options,
+    cache_config,
+    cache_dataset,
+    cache_epoch,
+    decoded_batches,
+    online_epoch,
+    train_videos,
+)
 
+from evl_cache.apps.study import load_study  # noqa: E402
+from evl_cache.cache.extract import extract  # noqa: E402
 from evl_cache.config import to_dict  # noqa: E402
-from evl_cache.extract import extract  # noqa: E402
-from evl_cache.study import load_study  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = "full,no_temporal_conv,no_temporal_pos_embed,no_temporal_cross_attention,layers_2"

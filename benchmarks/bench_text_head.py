@@ -8,7 +8,7 @@ in a `train/` split, one centre clip each.
 - baseline, the image tower online: every step runs CLIP's image tower (no grad) on the batch's
   frames, then the text-side step (forward, cross-entropy, backward, AdamW). The frames are decoded
   once before timing and held in memory (this favours the baseline, which would decode every epoch).
-- ours: the epoch `evl_cache.train` runs for `--head text`: the run's `CacheLoader` over `CacheDataset`
+- ours: the epoch `evl_cache.decoder.train` runs for `--head text`: the run's `CacheLoader` over `CacheDataset`
   reading only the cached per-frame embeddings (`embed`, 8 x 512 float16 = 8 KB per clip), then the
   same step. The cache is written first by `extract()` (not timed).
 - the text-side step alone on batches already in memory, and the image tower alone (timed inside the
@@ -36,20 +36,20 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OtherLoad, load_line, loader_epoch, machine_line, print_result, train_loader  # noqa: E402
 
-from evl_cache.backbone import load_clip  # noqa: E402
-from evl_cache.clips import ClipSpec, read_video_clips  # noqa: E402
-from evl_cache.data import CacheDataset, CacheLoader, select_embeddings  # noqa: E402
-from evl_cache.extract import ExtractConfig, extract  # noqa: E402
-from evl_cache.model import TextHeadModel  # noqa: E402
-from evl_cache.store import FeatureStore  # noqa: E402
-from evl_cache.synthetic import make_sample_dataset  # noqa: E402
-from evl_cache.text import ClassPrompts, load_text_tower  # noqa: E402
+from evl_cache.cache.dataset import CacheDataset, CacheLoader, select_embeddings  # noqa: E402
+from evl_cache.cache.extract import ExtractConfig, extract  # noqa: E402
+from evl_cache.cache.store import FeatureStore  # noqa: E402
+from evl_cache.decoder.model import TextHeadModel  # noqa: E402
+from evl_cache.towers.backbone import load_clip  # noqa: E402
+from evl_cache.towers.text import ClassPrompts, load_text_tower  # noqa: E402
+from evl_cache.video.clips import ClipSpec, read_video_clips  # noqa: E402
+from evl_cache.video.synthetic import make_sample_dataset  # noqa: E402
 
 MODEL, FRAMES, STRIDE, PROMPT_TOKENS = "ViT-B-16", 8, 4, 16
 
 
 def text_step(model: TextHeadModel, optimizer, embeddings: torch.Tensor, labels: torch.Tensor) -> float:
-    """One training step as `evl_cache.train` takes it on CPU for `--head text`."""
+    """One training step as `evl_cache.decoder.train` takes it on CPU for `--head text`."""
     loss = F.cross_entropy(model(embeddings).float(), labels)
     loss.backward()
     optimizer.step()

@@ -16,17 +16,17 @@ from typing import Any, Callable
 import click
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .apps.demo import DemoConfig, run_demo
+from .apps.predict import PredictConfig, predict, predicted_class_names
+from .apps.zeroshot import ZeroShotConfig, prompt_description, zeroshot
+from .cache.extract import ExtractConfig, extract
 from .config import build_config, click_options, load_toml
+from .decoder.evaluate import EvalConfig, evaluate
+from .decoder.evl_checkpoints import ImportConfig, export_evl, import_evl
+from .decoder.train import TrainConfig, train
 from .distributed import is_main_process
 from .errors import EvlCacheError
-from .demo import DemoConfig, run_demo
-from .evaluate import EvalConfig, evaluate
-from .evl_checkpoints import ImportConfig, export_evl, import_evl
-from .extract import ExtractConfig, extract
-from .predict import PredictConfig, predict, predicted_class_names
-from .train import TrainConfig, train
-from .vificlip import VifiImportConfig, import_vificlip
-from .zeroshot import ZeroShotConfig, prompt_description, zeroshot
+from .towers.vificlip import VifiImportConfig, import_vificlip
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -86,7 +86,7 @@ def _extract_config(config_file: Path | None, list_file: Path | None, options: d
 
 
 def _print_plan(config: ExtractConfig, probe_mb: float, as_json: bool) -> None:
-    from .plan import format_plan, plan_cache
+    from .cache.plan import format_plan, plan_cache
     cache_plan = plan_cache(config, probe_mb)
     click.echo(json.dumps(cache_plan.to_dict(), indent=2) if as_json else format_plan(cache_plan))
 
@@ -219,7 +219,7 @@ def export_evl_command(run: Path, out: Path, weights: str) -> None:
 @user_errors
 def run_command(recipe: Path, only: tuple[str, ...], dry_run: bool) -> None:
     """Run a study recipe: extract once, train and evaluate every run, write a results table."""
-    from .study import load_study, plan, run_study
+    from .apps.study import load_study, plan, run_study
     study = load_study(recipe)
     if dry_run:
         click.echo(plan(study))
@@ -234,7 +234,7 @@ def run_command(recipe: Path, only: tuple[str, ...], dry_run: bool) -> None:
 @user_errors
 def compare_command(runs: tuple[Path, ...]) -> None:
     """Print the results table (options that differ, top-1, top-5, ...) for finished runs."""
-    from .results import markdown_table, read_run
+    from .apps.results import markdown_table, read_run
     click.echo(markdown_table([read_run(run) for run in runs]), nl=False)
 
 
@@ -254,7 +254,7 @@ def demo_command(**options: Any) -> None:
 @user_errors
 def info_command(cache: str, as_json: bool, failed: bool) -> None:
     """Show what a cache holds: backbone, blocks, sampling, splits, statuses, classes, size."""
-    from .cache_info import cache_info, format_info
+    from .cache.info import cache_info, format_info
     info = cache_info(cache, failed=failed)
     click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
 
@@ -267,7 +267,7 @@ def info_command(cache: str, as_json: bool, failed: bool) -> None:
 def verify_command(cache: str, repair: bool, as_json: bool) -> None:
     """Check a cache against itself: done videos' arrays readable, finite and of the right shapes, statuses
     that agree with the data, checksums recorded at write time. Exit code 1 if anything is wrong."""
-    from .verify import verify
+    from .cache.verify import verify
     report = verify(cache, repair=repair)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))

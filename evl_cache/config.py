@@ -7,13 +7,13 @@ recipe loader are both generated from the dataclass, so a CLI flag and a recipe 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import click
+import tomllib
 
 from .errors import EvlCacheError
 

@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
-from evl_cache.synthetic import (  # noqa: E402
+from evl_cache.video.synthetic import (  # noqa: E402
     make_sample_dataset,
     moving_shape_frames,
     truncate_file,

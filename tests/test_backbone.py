@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from evl_cache.backbone import FrozenBackbone, load_clip
 from evl_cache.errors import BackboneError
+from evl_cache.towers.backbone import FrozenBackbone, load_clip
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,8 @@ def test_local_weights_file_and_hash(tiny, tmp_path):
 
 def test_model_config_json_path(tmp_path):
     import json
-    from evl_cache.backbone import MODEL_CONFIG_DIR
+
+    from evl_cache.towers.backbone import MODEL_CONFIG_DIR
     config = json.loads((MODEL_CONFIG_DIR / "EVL-Tiny.json").read_text())
     config["vision_cfg"]["layers"] = 2
     path = tmp_path / "MyTiny.json"
@@ -135,7 +136,7 @@ def test_bad_names_and_tags_are_one_line_errors():
 
 
 def test_missing_download_says_what_to_pass():
-    code = ("from evl_cache.backbone import load_clip\n"
+    code = ("from evl_cache.towers.backbone import load_clip\n"
             "from evl_cache.errors import BackboneError\n"
             "try:\n    load_clip('ViT-B-16', 'openai')\n"
             "except BackboneError as e:\n    print('ERROR', e)\n")

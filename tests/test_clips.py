@@ -2,9 +2,9 @@
 import numpy as np
 import torch
 
-from evl_cache.clips import ClipSpec, read_video_clips
-from evl_cache.decode import decode_frames, probe_video
-from evl_cache.sampling import dense_eval_indices
+from evl_cache.video.clips import ClipSpec, read_video_clips
+from evl_cache.video.decode import decode_frames, probe_video
+from evl_cache.video.sampling import dense_eval_indices
 
 
 def test_resize_beyond_the_crop_then_centre_crop(sample_videos):

@@ -1,4 +1,4 @@
-"""Tests for evl_cache/decode.py, on videos written by evl_cache/synthetic.py.
+"""Tests for evl_cache/video/decode.py, on videos written by evl_cache/video/synthetic.py.
 
 Every test video draws its frame index into its pixels (`numbered_frames`), so each test checks that
 `decode_frames` returned exactly the requested frames, in the requested order.
@@ -13,10 +13,10 @@ import av
 import numpy as np
 import pytest
 
-from evl_cache import decode
-from evl_cache.decode import DecodedFrames, decode_frames, probe_video, resized_size
 from evl_cache.errors import BadVideoError
-from evl_cache.synthetic import (
+from evl_cache.video import decode
+from evl_cache.video.decode import DecodedFrames, decode_frames, probe_video, resized_size
+from evl_cache.video.synthetic import (
     hollow_out_tail,
     numbered_frames,
     read_frame_number,

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from evl_cache.cache.dataset import CacheDataset, CacheLoader, select_features, usable_videos
+from evl_cache.cache.store import DONE, PENDING, FeatureStore
+from evl_cache.cache.verify import verify
 from evl_cache.cli import main
-from evl_cache.data import CacheDataset, CacheLoader, select_features, usable_videos
-from evl_cache.store import DONE, PENDING, FeatureStore
-from evl_cache.verify import verify
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -7,17 +7,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evl_cache.data import CacheDataset, CacheLoader, model_inputs, select_features, usable_videos
-from evl_cache.encodings import ENCODINGS, as_stored, decode, encode, encoding
+from evl_cache.apps.predict import PredictConfig, predict
+from evl_cache.cache.dataset import CacheDataset, CacheLoader, model_inputs, select_features, usable_videos
+from evl_cache.cache.encodings import ENCODINGS, as_stored, decode, encode, encoding
+from evl_cache.cache.extract import ExtractConfig, extract
+from evl_cache.cache.store import FeatureStore, disk_usage
+from evl_cache.cache.verify import verify
+from evl_cache.cache.zarr_shards import sharded_reader
+from evl_cache.decoder.evaluate import EvalConfig, build_model, evaluate, load_run, predict_views
+from evl_cache.decoder.metrics import average_views
+from evl_cache.decoder.train import TrainConfig, train
 from evl_cache.errors import CacheError
-from evl_cache.evaluate import EvalConfig, build_model, evaluate, load_run, predict_views
-from evl_cache.extract import ExtractConfig, extract
-from evl_cache.metrics import average_views
-from evl_cache.predict import PredictConfig, predict
-from evl_cache.store import FeatureStore, disk_usage
-from evl_cache.train import TrainConfig, train
-from evl_cache.verify import verify
-from evl_cache.zarr_shards import sharded_reader
 
 
 def _tokens(dim: int = 33) -> torch.Tensor:

@@ -7,9 +7,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from evl_cache.cli import main
+from evl_cache.decoder.evl_checkpoints import ImportConfig, export_evl, import_evl
+from evl_cache.decoder.model import DecoderConfig, EVLModel
 from evl_cache.errors import CheckpointError
-from evl_cache.evl_checkpoints import ImportConfig, export_evl, import_evl
-from evl_cache.model import DecoderConfig, EVLModel
 
 
 def authors_checkpoint(path, layers=2, frames=4, classes=3, cross_attention=True, seed=0):

@@ -12,17 +12,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from evl_cache.backbone import CLIP_MEAN, CLIP_STD, FrozenBackbone, load_clip
+from evl_cache.cache.extract import ExtractConfig, extract
+from evl_cache.cache.store import DONE, FAILED, PENDING, FeatureStore
+from evl_cache.cache.verify import verify
 from evl_cache.cli import main
-from evl_cache.clips import ClipSpec
-from evl_cache.decode import decode_frames, probe_video
+from evl_cache.decoder.train import TrainConfig, train
 from evl_cache.errors import CacheError, DatasetError
-from evl_cache.extract import ExtractConfig, extract
-from evl_cache.pixels import centre_crop
-from evl_cache.sampling import dense_eval_indices, vifi_middle_indices, vifi_random_indices, view_seed
-from evl_cache.store import DONE, FAILED, PENDING, FeatureStore
-from evl_cache.train import TrainConfig, train
-from evl_cache.verify import verify
+from evl_cache.towers.backbone import CLIP_MEAN, CLIP_STD, FrozenBackbone, load_clip
+from evl_cache.video.clips import ClipSpec
+from evl_cache.video.decode import decode_frames, probe_video
+from evl_cache.video.pixels import centre_crop
+from evl_cache.video.sampling import dense_eval_indices, view_seed, vifi_middle_indices, vifi_random_indices
 
 TINY = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, blocks=2, workers=0, shard_size=3)
 

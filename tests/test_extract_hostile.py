@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from evl_cache.cache.extract import ExtractConfig, extract
+from evl_cache.cache.store import DONE, FAILED, FeatureStore
+from evl_cache.cache.verify import verify
 from evl_cache.cli import main
 from evl_cache.errors import CacheError
-from evl_cache.extract import ExtractConfig, extract
-from evl_cache.store import DONE, FAILED, FeatureStore
-from evl_cache.synthetic import moving_shape_frames, write_named_pipe, write_video
-from evl_cache.verify import verify
+from evl_cache.video.synthetic import moving_shape_frames, write_named_pipe, write_video
 
 TINY = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, blocks=2, shard_size=2, eval_views=2)
 
@@ -45,7 +45,7 @@ def hostile(tmp_path_factory):
     (root / "empty class").mkdir()
     out = base / "sortie ü 缓存" / "caché 特征.zarr"
     out.parent.mkdir()
-    logger = logging.getLogger("evl_cache.videos")
+    logger = logging.getLogger("evl_cache.video.find")
     warnings = []
     handler = logging.Handler()
     handler.emit = lambda record: warnings.append(record.getMessage())

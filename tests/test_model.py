@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from evl_cache.model import DecoderConfig, EVLModel
+from evl_cache.decoder.model import DecoderConfig, EVLModel
 
 WIDTH, HEADS, LAYERS = 16, 4, 2
 

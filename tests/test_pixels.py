@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from evl_cache.pixels import centre_crop, spatial_crops, three_crops
+from evl_cache.video.pixels import centre_crop, spatial_crops, three_crops
 
 
 def frames(height: int, width: int) -> np.ndarray:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from evl_cache.cache.encodings import ENCODINGS
+from evl_cache.cache.extract import ExtractConfig, extract
+from evl_cache.cache.plan import format_plan, plan_cache
 from evl_cache.cli import main
-from evl_cache.encodings import ENCODINGS
-from evl_cache.extract import ExtractConfig, extract
-from evl_cache.plan import format_plan, plan_cache
 
 TINY = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, blocks=2, workers=0)
 

@@ -7,25 +7,32 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-
-from evl_cache.backbone import load_clip
-from evl_cache.cli import main
-from evl_cache.data import CacheDataset, CacheLoader, select_features, usable_videos
-from evl_cache.decode import decode_frames, probe_video
-from evl_cache.evaluate import (EvalConfig, build_model, evaluate, load_run, load_weights, predict_views,
-                                run_selection)
-from evl_cache.evl_checkpoints import ImportConfig, import_evl
-from evl_cache.extract import ExtractConfig, extract
-from evl_cache.metrics import average_views
-from evl_cache.pixels import centre_crop
-from evl_cache.predict import OnlineModel, PredictConfig, predict
-from evl_cache.sampling import dense_eval_indices
-from evl_cache.errors import CacheError
-from evl_cache.store import FeatureStore
-from evl_cache.train import TrainConfig, train
-from evl_cache.synthetic import write_named_pipe
 from test_evl_checkpoints import authors_checkpoint
 from test_model import naive_forward
+
+from evl_cache.apps.predict import OnlineModel, PredictConfig, predict
+from evl_cache.cache.dataset import CacheDataset, CacheLoader, select_features, usable_videos
+from evl_cache.cache.extract import ExtractConfig, extract
+from evl_cache.cache.store import FeatureStore
+from evl_cache.cli import main
+from evl_cache.decoder.evaluate import (
+    EvalConfig,
+    build_model,
+    evaluate,
+    load_run,
+    load_weights,
+    predict_views,
+    run_selection,
+)
+from evl_cache.decoder.evl_checkpoints import ImportConfig, import_evl
+from evl_cache.decoder.metrics import average_views
+from evl_cache.decoder.train import TrainConfig, train
+from evl_cache.errors import CacheError
+from evl_cache.towers.backbone import load_clip
+from evl_cache.video.decode import decode_frames, probe_video
+from evl_cache.video.pixels import centre_crop
+from evl_cache.video.sampling import dense_eval_indices
+from evl_cache.video.synthetic import write_named_pipe
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from evl_cache.cache.extract import ExtractConfig, extract
+from evl_cache.cache.store import FeatureStore
 from evl_cache.cli import main
+from evl_cache.decoder.train import TrainConfig, train
 from evl_cache.errors import CacheError
-from evl_cache.extract import ExtractConfig, extract
-from evl_cache.store import FeatureStore
-from evl_cache.train import TrainConfig, train
 
 TINY = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, eval_views=2, blocks=2, workers=0,
             shard_size=3)

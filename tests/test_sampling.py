@@ -2,8 +2,15 @@
 import numpy as np
 import pytest
 
-from evl_cache.sampling import (dense_eval_indices, dense_train_indices, plan_views, segment_indices,
-                                vifi_middle_indices, vifi_random_indices, view_seed)
+from evl_cache.video.sampling import (
+    dense_eval_indices,
+    dense_train_indices,
+    plan_views,
+    segment_indices,
+    view_seed,
+    vifi_middle_indices,
+    vifi_random_indices,
+)
 
 
 def test_dense_train_random_start_within_bounds():

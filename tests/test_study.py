@@ -4,10 +4,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from evl_cache.apps.results import read_run
+from evl_cache.apps.study import load_study, run_study
 from evl_cache.cli import main
 from evl_cache.errors import EvlCacheError
-from evl_cache.results import read_run
-from evl_cache.study import load_study, run_study
 
 RECIPE = """
 [study]

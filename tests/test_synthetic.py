@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evl_cache.synthetic import MOTION_CLASSES, make_sample_dataset, moving_shape_frames
+from evl_cache.video.synthetic import MOTION_CLASSES, make_sample_dataset, moving_shape_frames
 
 SIZE = (32, 40)
 

@@ -9,21 +9,29 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import evl_cache.train as train_module
-from evl_cache.backbone import load_clip
+import evl_cache.decoder.train as train_module
+from evl_cache.apps.predict import PredictConfig, predict
+from evl_cache.cache.dataset import CacheDataset, CacheLoader
+from evl_cache.cache.extract import ExtractConfig, extract
+from evl_cache.cache.store import FeatureStore
 from evl_cache.cli import main
+from evl_cache.decoder.evaluate import (
+    EvalConfig,
+    build_model,
+    evaluate,
+    harmonic_mean,
+    load_run,
+    load_weights,
+    predict_views,
+    run_selection,
+)
+from evl_cache.decoder.evl_checkpoints import export_evl
+from evl_cache.decoder.metrics import average_views
+from evl_cache.decoder.train import TrainConfig, train
 from evl_cache.errors import CheckpointError, EvlCacheError
-from evl_cache.data import CacheDataset, CacheLoader
-from evl_cache.evaluate import (EvalConfig, build_model, evaluate, harmonic_mean, load_run, load_weights,
-                                predict_views, run_selection)
-from evl_cache.evl_checkpoints import export_evl
-from evl_cache.extract import ExtractConfig, extract
-from evl_cache.metrics import average_views
-from evl_cache.predict import PredictConfig, predict
-from evl_cache.store import FeatureStore
-from evl_cache.synthetic import make_sample_dataset
-from evl_cache.text import ClassPrompts, TextTower, load_text_tower
-from evl_cache.train import TrainConfig, train
+from evl_cache.towers.backbone import load_clip
+from evl_cache.towers.text import ClassPrompts, TextTower, load_text_tower
+from evl_cache.video.synthetic import make_sample_dataset
 
 FAST = dict(batch_size=8, lr=3e-3, mlp_dropout=0.0, head_dropout=0.0, workers=0, heads=2)
 

@@ -12,15 +12,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-
-from evl_cache.cli import main
-from evl_cache.errors import CacheError, EvlCacheError
-from evl_cache.evaluate import EvalConfig, evaluate
-from evl_cache.extract import ExtractConfig, extract
-from evl_cache.store import FeatureStore
-from evl_cache.synthetic import make_sample_dataset
-from evl_cache.train import TrainConfig, train
 from sigkill import kill_at_random_points, time_work
+
+from evl_cache.cache.extract import ExtractConfig, extract
+from evl_cache.cache.store import FeatureStore
+from evl_cache.cli import main
+from evl_cache.decoder.evaluate import EvalConfig, evaluate
+from evl_cache.decoder.train import TrainConfig, train
+from evl_cache.errors import CacheError, EvlCacheError
+from evl_cache.video.synthetic import make_sample_dataset
 
 FAST = dict(batch_size=8, lr=3e-3, mlp_dropout=0.0, head_dropout=0.0, workers=0, heads=2)
 
@@ -205,7 +205,7 @@ def test_in_memory_equals_reading_the_cache_and_is_refused_when_it_does_not_fit(
     train(TrainConfig(out=tmp_path / "memory", in_memory=True, **options))
     a, b = load_file(tmp_path / "disk" / "last.safetensors"), load_file(tmp_path / "memory" / "last.safetensors")
     assert all(a[name].equal(b[name]) for name in a)
-    import evl_cache.train as train_module
+    import evl_cache.decoder.train as train_module
     monkeypatch.setattr(train_module, "memory_available", lambda: 10_000)
     with pytest.raises(EvlCacheError, match=r"--in-memory needs 0\.\d+ GB for the selected features \(one copy\); "
                                             r"memory available is 0\.00 GB"):

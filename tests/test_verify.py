@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-import evl_cache.extract as extract_module
-from evl_cache.cli import main
-from evl_cache.extract import ExtractConfig, extract
-from evl_cache.store import FAILED, PENDING, VIDEO_COLUMNS, FeatureStore
-from evl_cache.verify import verify
 from sigkill import kill_at_random_points, time_work
+
+import evl_cache.cache.extract as extract_module
+from evl_cache.cache.extract import ExtractConfig, extract
+from evl_cache.cache.store import FAILED, PENDING, VIDEO_COLUMNS, FeatureStore
+from evl_cache.cache.verify import verify
+from evl_cache.cli import main
 
 OPTIONS = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, blocks=2, workers=0, shard_size=2,
                train_views=2, eval_views=2)

@@ -16,15 +16,15 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from evl_cache.backbone import FrozenBackbone, adjacent_maps, load_clip
+from evl_cache.apps.zeroshot import ZeroShotConfig, zeroshot, zeroshot_scores
+from evl_cache.cache.extract import ExtractConfig, extract
+from evl_cache.cache.store import FeatureStore
 from evl_cache.cli import main
-from evl_cache.clips import ClipSpec, read_video_clips
 from evl_cache.errors import BackboneError, CheckpointError, EvlCacheError
-from evl_cache.extract import ExtractConfig, extract
-from evl_cache.store import FeatureStore
-from evl_cache.text import ClassPrompts, TextTower
-from evl_cache.vificlip import VifiImportConfig, import_vificlip, learned_prompt, prompt_class_names
-from evl_cache.zeroshot import ZeroShotConfig, zeroshot, zeroshot_scores
+from evl_cache.towers.backbone import FrozenBackbone, adjacent_maps, load_clip
+from evl_cache.towers.text import ClassPrompts, TextTower
+from evl_cache.towers.vificlip import VifiImportConfig, import_vificlip, learned_prompt, prompt_class_names
+from evl_cache.video.clips import ClipSpec, read_video_clips
 
 TINY = "EVL-Tiny"  # vision: width 64, 2 heads, 4 blocks, patch 8, 32 px; text: width 32, 2 heads, 2 blocks
 IMAGENET = dict(mean="0.485,0.456,0.406", std="0.229,0.224,0.225")

@@ -7,13 +7,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from evl_cache.backbone import load_clip
+from evl_cache.apps.zeroshot import ZeroShotConfig, zeroshot, zeroshot_scores
+from evl_cache.cache.extract import ExtractConfig, extract
+from evl_cache.cache.store import FeatureStore
 from evl_cache.cli import main
-from evl_cache.clips import ClipSpec, read_video_clips
 from evl_cache.errors import EvlCacheError
-from evl_cache.extract import ExtractConfig, extract
-from evl_cache.store import FeatureStore
-from evl_cache.zeroshot import ZeroShotConfig, zeroshot, zeroshot_scores
+from evl_cache.towers.backbone import load_clip
+from evl_cache.video.clips import ClipSpec, read_video_clips
 
 
 @pytest.fixture(scope="module")

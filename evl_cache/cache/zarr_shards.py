@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CacheError
+from ..errors import CacheError
 
 _EMPTY = 2**64 - 1  # offset and length of a chunk that was never written (all fill value)
 

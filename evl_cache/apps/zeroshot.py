@@ -17,16 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import option
-from .data import CacheDataset, CacheLoader, class_label_map, select_embeddings, usable_videos
-from .errors import EvlCacheError
-from .evaluate import predict_views
-from .metrics import average_views, classification_metrics
-from .model import TextHeadModel
-from .store import FeatureStore
-from .text import BARE_NAME, ClassPrompts, load_text_tower, read_templates
-from .vificlip import learned_prompt, prompt_class_names
-from .videos import read_class_names
+from ..cache.dataset import CacheDataset, CacheLoader, class_label_map, select_embeddings, usable_videos
+from ..cache.store import FeatureStore
+from ..config import option
+from ..decoder.evaluate import predict_views
+from ..decoder.metrics import average_views, classification_metrics
+from ..decoder.model import TextHeadModel
+from ..errors import EvlCacheError
+from ..runtime import resolve_device
+from ..towers.text import BARE_NAME, ClassPrompts, load_text_tower, read_templates
+from ..towers.vificlip import learned_prompt, prompt_class_names
+from ..video.find import read_class_names
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ def class_prompts(attrs: dict, names: list[str], templates: Path | None, pretrai
 def zeroshot_scores(config: ZeroShotConfig) -> tuple[list[str], dict[str, np.ndarray], ClassPrompts]:
     """(the scored class names, per-video `average_views` scores: videos, probabilities, logits, labels,
     and the prompts they were scored against)."""
-    from .extract import resolve_device
 
     if config.features is None:
         raise EvlCacheError("--features is required")

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 log = logging.getLogger(__name__)
 

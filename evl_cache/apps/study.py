@@ -20,14 +20,14 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import build_config, load_toml, to_dict
-from .errors import EvlCacheError
-from .extract import ExtractConfig, extract
-from .plan import plan_cache
+from ..cache.extract import ExtractConfig, extract
+from ..cache.plan import plan_cache
+from ..cache.store import PENDING, FeatureStore
+from ..config import build_config, load_toml, to_dict
+from ..decoder.train import RESUMABLE_CHANGES, TrainConfig, train
+from ..errors import EvlCacheError
+from ..video.synthetic import make_sample_dataset
 from .results import RunRow, markdown_table, read_run, write_results
-from .store import PENDING, FeatureStore
-from .synthetic import make_sample_dataset
-from .train import RESUMABLE_CHANGES, TrainConfig, train
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..errors import BackboneError, DownloadError
 from .block_prompts import attach_image_prompts, attach_text_prompts, read_block_prompts
-from .errors import BackboneError, DownloadError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import CacheError, EvlCacheError
 from .encodings import decode, encoding
-from .errors import CacheError, EvlCacheError
 from .store import DONE, FeatureStore, cache_storage, location
 
 
@@ -315,18 +315,6 @@ class CacheDataset(Dataset):
             return value[0] if isinstance(value, torch.Tensor) else value
 
         return {name: unbatched(value) for name, value in self.batch([(video, view)], arrays).items()}
-
-
-def memory_available() -> int | None:
-    """Bytes this machine can give a process now (MemAvailable, Linux), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 class CacheLoader:

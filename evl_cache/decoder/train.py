@@ -24,19 +24,27 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .config import option, to_dict
-from .data import (CacheDataset, CacheLoader, EpochBatches, holdout_split, memory_available, model_inputs,
-                   select_features, usable_videos)
-from .distributed import Process, barrier, gather_objects, init_process, on_main, raise_together, sum_across
-from .errors import EvlCacheError
-from .data import class_label_map, select_embeddings
+from ..cache.dataset import (
+    CacheDataset,
+    CacheLoader,
+    EpochBatches,
+    class_label_map,
+    holdout_split,
+    model_inputs,
+    select_embeddings,
+    select_features,
+    usable_videos,
+)
+from ..cache.store import FeatureStore, cache_fingerprint, cache_storage, is_url
+from ..config import option, to_dict
+from ..distributed import Process, barrier, gather_objects, init_process, on_main, raise_together, sum_across
+from ..errors import EvlCacheError
+from ..runtime import library_versions, memory_available, resolve_device
+from ..towers.text import BARE_NAME, read_templates
+from ..video.find import read_class_names
 from .evaluate import add_novel, build_model, load_weights, predict_views, saved_weights, write_evaluation
-from .extract import library_versions, resolve_device
 from .metrics import average_views, classification_metrics, plot_curves
 from .model import DecoderConfig, EVLModel
-from .store import FeatureStore, cache_fingerprint, cache_storage, is_url
-from .text import BARE_NAME, read_templates
-from .videos import read_class_names
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .clips import ClipSpec
-from .errors import CacheError
+from ..errors import CacheError
+from ..video.clips import ClipSpec
 from .store import DONE, FAILED, PENDING, STATUS_NAMES, CacheLayout, FeatureStore, cache_storage, video_checksum
 
 

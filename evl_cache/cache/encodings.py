@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import CacheError
+from ..errors import CacheError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from evl_cache.errors import DatasetError
-from evl_cache.videos import find_videos, read_class_names
+from evl_cache.video.find import find_videos, read_class_names
 
 
 def _touch(path):

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .errors import BackboneError, EvlCacheError
+from ..errors import BackboneError, EvlCacheError
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..config import option
+from ..errors import BackboneError, CheckpointError, DownloadError, EvlCacheError
 from .backbone import _register_model_name, load_clip, sha256_file
 from .block_prompts import attach_image_prompts, attach_text_prompts, read_weights_file
 from .checkpoint_files import load_checkpoint, load_exactly, model_state
-from .config import option
-from .errors import BackboneError, CheckpointError, DownloadError, EvlCacheError
 
 log = logging.getLogger(__name__)
 

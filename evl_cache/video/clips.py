@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import BadVideoError
 from .decode import decode_frames, probe_video
-from .errors import BadVideoError
 from .pixels import CROP_SCALE, RANDAUGMENT, augmented_clip, spatial_crops
 from .sampling import plan_views
 

@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .backbone import load_clip, sha256_file
-from .checkpoint_files import DATA_PARALLEL_PREFIX, load_checkpoint, load_exactly, model_state
-from .clips import ClipSpec
-from .config import option
-from .data import FeatureSelection
-from .errors import CheckpointError, EvlCacheError
+from ..cache.dataset import FeatureSelection
+from ..config import option
+from ..errors import CheckpointError, EvlCacheError
+from ..runtime import library_versions
+from ..towers.backbone import load_clip, sha256_file
+from ..towers.checkpoint_files import DATA_PARALLEL_PREFIX, load_checkpoint, load_exactly, model_state
+from ..video.clips import ClipSpec
+from ..video.find import read_class_names
 from .evaluate import load_run
-from .extract import library_versions
 from .model import DecoderConfig, EVLModel
-from .videos import read_class_names
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import zipfile
 import torch
 from torch import Tensor, nn
 
-from .errors import BackboneError
+from ..errors import BackboneError
 
 TOWERS = ("image", "text")
 

@@ -23,19 +23,32 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import __version__
-from .backbone import BackboneSpec, FrozenBackbone, load_clip
-from .config import option, to_dict
-from .clips import ClipSpec, VideoClips, read_video_clips
-from .distributed import Process, init_process, on_every, on_main, raise_together, sum_across
+from ..config import option, to_dict
+from ..distributed import Process, init_process, on_every, on_main, raise_together, sum_across
+from ..errors import CacheError, DatasetError, EvlCacheError
+from ..runtime import library_versions, resolve_device
+from ..towers.backbone import BackboneSpec, FrozenBackbone, load_clip
+from ..video.clips import ClipSpec, VideoClips, read_video_clips
+from ..video.find import VideoEntry, VideoList, find_videos
+from ..video.pixels import SPATIAL_VIEWS
+from ..video.sampling import SAMPLING_MODES
 from .encodings import ENCODINGS, encode, encoding
-from .errors import CacheError, DatasetError, EvlCacheError
-from .pixels import SPATIAL_VIEWS
-from .sampling import SAMPLING_MODES
-from .store import (DONE, FAILED, PENDING, CacheLayout, FeatureStore, cache_storage, disk_usage, is_url, location,
-                    remove_store, store_exists, store_kind)
-from .store import remove_partial_files, video_checksum
-from .videos import VideoEntry, VideoList, find_videos
+from .store import (
+    DONE,
+    FAILED,
+    PENDING,
+    CacheLayout,
+    FeatureStore,
+    cache_storage,
+    disk_usage,
+    is_url,
+    location,
+    remove_partial_files,
+    remove_store,
+    store_exists,
+    store_kind,
+    video_checksum,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,26 +144,6 @@ class ClipSource(Dataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' means CUDA when it is available."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvlCacheError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the numbers."""
-    import av
-    import h5py
-    import open_clip
-    import zarr
-    return {"evl_cache": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
-            "av": av.__version__, "zarr": zarr.__version__, "h5py": h5py.__version__,
-            "numpy": np.__version__}
 
 
 def dataset_fingerprint(dataset: VideoList) -> str:

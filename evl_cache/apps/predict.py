@@ -13,16 +13,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .backbone import FrozenBackbone, load_clip
-from .clips import ClipSpec, read_video_clips
-from .config import option
-from .data import FeatureSelection
-from .encodings import as_stored, encoding
-from .errors import CheckpointError, EvlCacheError
-from .evaluate import build_model, load_run, load_weights, run_class_names, run_head
-from .extract import resolve_device
-from .store import cache_storage
-from .videos import expand_video_inputs, read_class_names
+from ..cache.dataset import FeatureSelection
+from ..cache.encodings import as_stored, encoding
+from ..cache.store import cache_storage
+from ..config import option
+from ..decoder.evaluate import build_model, load_run, load_weights, run_class_names, run_head
+from ..errors import CheckpointError, EvlCacheError
+from ..runtime import resolve_device
+from ..towers.backbone import FrozenBackbone, load_clip
+from ..video.clips import ClipSpec, read_video_clips
+from ..video.find import expand_video_inputs, read_class_names
 
 log = logging.getLogger(__name__)
 

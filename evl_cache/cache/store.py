@@ -33,7 +33,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .errors import CacheError
+from ..errors import CacheError
 
 FORMAT_VERSION = 2  # 2: storage encodings and compression (`storage`); a version-1 cache is float16, uncompressed
 READABLE_VERSIONS = (1, 2)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from evl_cache.data import CacheDataset, CacheLoader, EpochBatches, FeatureSelection
+from evl_cache.cache.dataset import CacheDataset, CacheLoader, EpochBatches, FeatureSelection
+from evl_cache.cache.store import DONE, PENDING, CacheLayout, FeatureStore
+from evl_cache.cache.zarr_shards import sharded_reader
 from evl_cache.errors import CacheError
-from evl_cache.store import DONE, PENDING, CacheLayout, FeatureStore
-from evl_cache.zarr_shards import sharded_reader
 
 LAYOUT = dict(num_videos=10, views=2, frames=5, tokens=7, width=8, grid=(2, 3), embed_dim=6, blocks=(2, 3),
               shard_size=4)

@@ -10,11 +10,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import option
-from .evaluate import EvalConfig, evaluate
-from .extract import ExtractConfig, extract
-from .synthetic import make_sample_dataset
-from .train import TrainConfig, train
+from ..cache.extract import ExtractConfig, extract
+from ..config import option
+from ..decoder.evaluate import EvalConfig, evaluate
+from ..decoder.train import TrainConfig, train
+from ..video.synthetic import make_sample_dataset
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from evl_cache.errors import BadVideoError
+from ..errors import BadVideoError
 
 # CLIP's own preprocessing resizes with bicubic filtering; swscale widens the filter when shrinking,
 # so large downscales are antialiased too.

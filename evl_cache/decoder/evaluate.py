@@ -15,14 +15,23 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import option
-from .data import (CacheDataset, CacheLoader, FeatureSelection, class_label_map, model_inputs, select_embeddings,
-                   select_features, usable_videos)
-from .errors import CacheError, CheckpointError, EvlCacheError
-from .model import ClipTextModel, DecoderConfig, EVLModel, TextHeadModel
+from ..cache.dataset import (
+    CacheDataset,
+    CacheLoader,
+    FeatureSelection,
+    class_label_map,
+    model_inputs,
+    select_embeddings,
+    select_features,
+    usable_videos,
+)
+from ..cache.store import FeatureStore, location
+from ..config import option
+from ..errors import CacheError, CheckpointError, EvlCacheError
+from ..runtime import resolve_device
+from ..video.find import read_class_names
 from .metrics import average_views, classification_metrics, plot_confusion, write_per_class_csv
-from .store import FeatureStore, location
-from .videos import read_class_names
+from .model import ClipTextModel, DecoderConfig, EVLModel, TextHeadModel
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +121,7 @@ def build_model(run_config: dict, class_names: list[str] | None = None, pretrain
         decoder = dict(run_config["decoder"])
         decoder["grid"] = tuple(decoder["grid"])
         return EVLModel(DecoderConfig(**decoder))
-    from .text import ClassPrompts, load_text_tower
+    from ..towers.text import ClassPrompts, load_text_tower
 
     cache = run_config["cache"]
     tower, tokenizer = load_text_tower(cache["backbone"], cache["sampling"]["seed"], pretrained)
@@ -189,8 +198,6 @@ def check_cache_serves_run(attrs: dict, run_config: dict, path: Path) -> None:
 
 def evaluate(config: EvalConfig) -> dict:
     """Metrics of a run on a cache's split; writes eval/per-class/confusion files into the run folder."""
-    from .extract import resolve_device
-
     if config.run is None:
         raise EvlCacheError("--run is required")
     run_config = load_run(config.run)

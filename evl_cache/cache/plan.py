@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import model_geometry
-from .data import memory_available
+from ..errors import EvlCacheError
+from ..runtime import memory_available
+from ..towers.backbone import model_geometry
 from .encodings import ENCODINGS
-from .errors import EvlCacheError
 from .store import CacheLayout, is_url
 
 INDEX_BYTES_PER_CHUNK, INDEX_CHECKSUM_BYTES = 16, 4  # a shard index: (offset, length) uint64 per chunk, CRC-32C
@@ -60,8 +60,8 @@ class CachePlan:
 
 def plan_cache(config, probe_mb: float = 256) -> CachePlan:
     """The plan of the cache `config` (an ExtractConfig) describes; `probe_mb` 0 skips the disk probe."""
+    from ..video.find import find_videos
     from .extract import cache_layout, clip_spec_of
-    from .videos import find_videos
 
     dataset = find_videos(config.videos, config.train_list, config.val_list, config.data_root, config.classes)
     geometry = model_geometry(config.model, config.size)

@@ -1,0 +1,1 @@
+"""Stage two: the EVL decoder and its heads, trained and evaluated from the cache, and the run folder."""
