@@ -14,25 +14,27 @@ evaluate) -> `apps` (predict, zero-shot, studies, the demo).
 """
 from .apps.demo import DemoConfig, run_demo
 from .apps.predict import PredictConfig, Prediction, predict
-from .apps.results import RunRow, read_run
-from .apps.study import Study, load_study, run_study
+from .apps.results import CompareConfig, RunRow, compare
+from .apps.study import StudyConfig, run_study
 from .apps.zeroshot import ZeroShotConfig, zeroshot
-from .cache.extract import ExtractConfig, ExtractSummary, extract
-from .cache.info import cache_info
-from .cache.plan import CachePlan, plan_cache
+from .cache.dataset import CacheDataset, CacheLoader
+from .cache.extract import ExtractSummary, extract
+from .cache.info import InfoConfig, info
+from .cache.options import ExtractConfig
+from .cache.plan import CachePlan, plan
 from .cache.store import FeatureStore
-from .cache.verify import VerifyReport, verify
+from .cache.verify import VerifyConfig, VerifyReport, verify
 from .decoder.evaluate import EvalConfig, evaluate
-from .decoder.evl_checkpoints import ImportConfig, export_evl, import_evl
+from .decoder.evl_checkpoints import ExportConfig, ImportConfig, export_evl, import_evl
 from .decoder.train import TrainConfig, TrainSummary, train
 from .errors import EvlCacheError
 from .runtime import __version__
 from .towers.vificlip import VifiImportConfig, import_vificlip
 
 __all__ = [
-    "CachePlan", "DemoConfig", "EvalConfig", "EvlCacheError", "ExtractConfig", "ExtractSummary", "FeatureStore",
-    "ImportConfig", "PredictConfig", "Prediction", "RunRow", "Study", "TrainConfig", "TrainSummary",
-    "VerifyReport", "VifiImportConfig", "ZeroShotConfig", "__version__", "cache_info", "evaluate", "export_evl",
-    "extract", "import_evl", "import_vificlip", "load_study", "plan_cache", "predict", "read_run", "run_demo",
-    "run_study", "train", "verify", "zeroshot",
+    "CacheDataset", "CacheLoader", "CachePlan", "CompareConfig", "DemoConfig", "EvalConfig", "EvlCacheError",
+    "ExportConfig", "ExtractConfig", "ExtractSummary", "FeatureStore", "ImportConfig", "InfoConfig", "PredictConfig",
+    "Prediction", "RunRow", "StudyConfig", "TrainConfig", "TrainSummary", "VerifyConfig", "VerifyReport",
+    "VifiImportConfig", "ZeroShotConfig", "__version__", "compare", "evaluate", "export_evl", "extract", "import_evl",
+    "import_vificlip", "info", "plan", "predict", "run_demo", "run_study", "train", "verify", "zeroshot",
 ]

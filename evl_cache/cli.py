@@ -1,8 +1,8 @@
-"""The `evl-cache` command: a thin shell over the library's functions.
+"""The `evl-cache` command: a thin shell over the functions `import evl_cache` gives.
 
-Each command builds its config dataclass from flags (and an optional `--config` TOML file), calls the
-function, and turns `EvlCacheError` into a one-line message with exit code 1. Other exceptions are bugs
-and keep their traceback.
+Each command builds its config dataclass from its flags over an optional `--config` TOML file, calls
+the function, and prints the result. An `EvlCacheError` becomes a one-line message with exit code 1;
+any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -10,23 +10,48 @@ import functools
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import click
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .apps.demo import DemoConfig, run_demo
-from .apps.predict import PredictConfig, predict, predicted_class_names
-from .apps.zeroshot import ZeroShotConfig, prompt_description, zeroshot
-from .cache.extract import ExtractConfig, extract
-from .config import build_config, click_options, load_toml
-from .decoder.evaluate import EvalConfig, evaluate
-from .decoder.evl_checkpoints import ImportConfig, export_evl, import_evl
-from .decoder.train import TrainConfig, train
+from . import (
+    CompareConfig,
+    DemoConfig,
+    EvalConfig,
+    ExportConfig,
+    ExtractConfig,
+    ImportConfig,
+    InfoConfig,
+    PredictConfig,
+    StudyConfig,
+    TrainConfig,
+    VerifyConfig,
+    VifiImportConfig,
+    ZeroShotConfig,
+    compare,
+    evaluate,
+    export_evl,
+    extract,
+    import_evl,
+    import_vificlip,
+    info,
+    plan,
+    predict,
+    run_demo,
+    run_study,
+    train,
+    verify,
+    zeroshot,
+)
+from .apps.predict import predicted_class_names
+from .apps.results import markdown_table
+from .apps.zeroshot import prompt_description
+from .cache.info import format_info
+from .cache.plan import CachePlan, format_plan
+from .config import config_command
 from .distributed import is_main_process
 from .errors import EvlCacheError
-from .towers.vificlip import VifiImportConfig, import_vificlip
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -39,8 +64,26 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def user_errors(function: Callable) -> Callable:
-    """Run a command; a user error becomes one line on stderr and exit code 1."""
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+@click.version_option(package_name="evl-cache")
+def main(verbose: bool) -> None:
+    """Train EVL video models on frozen CLIP features, extracted once into a cache."""
+    _setup_logging(verbose)
+
+
+def command(name: str, cls: type, section: str | None = None, json_output: bool = False) -> Callable:
+    """Register a command: a flag per field of `cls` plus `--config FILE` (its [section] table, the
+    command's name by default), and `--json` if asked."""
+    def decorate(function: Callable) -> Callable:
+        body = click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")(function) \
+            if json_output else function
+        return main.command(name, help=function.__doc__)(_user_errors(config_command(cls, section or name)(body)))
+    return decorate
+
+
+def _user_errors(function: Callable) -> Callable:
+    """Run a command (building its config included); a user error becomes one line and exit code 1."""
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -52,225 +95,139 @@ def user_errors(function: Callable) -> Callable:
     return wrapper
 
 
-def _config(cls: type, config_file: Path | None, section: str, options: dict) -> Any:
-    base = None
-    if config_file is not None:
-        values = load_toml(config_file)
-        base = build_config(cls, values.get(section, values))
-    return build_config(cls, options, base)
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", is_flag=True, help="debug logging")
-@click.version_option(package_name="evl-cache")
-def main(verbose: bool) -> None:
-    """Train EVL video models on frozen CLIP features, extracted once into a cache."""
-    _setup_logging(verbose)
+def _without_confusion(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("per_class_accuracy", "confusion")}
 
 
-def _extract_options(command: Callable) -> Callable:
-    """The options of `extract`, shared by `plan`: a TOML file, --list, and every ExtractConfig field."""
-    command = click_options(ExtractConfig)(command)
-    command = click.option("--list", "list_file", type=click.Path(path_type=Path),
-                           help="one list for the whole dataset (same as --train-list; a CSV split column sets "
-                                "splits)")(command)
-    return click.option("--config", "config_file", type=click.Path(path_type=Path),
-                        help="TOML file with these options (its [extract] table, or top level); flags override "
-                             "it")(command)
-
-
-def _extract_config(config_file: Path | None, list_file: Path | None, options: dict) -> ExtractConfig:
-    if list_file is not None:
-        options["train_list"] = options.get("train_list") or list_file
-    return _config(ExtractConfig, config_file, "extract", options)
-
-
-def _print_plan(config: ExtractConfig, probe_mb: float, as_json: bool) -> None:
-    from .cache.plan import format_plan, plan_cache
-    cache_plan = plan_cache(config, probe_mb)
-    click.echo(json.dumps(cache_plan.to_dict(), indent=2) if as_json else format_plan(cache_plan))
-
-
-@main.command("extract")
-@_extract_options
-@click.option("--dry-run", is_flag=True, help="print the plan (as `evl-cache plan` does) and extract nothing")
-@user_errors
-def extract_command(config_file: Path | None, list_file: Path | None, dry_run: bool, **options: Any) -> None:
+@command("extract", ExtractConfig)
+def extract_command(config: ExtractConfig) -> None:
     """Run the frozen CLIP backbone once over every video and write the feature cache (resumable)."""
-    config = _extract_config(config_file, list_file, options)
-    if dry_run:
-        _print_plan(config, 256, as_json=False)
-        return
-    summary = extract(config)
-    if is_main_process():
-        click.echo(summary.line())
+    result = extract(config)
+    if isinstance(result, CachePlan):
+        click.echo(format_plan(result))
+    elif is_main_process():
+        click.echo(result.line())
 
 
-@main.command("plan")
-@_extract_options
-@click.option("--probe-mb", type=float, default=256, show_default=True,
-              help="size of the read probe written in the folder of --out (or here); 0: no probe")
-@click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
-@user_errors
-def plan_command(config_file: Path | None, list_file: Path | None, probe_mb: float, as_json: bool,
-                 **options: Any) -> None:
+@command("plan", ExtractConfig, section="extract", json_output=True)
+def plan_command(config: ExtractConfig, as_json: bool) -> None:
     """Before extracting: the cache's size per split for every storage option, what an epoch reads, and
     how long the target disk takes to read it (nothing is decoded, no weights are loaded)."""
-    _print_plan(_extract_config(config_file, list_file, options), probe_mb, as_json)
+    result = plan(config)
+    _echo_json(result.to_dict()) if as_json else click.echo(format_plan(result))
 
 
-@main.command("train")
-@click.option("--config", "config_file", type=click.Path(path_type=Path),
-              help="TOML file with these options (its [train] table, or top level); flags override it")
-@click_options(TrainConfig)
-@user_errors
-def train_command(config_file: Path | None, **options: Any) -> None:
+@command("train", TrainConfig)
+def train_command(config: TrainConfig) -> None:
     """Train the EVL decoder and head from a cache, evaluating on its validation split every epoch."""
-    summary = train(_config(TrainConfig, config_file, "train", options))
+    summary = train(config)
     if is_main_process():
         click.echo(summary.line())
 
 
-@main.command("eval")
-@click_options(EvalConfig)
-@click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
-@user_errors
-def eval_command(as_json: bool, **options: Any) -> None:
+@command("eval", EvalConfig, json_output=True)
+def eval_command(config: EvalConfig, as_json: bool) -> None:
     """Evaluate a trained run on a cache (its own by default): top-1, top-5, mean class accuracy."""
-    metrics = evaluate(build_config(EvalConfig, options))
+    metrics = evaluate(config)
     if as_json:
-        click.echo(json.dumps({k: v for k, v in metrics.items() if k != "per_class_accuracy"}, indent=2))
+        _echo_json(_without_confusion(metrics))
     else:
         click.echo(f"top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  mean class accuracy "
                    f"{metrics['mean_class_accuracy']:.4f}  ({metrics['videos']} videos)")
 
 
-@main.command("zeroshot")
-@click_options(ZeroShotConfig)
-@click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
-@user_errors
-def zeroshot_command(as_json: bool, **options: Any) -> None:
+@command("zeroshot", ZeroShotConfig, json_output=True)
+def zeroshot_command(config: ZeroShotConfig, as_json: bool) -> None:
     """CLIP zero-shot accuracy from the cached frame embeddings and class-name prompts (no training)."""
-    result = zeroshot(build_config(ZeroShotConfig, options))
+    result = zeroshot(config)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        _echo_json(result)
     else:
         click.echo(f"zero-shot top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  mean class accuracy "
                    f"{result['mean_class_accuracy']:.4f}  ({result['videos']} videos, {result['classes']} classes, "
                    f"{prompt_description(result)})")
 
 
-@main.command("predict")
-@click.argument("videos", nargs=-1, required=True)
-@click_options(PredictConfig)
-@click.option("--json", "as_json", is_flag=True, help="print per-video probabilities and logits as JSON")
-@user_errors
-def predict_command(videos: tuple[str, ...], as_json: bool, **options: Any) -> None:
+@command("predict", PredictConfig, json_output=True)
+def predict_command(config: PredictConfig, as_json: bool) -> None:
     """Classify new videos with a run (backbone and decoder online, the run's sampling and views)."""
-    config = build_config(PredictConfig, {**options, "videos": list(videos)})
     predictions = predict(config)
     class_names = predicted_class_names(config)
     if as_json:
-        click.echo(json.dumps([{"path": p.path, "error": p.error, "classes": class_names,
-                                "probabilities": p.probabilities, "logits": p.logits} for p in predictions],
-                              indent=2))
-        return
+        _echo_json([{"path": p.path, "error": p.error, "classes": class_names, "probabilities": p.probabilities,
+                     "logits": p.logits} for p in predictions])
     for p in predictions:
         if p.error:
             click.echo(f"{p.path}: error: {p.error}", err=True)
-        else:
+        elif not as_json:
             top = ", ".join(f"{name} {prob:.3f}" for name, prob in p.top(class_names, config.topk))
             click.echo(f"{p.path}: {top}")
+    if predictions and all(p.error for p in predictions):
+        click.echo(f"error: no video could be predicted ({len(predictions)} failed)", err=True)
+        sys.exit(1)
 
 
-@main.command("import-evl")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click_options(ImportConfig)
-@user_errors
-def import_evl_command(checkpoint: Path, **options: Any) -> None:
+@command("import-evl", ImportConfig)
+def import_evl_command(config: ImportConfig) -> None:
     """Turn a checkpoint of the EVL authors' release into a run that eval and predict accept."""
-    out = import_evl(build_config(ImportConfig, {**options, "checkpoint": checkpoint}))
-    click.echo(f"import-evl: wrote run {out}")
+    click.echo(f"import-evl: wrote run {import_evl(config)}")
 
 
-@main.command("import-vificlip")
-@click.argument("checkpoint", type=click.Path(path_type=Path))
-@click_options(VifiImportConfig)
-@user_errors
-def import_vificlip_command(checkpoint: Path, **options: Any) -> None:
+@command("import-vificlip", VifiImportConfig)
+def import_vificlip_command(config: VifiImportConfig) -> None:
     """Convert a ViFi-CLIP checkpoint into an open_clip weights file for extract --pretrained."""
-    click.echo(import_vificlip(build_config(VifiImportConfig, {**options, "checkpoint": checkpoint})).line())
+    click.echo(import_vificlip(config).line())
 
 
-@main.command("export-evl")
-@click.argument("run", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="checkpoint file to write")
-@click.option("--weights", type=click.Choice(["best", "last"]), default="best", show_default=True)
-@user_errors
-def export_evl_command(run: Path, out: Path, weights: str) -> None:
+@command("export-evl", ExportConfig)
+def export_evl_command(config: ExportConfig) -> None:
     """Write a run's decoder and head in the EVL authors' checkpoint format."""
-    click.echo(f"export-evl: wrote {export_evl(run, out, weights)}")
+    click.echo(f"export-evl: wrote {export_evl(config)}")
 
 
-@main.command("run")
-@click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--only", multiple=True, help="run only this named run (repeatable)")
-@click.option("--dry-run", is_flag=True, help="print what would run, the cache size it needs, and what exists")
-@user_errors
-def run_command(recipe: Path, only: tuple[str, ...], dry_run: bool) -> None:
+@command("run", StudyConfig)
+def run_command(config: StudyConfig) -> None:
     """Run a study recipe: extract once, train and evaluate every run, write a results table."""
-    from .apps.study import load_study, plan, run_study
-    study = load_study(recipe)
-    if dry_run:
-        click.echo(plan(study))
+    result = run_study(config)
+    if isinstance(result, str):
+        click.echo(result)
         return
-    rows = run_study(study, list(only) or None)
-    failed = [row.name for row in rows if row.status == "failed"]
-    click.echo(f"study: {len(rows) - len(failed)} runs ok, {len(failed)} failed; results in {study.out}/results.md")
+    failed = [row.name for row in result if row.status == "failed"]
+    click.echo(f"study: {len(result) - len(failed)} runs ok, {len(failed)} failed; results in "
+               f"{result[0].path.parent.parent if result else '.'}/results.md")
 
 
-@main.command("compare")
-@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@user_errors
-def compare_command(runs: tuple[Path, ...]) -> None:
+@command("compare", CompareConfig)
+def compare_command(config: CompareConfig) -> None:
     """Print the results table (options that differ, top-1, top-5, ...) for finished runs."""
-    from .apps.results import markdown_table, read_run
-    click.echo(markdown_table([read_run(run) for run in runs]), nl=False)
+    click.echo(markdown_table(compare(config)), nl=False)
 
 
-@main.command("demo")
-@click_options(DemoConfig)
-@user_errors
-def demo_command(**options: Any) -> None:
+@command("demo", DemoConfig)
+def demo_command(config: DemoConfig) -> None:
     """Make a sample video dataset, extract it, train EVL and a no-temporal ablation, and evaluate."""
-    results = run_demo(build_config(DemoConfig, options))
+    results = run_demo(config)
     click.echo("demo: " + ", ".join(f"{name} val top-1 {top1:.3f}" for name, top1 in results.items()))
 
 
-@main.command("info")
-@click.argument("cache")  # a path or an fsspec URL
-@click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
-@click.option("--failed", is_flag=True, help="list failed videos with their reasons")
-@user_errors
-def info_command(cache: str, as_json: bool, failed: bool) -> None:
+@command("info", InfoConfig, json_output=True)
+def info_command(config: InfoConfig, as_json: bool) -> None:
     """Show what a cache holds: backbone, blocks, sampling, splits, statuses, classes, size."""
-    from .cache.info import cache_info, format_info
-    info = cache_info(cache, failed=failed)
-    click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
+    described = info(config)
+    _echo_json(described) if as_json else click.echo(format_info(described))
 
 
-@main.command("verify")
-@click.argument("cache")  # a path or an fsspec URL
-@click.option("--repair", is_flag=True, help="mark the videos with problems pending, so the next extract redoes them")
-@click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
-@user_errors
-def verify_command(cache: str, repair: bool, as_json: bool) -> None:
+@command("verify", VerifyConfig, json_output=True)
+def verify_command(config: VerifyConfig, as_json: bool) -> None:
     """Check a cache against itself: done videos' arrays readable, finite and of the right shapes, statuses
     that agree with the data, checksums recorded at write time. Exit code 1 if anything is wrong."""
-    from .cache.verify import verify
-    report = verify(cache, repair=repair)
+    report = verify(config)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        _echo_json(report.to_dict())
     else:
         for problem in report.problems:
             click.echo(f"problem: {problem.line()}")

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from evl_cache.cache.dataset import CacheDataset, CacheLoader, EpochBatches, FeatureSelection
 from evl_cache.cache.store import DONE, PENDING, CacheLayout, FeatureStore

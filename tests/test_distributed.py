@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from evl_cache.cache.dataset import CacheDataset, CacheLoader, select_features, usable_videos
 from evl_cache.cache.store import DONE, PENDING, FeatureStore
-from evl_cache.cache.verify import verify
+from evl_cache.cache.verify import VerifyConfig, verify
 from evl_cache.cli import main
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -145,7 +145,7 @@ def test_two_process_hdf5_extraction_is_one_cache_of_two_part_files(sample_video
             rows = slice(2 * s, 2 * s + 2)
             written = (part.column("status", rows) != PENDING).any() or part.array("embed")[rows].any()
             assert written == (s % 2 == 1), s
-    assert verify(out).ok
+    assert verify(VerifyConfig(out)).ok
     # the loader reads each video from its part file: the batches of the one-file cache
     with FeatureStore(out) as store:
         attrs, videos = store.attrs, usable_videos(store, ("train", "val"))

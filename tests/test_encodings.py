@@ -12,10 +12,11 @@ from evl_cache.cache.dataset import CacheDataset, CacheLoader, model_inputs, sel
 from evl_cache.cache.encodings import ENCODINGS, as_stored, decode, encode, encoding
 from evl_cache.cache.extract import ExtractConfig, extract
 from evl_cache.cache.store import FeatureStore, disk_usage
-from evl_cache.cache.verify import verify
+from evl_cache.cache.verify import VerifyConfig, verify
 from evl_cache.cache.zarr_shards import sharded_reader
-from evl_cache.decoder.evaluate import EvalConfig, build_model, evaluate, load_run, predict_views
+from evl_cache.decoder.evaluate import EvalConfig, evaluate
 from evl_cache.decoder.metrics import average_views
+from evl_cache.decoder.run import build_model, load_run, predict_views
 from evl_cache.decoder.train import TrainConfig, train
 from evl_cache.errors import CacheError
 
@@ -146,7 +147,7 @@ def test_each_storage_decodes_to_the_backbone_features(caches, storage):
                 continue
             allowed = _bound(name, want, signed) * 1.01 + want.abs() * 2.0**-10 + 1e-6
             assert ((got.float() - want).abs() <= allowed).all(), (storage, key, i)
-    assert verify(caches[storage]).ok
+    assert verify(VerifyConfig(caches[storage])).ok
     with FeatureStore(caches[storage]) as store:
         assert store.attrs["storage"] == {"encoding": name, "compress": compress or "none"}
         assert store.array("tokens/block_3").dtype == encoding(name).signed_dtype

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from evl_cache.cli import main
-from evl_cache.decoder.evl_checkpoints import ImportConfig, export_evl, import_evl
+from evl_cache.decoder.evl_checkpoints import ExportConfig, ImportConfig, export_evl, import_evl
 from evl_cache.decoder.model import DecoderConfig, EVLModel
 from evl_cache.errors import CheckpointError
 
@@ -41,7 +41,7 @@ def test_import_reads_the_decoder_shape_and_export_round_trips(tmp_path, classes
     weights = load_file(run / "best.safetensors")
     for key, value in state.items():
         assert torch.equal(weights[key[len("module."):]], value)
-    export_evl(run, tmp_path / "back.pth")
+    export_evl(ExportConfig(run, tmp_path / "back.pth"))
     back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)

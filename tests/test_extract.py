@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from evl_cache.cache.extract import ExtractConfig, extract
 from evl_cache.cache.store import DONE, FAILED, PENDING, FeatureStore
-from evl_cache.cache.verify import verify
+from evl_cache.cache.verify import VerifyConfig, verify
 from evl_cache.cli import main
 from evl_cache.decoder.train import TrainConfig, train
 from evl_cache.errors import CacheError, DatasetError
@@ -194,11 +194,11 @@ def test_full_disk_stops_cleanly_and_resumes(sample_videos, tmp_path, monkeypatc
     with FeatureStore(out) as store:
         status = store.column("status")
     assert (status[:6] == DONE).all() and (status[6:] == PENDING).all()
-    assert verify(out).ok  # what was written before the disk filled up is whole
+    assert verify(VerifyConfig(out)).ok  # what was written before the disk filled up is whole
     monkeypatch.setattr(FeatureStore, "write_block", original)
     summary = extract(ExtractConfig(out=out, videos=sample_videos, **TINY))
     assert summary.skipped == 6 and summary.done == summary.videos - 6
-    assert verify(out).ok
+    assert verify(VerifyConfig(out)).ok
 
 
 def test_options_from_a_toml_file(sample_videos, tmp_path):
@@ -256,7 +256,7 @@ def test_spatial_views_and_vifi_sampling_equal_the_crops_computed_directly(sampl
             expected = clip.encode_image(pixels).view(len(crops), 4, -1).numpy()
         np.testing.assert_allclose(embed[index, :len(crops)], expected, rtol=2e-3, atol=2e-3)
         assert not embed[index, len(crops):].any()
-    assert verify(out).ok
+    assert verify(VerifyConfig(out)).ok
     text = CliRunner().invoke(main, ["info", str(out)]).output
     assert "vifi 4 frames" in text and "2 x 3 spatial eval views" in text
     assert "three crops of 32, mean 0.485,0.456,0.406, std 0.229,0.224,0.225" in text
@@ -298,6 +298,6 @@ def test_embeddings_only_cache(sample_videos, tmp_path):
         assert not store.has("tokens/block_3") and not store.has("maps/block_3/prev")
         np.testing.assert_array_equal(np.asarray(store.array("embed")[...]), np.asarray(full.array("embed")[...]))
         assert full.attrs["stored"] == ["tokens", "maps", "embed"]
-    assert verify(out).ok
+    assert verify(VerifyConfig(out)).ok
     with pytest.raises(CacheError, match="--layers 4 needs 4 cached blocks; the cache holds 0"):
         train(TrainConfig(features=out, out=tmp_path / "run", workers=0))

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from evl_cache.cache.extract import ExtractConfig, extract
 from evl_cache.cache.store import DONE, FAILED, FeatureStore
-from evl_cache.cache.verify import verify
+from evl_cache.cache.verify import VerifyConfig, verify
 from evl_cache.cli import main
 from evl_cache.errors import CacheError
 from evl_cache.video.synthetic import moving_shape_frames, write_named_pipe, write_video
@@ -68,7 +68,7 @@ def test_spaces_and_non_ascii_names(hostile):
     assert (status, error, frames, views) == (DONE, "", 20, 2)
     result = CliRunner().invoke(main, ["info", str(hostile["out"]), "--failed"])
     assert result.exit_code == 0 and "named pipe.mp4: decoding took longer than 1 s" in result.output
-    assert verify(hostile["out"]).ok
+    assert verify(VerifyConfig(hostile["out"])).ok
 
 
 def test_huge_and_one_pixel_frames(hostile):

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from evl_cache.cache.encodings import ENCODINGS
 from evl_cache.cache.extract import ExtractConfig, extract
-from evl_cache.cache.plan import format_plan, plan_cache
+from evl_cache.cache.plan import format_plan, plan
 from evl_cache.cli import main
 
 TINY = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, blocks=2, workers=0)
@@ -25,15 +25,15 @@ def _feature_files(cache: Path) -> int:
 def test_planned_bytes_are_the_bytes_written(sample_videos, tmp_path, encoding):
     # 3 training views and 2 evaluation views per video, shards of 5 (the last one partial)
     config = ExtractConfig(out=tmp_path / "c.zarr", videos=sample_videos, storage=encoding, train_views=3,
-                           eval_views=2, shard_size=5, randaugment=False, **TINY)
-    plan = plan_cache(config, probe_mb=1)
+                           eval_views=2, shard_size=5, randaugment=False, probe_mb=1, **TINY)
+    cache_plan = plan(config)
     extract(config)
-    assert plan.total_bytes[encoding] == _feature_files(config.out)
-    assert plan.videos == {"train": 12, "val": 8} and plan.views == {"train": 36, "val": 16}
-    assert plan.epoch_read_bytes[encoding] == 12 * plan.read_per_view[encoding]
-    assert plan.probe is not None and plan.probe.cold_bytes_per_s > 0 and plan.probe.warm_bytes_per_s > 0
+    assert cache_plan.total_bytes[encoding] == _feature_files(config.out)
+    assert cache_plan.videos == {"train": 12, "val": 8} and cache_plan.views == {"train": 36, "val": 16}
+    assert cache_plan.epoch_read_bytes[encoding] == 12 * cache_plan.read_per_view[encoding]
+    assert cache_plan.probe is not None and cache_plan.probe.cold_bytes_per_s > 0 and cache_plan.probe.warm_bytes_per_s > 0
     assert not list(tmp_path.glob(".evl-cache-probe-*"))  # the probe file is gone
-    text = format_plan(plan)
+    text = format_plan(cache_plan)
     assert f"{encoding} (chosen)" in text and "disk probe" in text
 
 

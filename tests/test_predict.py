@@ -15,17 +15,10 @@ from evl_cache.cache.dataset import CacheDataset, CacheLoader, select_features, 
 from evl_cache.cache.extract import ExtractConfig, extract
 from evl_cache.cache.store import FeatureStore
 from evl_cache.cli import main
-from evl_cache.decoder.evaluate import (
-    EvalConfig,
-    build_model,
-    evaluate,
-    load_run,
-    load_weights,
-    predict_views,
-    run_selection,
-)
+from evl_cache.decoder.evaluate import EvalConfig, evaluate
 from evl_cache.decoder.evl_checkpoints import ImportConfig, import_evl
 from evl_cache.decoder.metrics import average_views
+from evl_cache.decoder.run import build_model, load_run, load_weights, predict_views, run_selection
 from evl_cache.decoder.train import TrainConfig, train
 from evl_cache.errors import CacheError
 from evl_cache.towers.backbone import load_clip

@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from evl_cache.apps.results import read_run
-from evl_cache.apps.study import load_study, run_study
+from evl_cache.apps.study import StudyConfig, load_study, run_study
 from evl_cache.cli import main
 from evl_cache.errors import EvlCacheError
 
@@ -58,7 +58,7 @@ def test_study_runs_resumes_and_reports(recipe, tmp_path):
     result = runner.invoke(main, ["run", str(recipe), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "sample videos will be made" in result.stdout and "run full: will train" in result.stdout
-    rows = run_study(load_study(recipe), only=["full"])  # a partly finished study
+    rows = run_study(StudyConfig(recipe, only=["full"]))  # a partly finished study
     assert [r.status for r in rows] == ["finished", "missing", "missing", "missing"]
     dry = runner.invoke(main, ["run", str(recipe), "--dry-run"]).stdout
     assert "feats.zarr complete" in dry and "GB of features" in dry

@@ -15,18 +15,10 @@ from evl_cache.cache.dataset import CacheDataset, CacheLoader
 from evl_cache.cache.extract import ExtractConfig, extract
 from evl_cache.cache.store import FeatureStore
 from evl_cache.cli import main
-from evl_cache.decoder.evaluate import (
-    EvalConfig,
-    build_model,
-    evaluate,
-    harmonic_mean,
-    load_run,
-    load_weights,
-    predict_views,
-    run_selection,
-)
-from evl_cache.decoder.evl_checkpoints import export_evl
+from evl_cache.decoder.evaluate import EvalConfig, evaluate
+from evl_cache.decoder.evl_checkpoints import ExportConfig, export_evl
 from evl_cache.decoder.metrics import average_views
+from evl_cache.decoder.run import build_model, harmonic_mean, load_run, load_weights, predict_views, run_selection
 from evl_cache.decoder.train import TrainConfig, train
 from evl_cache.errors import CheckpointError, EvlCacheError
 from evl_cache.towers.backbone import load_clip
@@ -171,7 +163,7 @@ def test_clip_text_run_scores_class_names_it_never_saw(cache, tmp_path):
     assert len(predict(PredictConfig(videos=[str(path)], run=run, classes=write(tmp_path / "3.txt", "a\nb\nc\n")))[0]
                .probabilities) == 3
     with pytest.raises(CheckpointError, match="authors' format cannot hold it"):
-        export_evl(run, tmp_path / "x.pth")
+        export_evl(ExportConfig(run, tmp_path / "x.pth"))
 
 
 def test_linear_runs_refuse_text_options_and_class_lists(cache, tmp_path):

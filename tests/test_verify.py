@@ -15,8 +15,9 @@ from sigkill import kill_at_random_points, time_work
 import evl_cache.cache.extract as extract_module
 from evl_cache.cache.extract import ExtractConfig, extract
 from evl_cache.cache.store import FAILED, PENDING, VIDEO_COLUMNS, FeatureStore
-from evl_cache.cache.verify import verify
+from evl_cache.cache.verify import VerifyConfig, verify
 from evl_cache.cli import main
+from evl_cache.errors import CacheError
 
 OPTIONS = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, blocks=2, workers=0, shard_size=2,
                train_views=2, eval_views=2)
@@ -95,7 +96,7 @@ def _damage_chunk_on_disk(cache: Path, name: str, video: int, view: int) -> None
 
 def test_verify_accepts_a_fresh_cache(reference):
     ref, _ = reference
-    report = verify(ref)
+    report = verify(VerifyConfig(ref))
     assert report.ok and report.checksums and report.checked == report.videos == 8
     result = CliRunner().invoke(main, ["verify", str(ref)])
     assert result.exit_code == 0 and "; ok" in result.output, result.output
@@ -109,7 +110,7 @@ def test_damaged_video_is_found_repaired_and_redone_alone(reference, dataset, tm
     _damage_chunk_on_disk(out, "tokens/block_3", damaged, view=1)
     path = str(_arrays(out)["videos/path"][damaged])
 
-    report = verify(out)
+    report = verify(VerifyConfig(out))
     assert report.broken_videos == [damaged]
     assert [p.reason.split(" ")[0] for p in report.problems] == ["checksum"]
     result = CliRunner().invoke(main, ["verify", str(out)])
@@ -121,7 +122,7 @@ def test_damaged_video_is_found_repaired_and_redone_alone(reference, dataset, tm
     assert json.loads(result.stdout)["repaired"] == [damaged]
     with FeatureStore(out) as store:
         assert store.column("status")[damaged] == PENDING and store.column("error")[damaged] == ""
-    assert verify(out).ok  # a pending video is work to do, not a problem
+    assert verify(VerifyConfig(out)).ok  # a pending video is work to do, not a problem
     before = _arrays(out)
 
     decoded = []
@@ -133,17 +134,17 @@ def test_damaged_video_is_found_repaired_and_redone_alone(reference, dataset, tm
     after = _arrays(out)
     _assert_same(after, before, skip_video=damaged)  # the others' data and rows were kept as they were
     _assert_same(after, _arrays(ref))  # and the cache is the uninterrupted run's
-    assert verify(out).ok
+    assert verify(VerifyConfig(out)).ok
 
 
 def test_hdf5_nan_written_behind_the_checksum(reference, dataset, tmp_path):
     ref, _ = reference
     out = tmp_path / "work.h5"
     extract(ExtractConfig(out=out, **dataset, **OPTIONS))
-    assert verify(out).ok
+    assert verify(VerifyConfig(out)).ok
     with FeatureStore(out, mode="r+") as store:
         store.array("embed")[6, 1, 2, :3] = np.nan
-    report = verify(out, repair=True)
+    report = verify(VerifyConfig(out, repair=True))
     assert report.broken_videos == [6] and report.repaired == [6]
     reasons = [p.reason for p in report.problems]
     assert len(reasons) == 2 and reasons[0] == "embed holds NaN or infinite values"
@@ -151,7 +152,7 @@ def test_hdf5_nan_written_behind_the_checksum(reference, dataset, tmp_path):
     summary = extract(ExtractConfig(out=out, **dataset, **OPTIONS))
     assert (summary.done, summary.skipped) == (1, 7)
     _assert_same(_arrays(out), _arrays(ref))
-    assert verify(out).ok
+    assert verify(VerifyConfig(out)).ok
 
 
 def test_statuses_that_disagree_with_the_rows(reference, dataset, tmp_path):
@@ -167,7 +168,7 @@ def test_statuses_that_disagree_with_the_rows(reference, dataset, tmp_path):
         store.write_rows("status", 4, np.array([7], np.uint8))
         store.write_rows("error", 5, np.array(["oops"], dtype=object))  # done with an error
         store.array("embed")[6, 0] = 0  # a done video with an empty view
-    report = verify(out)
+    report = verify(VerifyConfig(out))
     by_video = {}
     for problem in report.problems:
         by_video.setdefault(problem.index, []).append(problem.reason)
@@ -178,7 +179,7 @@ def test_statuses_that_disagree_with_the_rows(reference, dataset, tmp_path):
     assert "none of 0 (pending), 1 (done), 2 (failed)" in by_video[4][0]
     assert by_video[5] == ["done, but has an error: oops"]
     assert by_video[6][0] == "embed holds no data in view 0 of 2" and "checksum" in by_video[6][1]
-    assert verify(out, repair=True).repaired == [1, 2, 3, 4, 5, 6]
+    assert verify(VerifyConfig(out, repair=True)).repaired == [1, 2, 3, 4, 5, 6]
     summary = extract(ExtractConfig(out=out, **dataset, **OPTIONS))
     assert (summary.done, summary.skipped) == (6, 2)
     _assert_same(_arrays(out), _arrays(ref))
@@ -189,7 +190,7 @@ def test_missing_array_is_a_problem_of_the_cache(reference, tmp_path):
     out = tmp_path / "work.zarr"
     shutil.copytree(ref, out)
     shutil.rmtree(out / "maps" / "block_2" / "prev")
-    report = verify(out, repair=True)
+    report = verify(VerifyConfig(out, repair=True))
     assert [(p.index, p.reason) for p in report.problems] == [(-1, "array maps/block_2/prev is missing")]
     assert report.repaired == [] and report.checked == 8
     result = CliRunner().invoke(main, ["verify", str(out)])
@@ -218,25 +219,34 @@ def test_random_kills_resume_to_the_same_cache(reference, dataset, tmp_path):
         summary = extract(ExtractConfig(out=out, **dataset, **OPTIONS))
         assert summary.done + summary.skipped == 8, (seed, summary.line())
         _assert_same(_arrays(out), expected)
-        report = verify(out)
+        report = verify(VerifyConfig(out))
         assert report.ok, (seed, [p.line() for p in report.problems])
         assert not list(out.rglob("*.partial")), seed
         assert sorted(p.name for p in out.parent.iterdir()) == ["cache.zarr", "cache.zarr.extract.jsonl"]
 
 
+@pytest.mark.parametrize("stopped_in", ["set_attrs", "_create_arrays"])
 def test_a_run_stopped_while_creating_the_cache_leaves_no_half_made_cache(reference, dataset, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, stopped_in):
     ref, _ = reference
     out = tmp_path / "new.zarr"
 
-    def stop(self, attrs):  # as a SIGKILL would, just before the description is written
+    def stop(*args):  # as a SIGKILL would, before the description (or the arrays) are written
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(FeatureStore, "set_attrs", stop)
+        patch.setattr(FeatureStore, stopped_in, stop)
         with pytest.raises(KeyboardInterrupt):
             extract(ExtractConfig(out=out, **dataset, **OPTIONS))
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [".new.zarr.creating.zarr"]
     summary = extract(ExtractConfig(out=out, **dataset, **OPTIONS))
     assert summary.done == 8 and sorted(p.name for p in tmp_path.iterdir()) == ["new.zarr", "new.zarr.extract.jsonl"]
     _assert_same(_arrays(out), _arrays(ref))
+
+
+def test_a_foreign_store_in_the_way_of_creating_is_left_alone(dataset, tmp_path):
+    import zarr
+    zarr.open_group(str(tmp_path / ".new.zarr.creating.zarr"), mode="w").attrs["owner"] = "someone else"
+    with pytest.raises(CacheError, match="in the way of creating new.zarr"):
+        extract(ExtractConfig(out=tmp_path / "new.zarr", **dataset, **OPTIONS))
+    assert (tmp_path / ".new.zarr.creating.zarr" / "zarr.json").exists()

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from ..cache.dataset import FeatureSelection
 from ..cache.encodings import as_stored, encoding
 from ..cache.store import cache_storage
-from ..config import option
-from ..decoder.evaluate import build_model, load_run, load_weights, run_class_names, run_head
+from ..config import option, shared
+from ..decoder.run import build_model, load_run, load_weights, run_class_names, run_head
 from ..errors import CheckpointError, EvlCacheError
 from ..runtime import resolve_device
 from ..towers.backbone import FrozenBackbone, load_clip
@@ -30,17 +30,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class PredictConfig:
     """Options of `evl-cache predict`."""
-    videos: list[str] = option([], "video files, folders of videos, or list files", cli=False)
+    videos: list[str] = option([], "video files, folders of videos, or list files", argument=True)
     run: Path = option(None, "run folder (trained, or imported with import-evl)")
     topk: int = option(5, "classes to show per video")
-    weights: str = option("best", "which weights of the run: best or last", choices=("best", "last"))
+    weights: str = shared("weights")
     pretrained: str | None = option(None, "backbone weights file to use instead of the run's tag/file "
                                           "(must have the run's sha256)")
-    device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
+    device: str = shared("device")
     classes: Path | None = option(None, "class names to score against, one per line (text and clip-text runs) "
                                         "[default: the run's own]")
-    decode_timeout: float = option(120.0, "seconds one video may take to decode; a slower (or hanging) one gets "
-                                          "an error and the others are still predicted (0: no limit)")
+    decode_timeout: float = shared("decode_timeout")
 
 
 @dataclass
@@ -114,6 +113,8 @@ class OnlineModel:
     def predict(self, path: str | Path, timeout: float | None = None) -> Prediction:
         """Views of the video per the run's sampling; softmax and logits averaged over them. A video
         that takes longer than `timeout` seconds to decode gets an error (as in extraction)."""
+        if "://" in str(path):
+            return Prediction(str(path), error="URLs are not read: download the video and pass the file")
         clips = read_video_clips(path, "val", 0, self.clip_spec, timeout)
         if clips.clips is None:
             return Prediction(str(path), error=clips.error)
@@ -133,7 +134,8 @@ def predicted_class_names(config: PredictConfig) -> list[str]:
 
 
 def predict(config: PredictConfig) -> list[Prediction]:
-    """Predictions for every video named by `config.videos`; bad videos carry their error."""
+    """Predictions for every video named by `config.videos`; a video that fails carries its error (the
+    command exits 1 only when every video failed)."""
     if config.run is None:
         raise EvlCacheError("--run is required")
     if config.decode_timeout < 0:
@@ -146,6 +148,4 @@ def predict(config: PredictConfig) -> list[Prediction]:
         if prediction.error:
             log.warning("failed: %s: %s", path, prediction.error)
         predictions.append(prediction)
-    if predictions and all(p.error for p in predictions):
-        raise EvlCacheError(f"no video could be predicted ({len(predictions)} failed)")
     return predictions

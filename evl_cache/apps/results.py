@@ -13,8 +13,18 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from ..config import option
+from ..decoder.train import RESUMABLE_CHANGES
+from ..errors import EvlCacheError
+
 # Options that do not change what a run learns: never shown as a difference.
-NOT_DIFFERENCES = {"features", "out", "resume", "overwrite", "workers", "device", "in_memory"}
+NOT_DIFFERENCES = {"features", "out"} | RESUMABLE_CHANGES
+
+
+@dataclass
+class CompareConfig:
+    """Options of `evl-cache compare`."""
+    runs: list[Path] = option([], "run folders", argument=True)
 
 
 @dataclass
@@ -108,3 +118,10 @@ def write_results(out: Path, rows: list[RunRow]) -> None:
     fig.tight_layout()
     fig.savefig(out / "results.png", dpi=100)
     plt.close(fig)
+
+
+def compare(config: CompareConfig) -> list[RunRow]:
+    """The results table's rows of finished (or unfinished) run folders, for `markdown_table`."""
+    if not config.runs:
+        raise EvlCacheError("give one or more run folders")
+    return [read_run(run) for run in config.runs]

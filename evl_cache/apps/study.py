@@ -14,16 +14,18 @@ run that fails is reported in the table with its error and the others go on. Res
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache.extract import ExtractConfig, extract
-from ..cache.plan import plan_cache
+from ..cache.extract import extract
+from ..cache.options import ExtractConfig
+from ..cache.plan import plan
 from ..cache.store import PENDING, FeatureStore
-from ..config import build_config, load_toml, to_dict
+from ..config import build_config, load_toml, option, to_dict
 from ..decoder.train import RESUMABLE_CHANGES, TrainConfig, train
 from ..errors import EvlCacheError
 from ..video.synthetic import make_sample_dataset
@@ -101,7 +103,7 @@ def _run_state(config: TrainConfig) -> str:
     return "finished" if read_run(config.out).status == "finished" else "partial"
 
 
-def plan(study: Study) -> str:
+def describe(study: Study) -> str:
     """What `run` would do, the cache size it needs, and what exists already (nothing is run)."""
     lines = [f"study {study.name}: {len(study.runs)} runs in {study.out}"]
     for config in study.caches.values():
@@ -112,7 +114,7 @@ def plan(study: Study) -> str:
             lines.append(f"extract: {cache} will be written")
             continue
         try:
-            cache_plan = plan_cache(config, probe_mb=0)
+            cache_plan = plan(dataclasses.replace(config, probe_mb=0))
         except EvlCacheError as error:
             lines.append(f"extract: {cache} cannot be planned: {error}")
             continue
@@ -129,12 +131,40 @@ def plan(study: Study) -> str:
     return "\n".join(lines)
 
 
-def run_study(study: Study, only: list[str] | None = None) -> list[RunRow]:
+@dataclass
+class StudyConfig:
+    """Options of `evl-cache run`."""
+    recipe: Path = option(None, "the study recipe (a TOML file)", argument=True)
+    only: list[str] = option([], "run only this named run (repeatable)")
+    dry_run: bool = option(False, "print what would run, the cache size it needs and what exists; run nothing")
+
+
+def run_study(config: StudyConfig) -> list[RunRow] | str:
+    """Run the recipe's study (returns the results table's rows), or with `dry_run` describe it."""
+    if config.recipe is None:
+        raise EvlCacheError("a recipe file is required")
+    study = load_study(config.recipe)
+    return describe(study) if config.dry_run else run(study, config.only or None)
+
+
+RESULT_FILES = ("results.md", "results.csv", "results.png")
+
+
+def _check_study_folder(out: Path) -> None:
+    """Refuse to write results over files that are not a study's: results files without runs/ beside."""
+    found = [name for name in RESULT_FILES if (out / name).exists()]
+    if found and not (out / "runs").is_dir():
+        raise EvlCacheError(f"holds {found[0]} but no runs/ folder: not a study folder, and its files would be "
+                            f"replaced; set [study] out to another folder", out)
+
+
+def run(study: Study, only: list[str] | None = None) -> list[RunRow]:
     """Extract once, then train and evaluate each run; returns the table rows (also written to files)."""
     names = list(study.runs) if not only else only
     missing = [n for n in names if n not in study.runs]
     if missing:
         raise EvlCacheError(f"no run named {', '.join(missing)} (runs: {', '.join(study.runs)})")
+    _check_study_folder(study.out)
     for cache_name in dict.fromkeys(study.run_cache[name] for name in names):
         config = study.caches[cache_name]
         if study.sample_videos and config.videos is not None and not Path(config.videos).exists():

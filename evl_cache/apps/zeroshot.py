@@ -19,10 +19,10 @@ import numpy as np
 
 from ..cache.dataset import CacheDataset, CacheLoader, class_label_map, select_embeddings, usable_videos
 from ..cache.store import FeatureStore
-from ..config import option
-from ..decoder.evaluate import predict_views
+from ..config import option, shared
 from ..decoder.metrics import average_views, classification_metrics
 from ..decoder.model import TextHeadModel
+from ..decoder.run import predict_views
 from ..errors import EvlCacheError
 from ..runtime import resolve_device
 from ..towers.text import BARE_NAME, ClassPrompts, load_text_tower, read_templates
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class ZeroShotConfig:
     """Options of `evl-cache zeroshot`."""
     features: Path = option(None, "the cache (*.zarr or *.h5)")
-    split: str = option("val", "which videos of the cache: val, test, train, none or all")
+    split: str = shared("split")
     templates: Path | None = option(None, "prompt templates, one per line with {} for the class name; several "
                                           "are averaged in embedding space [default: the bare class name]")
     classes: Path | None = option(None, "class names for the prompts: one per cache class in the cache's order "
@@ -46,7 +46,7 @@ class ZeroShotConfig:
                                           "(must have the cache's sha256)")
     batch_size: int = option(256, "clip views per batch")
     workers: int = option(2, "threads that read the cache ahead (0: read in the scoring loop)")
-    device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
+    device: str = shared("device")
 
 
 def class_prompts(attrs: dict, names: list[str], templates: Path | None, pretrained: str | None) -> ClassPrompts:

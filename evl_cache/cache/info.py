@@ -2,13 +2,26 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import option
+from ..errors import EvlCacheError
 from .store import STATUS_NAMES, FeatureStore, cache_storage
 
 
-def cache_info(path: str | Path, failed: bool = False) -> dict:
-    """A JSON-ready description of the cache at `path` (with the failed videos' reasons if asked)."""
+@dataclass
+class InfoConfig:
+    """Options of `evl-cache info`."""
+    cache: Path = option(None, "the cache: a *.zarr or *.h5 path, or an fsspec URL", argument=True)
+    failed: bool = option(False, "list the failed videos with their reasons")
+
+
+def info(config: InfoConfig) -> dict:
+    """A JSON-ready description of the cache (with the failed videos' reasons if asked)."""
+    path, failed = config.cache, config.failed
+    if path is None:
+        raise EvlCacheError("a cache path is required")
     with FeatureStore(path) as store:
         attrs = store.check_version()
         status = store.column("status")
@@ -51,7 +64,7 @@ def _storage_line(storage: dict) -> str:
 
 
 def format_info(info: dict) -> str:
-    """The plain-text form of `cache_info`."""
+    """The plain-text form of `info`."""
     backbone = info["backbone"]
     sampling, preprocessing = info["sampling"], info["preprocessing"]
     crops = 3 if preprocessing.get("crop") == "three" else 1

@@ -23,6 +23,7 @@ from ..errors import EvlCacheError
 from ..runtime import memory_available
 from ..towers.backbone import model_geometry
 from .encodings import ENCODINGS
+from .options import ExtractConfig, cache_layout, clip_spec_of, dataset_of, validate
 from .store import CacheLayout, is_url
 
 INDEX_BYTES_PER_CHUNK, INDEX_CHECKSUM_BYTES = 16, 4  # a shard index: (offset, length) uint64 per chunk, CRC-32C
@@ -58,12 +59,10 @@ class CachePlan:
         return dataclasses.asdict(self)
 
 
-def plan_cache(config, probe_mb: float = 256) -> CachePlan:
-    """The plan of the cache `config` (an ExtractConfig) describes; `probe_mb` 0 skips the disk probe."""
-    from ..video.find import find_videos
-    from .extract import cache_layout, clip_spec_of
-
-    dataset = find_videos(config.videos, config.train_list, config.val_list, config.data_root, config.classes)
+def plan(config: ExtractConfig) -> CachePlan:
+    """The plan of the cache `config` describes (`config.probe_mb` 0 skips the disk probe)."""
+    validate(config)
+    dataset = dataset_of(config)
     geometry = model_geometry(config.model, config.size)
     clip_spec = clip_spec_of(config, geometry["image_size"])
     own_views = np.array([clip_spec.views(e.split) for e in dataset.entries])
@@ -71,26 +70,26 @@ def plan_cache(config, probe_mb: float = 256) -> CachePlan:
     layouts = {name: dataclasses.replace(
         cache_layout(config, dataset, geometry["width"], geometry["layers"], geometry["patch_grid"],
                      geometry["embed_dim"]), encoding=name, compress="none") for name in ENCODINGS}
-    plan = CachePlan(videos={}, views={}, bytes_per_view={}, read_per_view={}, split_bytes={}, total_bytes={},
-                     epoch_read_bytes={}, shapes=_shapes(layouts["fp16"]), chosen=config.storage, probe=None,
-                     memory_available=memory_available())
+    result = CachePlan(videos={}, views={}, bytes_per_view={}, read_per_view={}, split_bytes={}, total_bytes={},
+                       epoch_read_bytes={}, shapes=_shapes(layouts["fp16"]), chosen=config.storage, probe=None,
+                       memory_available=memory_available())
     for split in sorted(set(splits)):
-        plan.videos[split] = int((splits == split).sum())
-        plan.views[split] = int(own_views[splits == split].sum())
+        result.videos[split] = int((splits == split).sum())
+        result.views[split] = int(own_views[splits == split].sum())
     for name, layout in layouts.items():
         arrays = layout.feature_arrays()
         view_bytes = {array: dtype.itemsize * int(np.prod(chunk)) for array, (_, chunk, dtype) in arrays.items()}
-        plan.bytes_per_view[name] = sum(view_bytes.values())
+        per_view = result.bytes_per_view[name] = sum(view_bytes.values())
         # a decoder run reads every cached block and its maps; a cache of embeddings only, the embeddings
-        plan.read_per_view[name] = sum(b for array, b in view_bytes.items() if array != "embed") or view_bytes["embed"]
-        plan.split_bytes[name] = {split: views * plan.bytes_per_view[name] for split, views in plan.views.items()}
-        plan.total_bytes[name] = sum(plan.split_bytes[name].values()) + len(arrays) * _index_bytes(layout)
-        plan.epoch_read_bytes[name] = plan.videos.get("train", 0) * plan.read_per_view[name]
-    if probe_mb > 0:
+        read = result.read_per_view[name] = sum(b for a, b in view_bytes.items() if a != "embed") or view_bytes["embed"]
+        result.split_bytes[name] = {split: views * per_view for split, views in result.views.items()}
+        result.total_bytes[name] = sum(result.split_bytes[name].values()) + len(arrays) * _index_bytes(layout)
+        result.epoch_read_bytes[name] = result.videos.get("train", 0) * read
+    if config.probe_mb > 0:
         out = config.out
         folder = Path(".") if out is None or is_url(out) else Path(out).resolve().parent
-        plan.probe = probe_disk(folder, int(probe_mb * 2**20), plan.read_per_view[config.storage])
-    return plan
+        result.probe = probe_disk(folder, int(config.probe_mb * 2**20), result.read_per_view[config.storage])
+    return result
 
 
 def _index_bytes(layout: CacheLayout) -> int:

@@ -39,6 +39,7 @@ FORMAT_VERSION = 2  # 2: storage encodings and compression (`storage`); a versio
 READABLE_VERSIONS = (1, 2)
 ATTR = "evl_cache"
 PARTS_ATTR = "evl_cache_parts"  # in a joined HDF5 cache's main file: its part files, in part order
+PART_ATTR = "evl_cache_part"  # in each part file of a joined HDF5 cache: its main file and part number
 PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
 VIDEO_COLUMNS = ("path", "label", "split", "frames", "views", "status", "error", "checksum")
@@ -119,14 +120,14 @@ class FeatureStore:
         self.path = location(path)
         self.kind = store_kind(self.path)
         self.mode = mode
-        if mode == "r" and not store_exists(self.path):
+        if mode != "w" and not store_exists(self.path):
             raise CacheError("cache not found", self.path)
         self.part_files: list[Path] = []  # a joined HDF5 cache's parts
         self._parts: dict[int, FeatureStore] = {}
         try:
             if self.kind == "zarr":
                 import zarr
-                self._root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
+                self._root = zarr.open_group(str(self.path), mode=mode)  # r+ never creates a store
             else:
                 self._root = self._open_h5()
         except (OSError, ValueError) as error:
@@ -137,8 +138,8 @@ class FeatureStore:
     def _open_h5(self) -> Any:
         """The HDF5 file; a joined cache's main file is opened read-only (only its parts take writes)."""
         import h5py
-        if self.mode != "r" and not self.path.exists():
-            return h5py.File(self.path, "a")
+        if self.mode == "w":
+            return h5py.File(self.path, "w")
         root = h5py.File(self.path, "r")
         if PARTS_ATTR in root.attrs:
             self.part_files = [self.path.with_name(name) for name in json.loads(root.attrs[PARTS_ATTR])]
@@ -152,7 +153,7 @@ class FeatureStore:
         if self.mode == "r":
             return root
         root.close()
-        return h5py.File(self.path, "a")
+        return h5py.File(self.path, "r+")
 
     # -- creation -------------------------------------------------------------------------------
     @classmethod
@@ -171,17 +172,19 @@ class FeatureStore:
             raise CacheError("output folder is not writable", path.parent)
         building = _building_path(path)
         for stale in part_files_beside(path):  # left by a run killed while creating a joined cache
-            stale.unlink()
+            remove_store(stale)
+        attrs = {**attrs, "format_version": FORMAT_VERSION}
         if parts > 1 and store_kind(path) == "h5":
             part_files = [path.with_name(f"{path.stem}.part-{p}-of-{parts}{path.suffix}") for p in range(parts)]
-            for file in part_files:
+            for p, file in enumerate(part_files):
                 with cls(file, mode="w") as part:
+                    part._root.attrs[PART_ATTR] = json.dumps({"main": path.name, "part": p, "parts": parts})
                     part._create_arrays(layout, columns)
-            _write_join(building, layout, part_files, {**attrs, "format_version": FORMAT_VERSION})
+            _write_join(building, layout, part_files, attrs)
         else:
             store = cls(building, mode="w")
+            store.set_attrs(attrs)  # first: whatever a kill leaves is recognisably an evl-cache cache
             store._create_arrays(layout, columns)
-            store.set_attrs({**attrs, "format_version": FORMAT_VERSION})
             if building == path:
                 return store
             store.close()
@@ -355,7 +358,11 @@ def _building_path(path: str | Path) -> str | Path:
     if not isinstance(path, Path):
         return path
     building = path.with_name(f".{path.name}.creating{path.suffix}")
-    remove_store(building)  # left by a run killed while creating
+    if store_exists(building):  # left by a run killed while creating: a cache, or still an empty store
+        if foreign_content(building) is not None and not _empty_store(building):
+            raise CacheError(f"refusing to remove it: {foreign_content(building)}; it is in the way of creating "
+                             f"{path.name}", building)
+        remove_store(building, unfinished=True)
     return building
 
 
@@ -476,8 +483,75 @@ def disk_usage(path: str | Path) -> int:
     return total
 
 
-def remove_store(path: str | Path) -> None:
-    """Delete a cache (for --overwrite), a joined HDF5 cache with its parts."""
+def foreign_content(path: str | Path) -> str | None:
+    """What is at `path` if it is not an evl-cache cache, in words for a refusal; None for a cache (or a
+    part file of one) or for nothing at all. Only the description is read: nothing is created."""
+    if not store_exists(path):
+        return None
+    kind = Path(str(path).split("://")[-1]).suffix.lower()
+    if kind == ".zarr" or (not is_url(path) and Path(path).is_dir()):
+        return _foreign_zarr(path)
+    return _foreign_h5(Path(path))
+
+
+def _foreign_zarr(path: str | Path) -> str | None:
+    if is_url(path):
+        fs, inner = _filesystem(str(path))
+        if not fs.exists(f"{inner}/zarr.json"):
+            return "a location that is not a Zarr store"
+        meta = json.loads(fs.cat_file(f"{inner}/zarr.json"))
+    else:
+        folder = Path(path)
+        if not folder.is_dir():
+            return "a file, not a Zarr store (a folder)"
+        if not (folder / "zarr.json").is_file():
+            entries = sorted(p.name for p in folder.iterdir())
+            return (f"a folder holding {len(entries)} entries" + (f" (e.g. {entries[0]!r})" if entries else "")
+                    + ", not a Zarr store")
+        try:
+            meta = json.loads((folder / "zarr.json").read_text())
+        except (OSError, ValueError):
+            return "a Zarr store whose zarr.json cannot be read"
+    if ATTR not in meta.get("attributes", {}):
+        return "a Zarr store that evl-cache did not make (no 'evl_cache' attribute)"
+    return None
+
+
+def _foreign_h5(path: Path) -> str | None:
+    if path.is_dir():
+        return "a folder, not an HDF5 file"
+    try:
+        import h5py
+        with h5py.File(path, "r") as handle:
+            if ATTR in handle.attrs or PART_ATTR in handle.attrs:
+                return None
+            return "an HDF5 file that evl-cache did not make (no 'evl_cache' attribute)"
+    except OSError:
+        return "a file that is not HDF5"
+
+
+def _empty_store(path: Path) -> bool:
+    """A Zarr group or HDF5 file with no attributes and nothing in it: what a run killed at the very start
+    of creating a cache leaves."""
+    if path.is_dir():
+        entries = list(path.iterdir())
+        return [p.name for p in entries] == ["zarr.json"] and not json.loads(entries[0].read_text()).get("attributes")
+    try:
+        import h5py
+        with h5py.File(path, "r") as handle:
+            return not handle.attrs and not list(handle)
+    except OSError:
+        return False
+
+
+def remove_store(path: str | Path, unfinished: bool = False) -> None:
+    """Delete an evl-cache cache (for --overwrite), a joined HDF5 cache with its parts; anything that is
+    not recognisably one is refused, named in one line, and left as it is (`unfinished`: an empty store
+    a killed creation left is one too)."""
+    for target in [path] + [part for part in part_files_beside(path)]:
+        found = foreign_content(target)
+        if found is not None and not (unfinished and _empty_store(Path(target))):
+            raise CacheError(f"refusing to remove it: {found}; choose another --out", target)
     if is_url(path):
         fs, inner = _filesystem(str(path))
         fs.rm(inner, recursive=True)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CacheError
+from ..config import option
+from ..errors import CacheError, EvlCacheError
 from ..video.clips import ClipSpec
 from .store import DONE, FAILED, PENDING, STATUS_NAMES, CacheLayout, FeatureStore, cache_storage, video_checksum
 
@@ -202,8 +203,19 @@ def _check_data(store: FeatureStore, layout: CacheLayout, columns: dict[str, np.
     return problems, checked
 
 
-def verify(path: str | Path, repair: bool = False) -> VerifyReport:
-    """Check the cache at `path` against itself; with `repair`, mark the videos with problems pending."""
+@dataclass
+class VerifyConfig:
+    """Options of `evl-cache verify`."""
+    cache: Path = option(None, "the cache: a *.zarr or *.h5 path, or an fsspec URL", argument=True)
+    repair: bool = option(False, "mark the videos with problems pending, so that re-running the same extract "
+                                 "command redoes them (and only them)")
+
+
+def verify(config: VerifyConfig) -> VerifyReport:
+    """Check the cache against itself; with `repair`, mark the videos with problems pending."""
+    path, repair = config.cache, config.repair
+    if path is None:
+        raise EvlCacheError("a cache path is required")
     with FeatureStore(path) as store:
         attrs = store.check_version()
         layout = cache_layout_of(store, attrs)

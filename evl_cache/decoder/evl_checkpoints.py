@@ -18,15 +18,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cache.dataset import FeatureSelection
-from ..config import option
+from ..config import option, shared
 from ..errors import CheckpointError, EvlCacheError
 from ..runtime import library_versions
 from ..towers.backbone import load_clip, sha256_file
 from ..towers.checkpoint_files import DATA_PARALLEL_PREFIX, load_checkpoint, load_exactly, model_state
 from ..video.clips import ClipSpec
 from ..video.find import read_class_names
-from .evaluate import load_run
 from .model import DecoderConfig, EVLModel
+from .run import load_run
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class ImportConfig:
     """Options of `evl-cache import-evl`."""
-    checkpoint: Path = option(None, "the authors' checkpoint (.pth/.pt)", cli=False)
+    checkpoint: Path = option(None, "the authors' checkpoint (.pth/.pt)", argument=True)
     out: Path = option(None, "run folder to write")
     model: str = option("ViT-B-16", "open_clip model of the checkpoint's backbone")
     pretrained: str = option("openai", "the backbone's weights: open_clip tag or local file")
     classes: Path | None = option(None, "class names: the authors' JSON mapping or a plain list")
     frames: int | None = option(None, "frames per clip [default: from the checkpoint]")
-    stride: int = option(16, "frame stride of dense sampling")
-    eval_views: int = option(3, "temporal views per video at evaluation")
+    stride: int = shared("stride")
+    eval_views: int = shared("eval_views")
     heads: int | None = option(None, "decoder heads [default: the backbone's]")
     size: int | None = option(None, "input size [default: the model's own]")
 
@@ -130,8 +130,19 @@ def import_evl(config: ImportConfig) -> Path:
     return out
 
 
-def export_evl(run: str | Path, out: str | Path, weights: str = "best") -> Path:
+@dataclass
+class ExportConfig:
+    """Options of `evl-cache export-evl`."""
+    run: Path = option(None, "run folder to export", argument=True)
+    out: Path = option(None, "checkpoint file to write")
+    weights: str = shared("weights")
+
+
+def export_evl(config: ExportConfig) -> Path:
     """Write a run's weights as an authors' checkpoint (`{'model': {'module.' + name: tensor}}`)."""
+    run, out, weights = config.run, config.out, config.weights
+    if run is None or out is None:
+        raise EvlCacheError("a run folder and --out are required")
     head = (load_run(run).get("head") or {"kind": "linear"})["kind"]
     if head != "linear":
         raise CheckpointError(f"a {head} run has no EVL linear head: the authors' format cannot hold it", run)

@@ -1,9 +1,9 @@
 """Stage two: train the EVL decoder and head from the cache (evl-model.md sections 3, 4 and 6).
 
-`train(config)` reads top to bottom: open the cache, check it can serve the options, build the model,
-then for each epoch: train, evaluate, log, checkpoint. A killed run continues with `--resume` from its
-last finished epoch and reaches the same weights: the data order, the drawn views and the dropout
-generator all restart from the saved state.
+`train(config)` reads top to bottom: check the options and the run folder, open the cache and choose
+the videos, build the model, restore a killed run, then for each epoch: train, evaluate, checkpoint.
+A killed run continues with `--resume` from its last finished epoch and reaches the same weights: the
+data order, the drawn views and the dropout generator all restart from the saved state.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -28,6 +27,7 @@ from ..cache.dataset import (
     CacheDataset,
     CacheLoader,
     EpochBatches,
+    FeatureSelection,
     class_label_map,
     holdout_split,
     model_inputs,
@@ -36,15 +36,23 @@ from ..cache.dataset import (
     usable_videos,
 )
 from ..cache.store import FeatureStore, cache_fingerprint, cache_storage, is_url
-from ..config import option, to_dict
+from ..config import option, shared, to_dict
 from ..distributed import Process, barrier, gather_objects, init_process, on_main, raise_together, sum_across
 from ..errors import EvlCacheError
 from ..runtime import library_versions, memory_available, resolve_device
 from ..towers.text import BARE_NAME, read_templates
 from ..video.find import read_class_names
-from .evaluate import add_novel, build_model, load_weights, predict_views, saved_weights, write_evaluation
+from .checkpoints import (
+    atomic_save,
+    check_run_folder,
+    keep_finished_epochs,
+    latest_state,
+    prepare_run_folder,
+    save_checkpoint,
+)
 from .metrics import average_views, classification_metrics, plot_curves
 from .model import DecoderConfig, EVLModel
+from .run import add_novel, build_model, load_weights, predict_views, saved_weights, write_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +99,12 @@ class TrainConfig:
     label_smoothing: float = option(0.0, "cross-entropy label smoothing")
     val_fraction: float = option(0.1, "hold-out fraction when the cache has no validation split")
     seed: int = option(0, "seed of initialisation, data order, views and dropout")
-    device: str = option("auto", "cuda, cpu, or auto (cuda if available)")
+    device: str = shared("device")
     workers: int = option(2, "threads that read the cache ahead of training (0: read in the training loop)")
     in_memory: bool = option(False, "hold the selected features in RAM before the first epoch (one copy per node "
                                     "under torchrun); refused with the size it needs when it does not fit")
     resume: bool = option(False, "continue a killed run in --out from its last finished epoch")
-    overwrite: bool = option(False, "delete an existing run folder at --out first")
+    overwrite: bool = option(False, "replace an existing run folder at --out (only ever a run folder)")
 
 
 # Options that may change between a run and its resumption (they do not change the result).
@@ -121,6 +129,47 @@ class TrainSummary:
                 + f"; run in {self.run}")
 
 
+@dataclass
+class TrainingData:
+    """What a run reads from its cache: the cache's description, the head, the selection, the datasets."""
+    attrs: dict
+    fingerprint: str
+    head: dict
+    selection: FeatureSelection
+    train_set: CacheDataset
+    val_set: CacheDataset
+    novel_set: CacheDataset | None
+
+    @property
+    def datasets(self) -> list[CacheDataset]:
+        return [self.train_set, self.val_set] + ([self.novel_set] if self.novel_set is not None else [])
+
+
+@dataclass
+class Optimisation:
+    """The optimizer, the learning-rate schedule and the loss scaler, and the run's length in steps."""
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    micro_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+
+
+@dataclass
+class Evaluator:
+    """Evaluation on the validation videos (and, for base-to-novel, the novel classes' videos)."""
+    loader: CacheLoader
+    novel_loader: CacheLoader | None
+    head: dict
+    device: torch.device
+    use_amp: bool
+
+    def __call__(self, model: torch.nn.Module) -> dict:
+        return _evaluate(model, self.loader, self.novel_loader, self.head, self.device, self.use_amp)
+
+
 def cosine_lr(step: int, total: int, warmup: int) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine decay to zero over `total` steps."""
     if step < warmup:
@@ -129,115 +178,32 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _atomic_save(write, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _prepare_run_folder(config: TrainConfig, run_config: dict) -> None:
-    """Create the run folder, or check that a resumed one was started with the same options."""
-    out = Path(config.out)
-    if out.exists() and config.overwrite:
-        shutil.rmtree(out)
-    saved_config = out / "config.json"
-    if out.exists() and any(out.iterdir()) and not config.resume:
-        raise EvlCacheError("run folder exists; pass --resume to continue it or --overwrite to start again", out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
-    for stray in (*out.glob("*.partial"), *(out / "checkpoints").glob("*.partial")):  # a kill mid-write left it
-        shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
-    latest = out / "checkpoints" / "LATEST"
-    if latest.exists():  # a kill after LATEST moved on, before the older checkpoint was removed
-        _remove_checkpoints_but(out, latest.read_text().strip())
-    if config.resume and saved_config.exists():
-        old = json.loads(saved_config.read_text())
-        diffs = [f"{k}: run has {old['train'].get(k)!r}, asked for {v!r}"
-                 for k, v in run_config["train"].items()
-                 if k not in RESUMABLE_CHANGES and old["train"].get(k) != v]
-        if old.get("cache", {}).get("fingerprint") != run_config["cache"]["fingerprint"]:
-            diffs.append("the cache differs from the one the run started on")
-        if diffs:
-            raise EvlCacheError("cannot resume with different options (" + "; ".join(diffs) + ")", out)
-        return
-    _atomic_save(lambda p: p.write_text(json.dumps(run_config, indent=2)), saved_config)
-
-
-def _keep_finished_epochs(metrics_path: Path, last_epoch: int) -> None:
-    """Drop what a killed run wrote to metrics.jsonl after its last checkpointed epoch (the epochs a
-    resumed run redoes, a summary, a line the kill cut short), so that each epoch is there once."""
-    if not metrics_path.exists():
-        return
-    kept = []
-    for line in metrics_path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # only the last line can be cut short, and it is redone
-            continue
-        if record.get("event") == "epoch" and record["epoch"] <= last_epoch:
-            kept.append(line)
-    _atomic_save(lambda p: p.write_text("".join(line + "\n" for line in kept)), metrics_path)
-
-
-def _latest_state(out: Path) -> dict | None:
-    """The weights and training state of the last finished epoch, if any."""
-    latest = out / "checkpoints" / "LATEST"
-    if not latest.exists():
-        return None
-    state_dir = out / "checkpoints" / latest.read_text().strip()
-    return {"weights": load_file(state_dir / "weights.safetensors"),
-            **torch.load(state_dir / "state.pt", weights_only=False)}
-
-
-def _save_checkpoint(out: Path, model: EVLModel, state: dict) -> None:
-    """Write epoch E's weights and state to checkpoints/epoch_E and last.safetensors, then point LATEST
-    at it: the step that makes epoch E finished, so a kill before it redoes epoch E (and rewrites
-    every file of it) and a kill after it finds all of them written."""
-    name = f"epoch_{state['epoch']:04d}"
-    folder = out / "checkpoints" / name
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp = folder.with_name(name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    weights = saved_weights(model)
-    save_file(weights, tmp / "weights.safetensors")
-    torch.save(state, tmp / "state.pt")
-    os.replace(tmp, folder)
-    _atomic_save(lambda p: save_file(weights, p), out / "last.safetensors")
-    _atomic_save(lambda p: p.write_text(name), out / "checkpoints" / "LATEST")
-    _remove_checkpoints_but(out, name)
-
-
-def _remove_checkpoints_but(out: Path, name: str) -> None:
-    for old in (out / "checkpoints").glob("epoch_*"):
-        if old.name != name:
-            shutil.rmtree(old)
-
-
-def train(config: TrainConfig) -> TrainSummary:
-    """Train and evaluate the EVL decoder on a cache; see TrainConfig for the options."""
+def _check_options(config: TrainConfig, process: Process) -> None:
+    """Options that cannot work, refused before anything is read or written."""
     if config.features is None or config.out is None:
         raise EvlCacheError("--features and --out are required")
+    for name in ("epochs", "batch_size", "grad_accum", "frame_step"):
+        if getattr(config, name) < 1:
+            raise EvlCacheError(f"--{name.replace('_', '-')} must be at least 1")
     if config.batch_size % config.grad_accum:
         raise EvlCacheError(f"--batch-size {config.batch_size} does not divide by --grad-accum {config.grad_accum}")
-    process = init_process(resolve_device(config.device))
-    device = process.device(resolve_device(config.device))
-    torch.manual_seed(config.seed)
+    if (config.batch_size // config.grad_accum) % process.world_size:
+        raise EvlCacheError(f"--batch-size {config.batch_size} / --grad-accum {config.grad_accum} does not split "
+                            f"evenly over {process.world_size} processes")
 
-    # The cache: what it holds, which videos train and which evaluate.
+
+def open_training_data(config: TrainConfig) -> TrainingData:
+    """The cache's description, the run's head, and its train, validation (and novel) videos: the cache's
+    validation split, or a seeded per-class hold-out of `--val-fraction` when it has none."""
     with FeatureStore(config.features) as store:
         attrs = store.check_version()
-        train_videos = usable_videos(store, ("train",))
-        val_videos = usable_videos(store, ("val",))
+        train_videos, val_videos = usable_videos(store, ("train",)), usable_videos(store, ("val",))
         if len(val_videos) == 0:
             pool = usable_videos(store, ("train", "none"))
             train_videos, val_videos = holdout_split(pool, store.column("label")[pool], config.val_fraction,
                                                      config.seed)
             log.info("train: no validation split in the cache; holding out %d of %d videos (--val-fraction %s)",
                      len(val_videos), len(pool), config.val_fraction)
-        fingerprint = cache_fingerprint(attrs)
         cache_labels = store.column("label")
     head = _head_record(config, attrs["class_names"])
     train_videos, val_videos, novel_videos, label_map, novel_map = _videos_of_head(
@@ -249,172 +215,213 @@ def train(config: TrainConfig) -> TrainSummary:
     else:
         selection = select_features(attrs, config.layers, config.frames, config.frame_step,
                                     config.temporal_cross_attention)
-    backbone = attrs["backbone"]
-    decoder_config = DecoderConfig(
-        width=backbone["width"], grid=tuple(backbone["patch_grid"]), frames=selection.frames,
-        num_classes=len(head.get("class_names", attrs["class_names"])), layers=config.layers,
-        heads=config.heads or backbone["heads"],
-        qkv_dim=config.qkv_dim, mlp_factor=config.mlp_factor, mlp_dropout=config.mlp_dropout,
-        head_dropout=config.head_dropout, temporal_conv=config.temporal_conv,
-        temporal_pos_embed=config.temporal_pos_embed, temporal_cross_attention=config.temporal_cross_attention)
-    run_config = {
-        "train": to_dict(config), "head": head,
-        "decoder": None if config.head == "text" else asdict(decoder_config), "selection": asdict(selection),
-        "cache": {"path": str(config.features if is_url(config.features) else Path(config.features).resolve()),
-                  "fingerprint": fingerprint,
-                  "backbone": backbone, "blocks": attrs["blocks"], "sampling": attrs["sampling"],
-                  "preprocessing": attrs["preprocessing"], "class_names": attrs["class_names"],
-                  "storage": cache_storage(attrs)},
-        "videos": {"train": len(train_videos), "val": len(val_videos),
-                   **({"val_novel": len(novel_videos)} if len(novel_videos) else {})},
-        "versions": library_versions(),
-    }
     train_set = CacheDataset(config.features, train_videos, selection,
                              views="random" if config.train_views == "all" else "first",
                              seed=config.seed, label_map=label_map)
     val_set = CacheDataset(config.features, val_videos, selection, views="all", label_map=label_map)
     novel_set = CacheDataset(config.features, novel_videos, selection, views="all",
                              label_map=novel_map) if len(novel_videos) else None
-    datasets = [train_set, val_set] + ([novel_set] if novel_set else [])
-    shared_memory = _memory_for(process, datasets) if config.in_memory else None  # refused before any file is written
-    out = Path(config.out)
-    on_main(process, lambda: _prepare_run_folder(config, run_config))  # only the main process writes it
-    resumed = _latest_state(out) if config.resume else None
+    return TrainingData(attrs, cache_fingerprint(attrs), head, selection, train_set, val_set, novel_set)
 
-    # Model (the same initial weights in every process), optimizer, schedule.
-    model = build_model(run_config, pretrained=config.pretrained).to(device)
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if process.world_size > 1 else model
-    if process.rank:  # dropout draws its own masks in each process
-        torch.manual_seed(config.seed + 1_000_003 * process.rank)
+
+def run_record(config: TrainConfig, data: TrainingData) -> dict:
+    """The run's config.json: the options, the head, the decoder, the selection and the cache it reads."""
+    attrs, backbone = data.attrs, data.attrs["backbone"]
+    decoder = DecoderConfig(
+        width=backbone["width"], grid=tuple(backbone["patch_grid"]), frames=data.selection.frames,
+        num_classes=len(data.head.get("class_names", attrs["class_names"])), layers=config.layers,
+        heads=config.heads or backbone["heads"], qkv_dim=config.qkv_dim, mlp_factor=config.mlp_factor,
+        mlp_dropout=config.mlp_dropout, head_dropout=config.head_dropout, temporal_conv=config.temporal_conv,
+        temporal_pos_embed=config.temporal_pos_embed, temporal_cross_attention=config.temporal_cross_attention)
+    return {
+        "train": to_dict(config), "head": data.head,
+        "decoder": None if config.head == "text" else asdict(decoder), "selection": asdict(data.selection),
+        "cache": {"path": str(config.features if is_url(config.features) else Path(config.features).resolve()),
+                  "fingerprint": data.fingerprint, "backbone": backbone, "blocks": attrs["blocks"],
+                  "sampling": attrs["sampling"], "preprocessing": attrs["preprocessing"],
+                  "class_names": attrs["class_names"], "storage": cache_storage(attrs)},
+        "videos": {"train": len(data.train_set.videos), "val": len(data.val_set.videos),
+                   **({"val_novel": len(data.novel_set.videos)} if data.novel_set is not None else {})},
+        "versions": library_versions(),
+    }
+
+
+def _distributed(model: torch.nn.Module, process: Process, device: torch.device, seed: int) -> torch.nn.Module:
+    """The model as the training loop calls it: wrapped in DDP under torchrun, each process then drawing
+    its own dropout masks."""
+    if process.world_size == 1:
+        return model
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if process.rank:
+        torch.manual_seed(seed + 1_000_003 * process.rank)
+    return net
+
+
+def _optimisation(config: TrainConfig, model: torch.nn.Module, train_size: int, device: torch.device) -> Optimisation:
+    """AdamW over the trained parameters (a frozen text tower stays out), a cosine schedule over the run's
+    steps, and the fp16 loss scaler on CUDA."""
     micro_batch = config.batch_size // config.grad_accum
-    if config.in_memory:
-        _hold_in_memory(process, datasets, shared_memory)
-    micro_per_epoch = math.ceil(len(train_set) / micro_batch)
-    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
+    steps_per_epoch = math.ceil(math.ceil(train_size / micro_batch) / config.grad_accum)
     total_steps = config.steps or config.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    trained = [p for p in model.parameters() if p.requires_grad]  # a frozen text tower stays out
-    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_lr(step, total_steps, config.warmup_steps))
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start_epoch, step, best_top1 = 0, 0, -1.0
-    metrics_path = out / "metrics.jsonl"
-    if resumed is not None:
-        load_weights(model, resumed["weights"], out)
-        optimizer.load_state_dict(resumed["optimizer"])
-        schedule.load_state_dict(resumed["schedule"])
-        scaler.load_state_dict(resumed["scaler"])
-        rng_states = resumed["torch_rng"]
-        torch.set_rng_state(rng_states[process.rank] if len(rng_states) == process.world_size else rng_states[0])
-        start_epoch, step, best_top1 = resumed["epoch"] + 1, resumed["step"], resumed["best_top1"]
-        log.info("train: resuming %s after epoch %d (step %d)", out, resumed["epoch"], step)
-    elif config.resume:
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    return Optimisation(optimizer, schedule, scaler, micro_batch, steps_per_epoch, total_steps,
+                        math.ceil(total_steps / steps_per_epoch))
+
+
+def _restore(resumed: dict | None, out: Path, model: torch.nn.Module, opt: Optimisation,
+             process: Process) -> tuple[int, int, float]:
+    """(first epoch, step, best top-1): from the last finished epoch of a killed run, or from scratch."""
+    if resumed is None:
         log.info("train: nothing to resume in %s; starting from the beginning", out)
-    if config.resume and process.is_main:
-        _keep_finished_epochs(metrics_path, resumed["epoch"] if resumed is not None else -1)
-    if process.world_size > 1 and micro_batch % process.world_size:
-        raise EvlCacheError(f"--batch-size {config.batch_size} / --grad-accum {config.grad_accum} does not split "
-                            f"evenly over {process.world_size} processes")
-    log.info("train: %d train / %d val videos, %d classes, %d trained parameters, %d steps (%d epochs of %d), "
-             "device %s, %d process(es), reading blocks %s%s", len(train_videos), len(val_videos),
-             decoder_config.num_classes, sum(p.numel() for p in trained), total_steps, epochs,
-             steps_per_epoch, device, process.world_size, list(selection.blocks),
-             " and maps" if selection.maps else " and the frame embeddings" if selection.embed else "")
-    pin = device.type == "cuda"
-    val_loader = CacheLoader.sequential(val_set, micro_batch, config.workers, pin)
-    novel_loader = CacheLoader.sequential(novel_set, micro_batch, config.workers, pin) if novel_set else None
-    started = time.perf_counter()
-    final: dict = {}
+        return 0, 0, -1.0
+    load_weights(model, resumed["weights"], out)
+    opt.optimizer.load_state_dict(resumed["optimizer"])
+    opt.schedule.load_state_dict(resumed["schedule"])
+    opt.scaler.load_state_dict(resumed["scaler"])
+    rng_states = resumed["torch_rng"]
+    torch.set_rng_state(rng_states[process.rank] if len(rng_states) == process.world_size else rng_states[0])
+    log.info("train: resuming %s after epoch %d (step %d)", out, resumed["epoch"], resumed["step"])
+    return resumed["epoch"] + 1, resumed["step"], resumed["best_top1"]
 
-    batches = EpochBatches(len(train_set), micro_batch, config.seed, process.rank, process.world_size)
-    loader = CacheLoader(train_set, batches, config.workers, pin)
-    for epoch in range(start_epoch, epochs):
-        # Train one epoch: the order and the drawn views depend only on (seed, epoch).
-        # Every process sees the same global batches and takes its share; a step's loss is the mean
-        # over the step's whole global batch, however it is split over processes and micro-batches.
-        batches.set_epoch(epoch)
-        sizes = [len(b) for b in batches.global_batches]
-        model.train()
-        epoch_start = time.perf_counter()
-        wait, loss_sum, correct, seen = 0.0, 0.0, 0, 0
-        progress = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
-                        dynamic_ncols=True, leave=False, disable=not process.is_main)
+
+def _train_epoch(net: torch.nn.Module, loader: CacheLoader, batches: EpochBatches, epoch: int, step: int,
+                 opt: Optimisation, config: TrainConfig, process: Process, device: torch.device) -> tuple[int, dict]:
+    """One epoch; returns (the step reached, the epoch's loss, accuracy, speed and data-wait figures).
+
+    The order and the drawn views depend only on (seed, epoch). Every process sees the same global
+    batches and takes its share; a step's loss is the mean over the step's whole global batch, however
+    it is split over processes and micro-batches."""
+    batches.set_epoch(epoch)
+    sizes = [len(b) for b in batches.global_batches]
+    net.train()
+    use_amp = device.type == "cuda"
+    started = fetch_start = time.perf_counter()
+    wait, loss_sum, correct, seen = 0.0, 0.0, 0, 0
+    progress = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{opt.epochs}", unit="batch", dynamic_ncols=True,
+                    leave=False, disable=not process.is_main)
+    for i, batch in enumerate(loader):
+        wait += time.perf_counter() - fetch_start
+        if step >= opt.total_steps:
+            break
+        group = slice(i - i % config.grad_accum, i - i % config.grad_accum + config.grad_accum)
+        ends_step = (i + 1) % config.grad_accum == 0 or i + 1 == len(sizes)
+        labels = batch["label"].to(device)
+        sync = contextlib.nullcontext() if ends_step or process.world_size == 1 else net.no_sync()
+        with sync:
+            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                logits = net(*model_inputs(batch, device))
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing,
+                                       reduction="sum")
+            opt.scaler.scale(loss * process.world_size / sum(sizes[group])).backward()
+        if ends_step:
+            opt.scaler.step(opt.optimizer)
+            opt.scaler.update()
+            opt.optimizer.zero_grad(set_to_none=True)
+            opt.schedule.step()
+            step += 1
+        loss_sum += float(loss.detach())
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += len(labels)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}",
+                             clips_per_s=f"{seen / (time.perf_counter() - started):.1f}", refresh=False)
         fetch_start = time.perf_counter()
-        for i, batch in enumerate(loader):
-            wait += time.perf_counter() - fetch_start
-            if step >= total_steps:
-                break
-            group = slice(i - i % config.grad_accum, i - i % config.grad_accum + config.grad_accum)
-            ends_step = (i + 1) % config.grad_accum == 0 or i + 1 == len(sizes)
-            inputs = model_inputs(batch, device)
-            labels = batch["label"].to(device)
-            sync = contextlib.nullcontext() if ends_step or net is model else net.no_sync()
-            with sync:
-                with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                    logits = net(*inputs)
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing,
-                                           reduction="sum")
-                scaler.scale(loss * process.world_size / sum(sizes[group])).backward()
-            if ends_step:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                schedule.step()
-                step += 1
-            loss_sum += float(loss.detach())
-            correct += int((logits.argmax(1) == labels).sum())
-            seen += len(labels)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}",
-                                 clips_per_s=f"{seen / (time.perf_counter() - epoch_start):.1f}", refresh=False)
-            fetch_start = time.perf_counter()
-        progress.close()
-        train_seconds = time.perf_counter() - epoch_start
-        loss_sum, correct, seen, wait = sum_across(process, [loss_sum, correct, seen, wait / process.world_size])
-        rng_states = gather_objects(process, torch.get_rng_state())
-        if not process.is_main:  # the main process evaluates and writes; the others go on to the next epoch
-            continue
+    progress.close()
+    seconds = time.perf_counter() - started
+    loss_sum, correct, seen, wait = sum_across(process, [loss_sum, correct, seen, wait / process.world_size])
+    return step, {"train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
+                  "train_clips_per_s": seen / seconds, "data_wait_share": wait / seconds, "started": started}
 
-        # Evaluate: softmax averaged over each video's cached views.
-        evaluation = _validate(model, val_loader, novel_loader, head, device, use_amp)
-        record = {"event": "epoch", "epoch": epoch, "step": step, "lr": schedule.get_last_lr()[0],
-                  "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
-                  "train_clips_per_s": seen / train_seconds, "data_wait_share": wait / train_seconds,
-                  "epoch_seconds": time.perf_counter() - epoch_start,
-                  "val_top1": evaluation["top1"], "val_top5": evaluation["top5"],
-                  "val_mean_class_accuracy": evaluation["mean_class_accuracy"], **_novel_record(evaluation)}
-        with open(metrics_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        log.info("epoch %d/%d: loss %.4f, train top-1 %.3f, val top-1 %.3f top-5 %.3f, lr %.2e, "
-                 "%.1f clips/s, data wait %.1f%%", epoch + 1, epochs, record["train_loss"], record["train_top1"],
-                 record["val_top1"], record["val_top5"], record["lr"], record["train_clips_per_s"],
-                 100 * record["data_wait_share"])
-        if evaluation["top1"] > best_top1:
-            best_top1 = evaluation["top1"]
-            weights = saved_weights(model)
-            _atomic_save(lambda p: save_file(weights, p), out / "best.safetensors")
-        _save_checkpoint(out, model, {"epoch": epoch, "step": step, "best_top1": best_top1,
-                                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                                      "scaler": scaler.state_dict(), "torch_rng": rng_states})
-        final = evaluation
 
-    barrier(process)
-    if not process.is_main:
-        return TrainSummary(out, epochs, step, time.perf_counter() - started, best_top1, final)
+def _end_epoch(out: Path, model: torch.nn.Module, evaluator: Evaluator, epoch: int, step: int, stats: dict,
+               best_top1: float, opt: Optimisation, rng_states: list) -> tuple[dict, float]:
+    """On the main process: evaluate, log the epoch to metrics.jsonl, keep the best weights, checkpoint.
+    Returns (the evaluation, the best top-1 so far)."""
+    evaluation = evaluator(model)
+    started = stats.pop("started")
+    record = {"event": "epoch", "epoch": epoch, "step": step, "lr": opt.schedule.get_last_lr()[0], **stats,
+              "epoch_seconds": time.perf_counter() - started, "val_top1": evaluation["top1"],
+              "val_top5": evaluation["top5"], "val_mean_class_accuracy": evaluation["mean_class_accuracy"],
+              **_novel_record(evaluation)}
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    log.info("epoch %d/%d: loss %.4f, train top-1 %.3f, val top-1 %.3f top-5 %.3f, lr %.2e, %.1f clips/s, "
+             "data wait %.1f%%", epoch + 1, opt.epochs, record["train_loss"], record["train_top1"],
+             record["val_top1"], record["val_top5"], record["lr"], record["train_clips_per_s"],
+             100 * record["data_wait_share"])
+    if evaluation["top1"] > best_top1:
+        best_top1 = evaluation["top1"]
+        weights = saved_weights(model)
+        atomic_save(lambda p: save_file(weights, p), out / "best.safetensors")
+    save_checkpoint(out, model, {"epoch": epoch, "step": step, "best_top1": best_top1,
+                                 "optimizer": opt.optimizer.state_dict(), "schedule": opt.schedule.state_dict(),
+                                 "scaler": opt.scaler.state_dict(), "torch_rng": rng_states})
+    return evaluation, best_top1
+
+
+def _finish(out: Path, model: torch.nn.Module, evaluator: Evaluator, data: TrainingData, final: dict,
+            summary: TrainSummary) -> TrainSummary:
+    """On the main process: the last evaluation's files, the curves, and the summary line."""
     if not final:  # resumed a run that had already finished: evaluate its last weights
-        final = _validate(model, val_loader, novel_loader, head, device, use_amp)
-    write_evaluation(out, "val", final, head.get("class_names", attrs["class_names"]), head.get("novel_classes"))
-    plot_curves(out / "curve.png", metrics_path)
-    summary = TrainSummary(out, epochs, step, time.perf_counter() - started, best_top1, final)
-    with open(metrics_path, "a") as handle:
-        handle.write(json.dumps({"event": "summary", "seconds": summary.seconds, "steps": step,
-                                 "best_val_top1": best_top1, "val_top1": final["top1"],
+        final = summary.final = evaluator(model)
+    write_evaluation(out, "val", final, data.head.get("class_names", data.attrs["class_names"]),
+                     data.head.get("novel_classes"))
+    plot_curves(out / "curve.png", out / "metrics.jsonl")
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"event": "summary", "seconds": summary.seconds, "steps": summary.steps,
+                                 "best_val_top1": summary.best_top1, "val_top1": final["top1"],
                                  "val_top5": final["top5"], **_novel_record(final)}) + "\n")
     log.info(summary.line())
     return summary
+
+
+def train(config: TrainConfig) -> TrainSummary:
+    """Train and evaluate the EVL decoder (or a text head) on a cache; see TrainConfig for the options."""
+    process = init_process(resolve_device(config.device))
+    device = process.device(resolve_device(config.device))
+    _check_options(config, process)
+    out = Path(config.out)
+    on_main(process, lambda: check_run_folder(out, [config.features], config.overwrite, config.resume))
+    torch.manual_seed(config.seed)
+    data = open_training_data(config)
+    run_config = run_record(config, data)
+    shared_memory = _memory_for(process, data.datasets) if config.in_memory else None
+    on_main(process, lambda: prepare_run_folder(out, run_config, config.overwrite, config.resume, RESUMABLE_CHANGES))
+    resumed = latest_state(out) if config.resume else None
+    model = build_model(run_config, pretrained=config.pretrained).to(device)  # the same weights in every process
+    net = _distributed(model, process, device, config.seed)
+    if config.in_memory:
+        _hold_in_memory(process, data.datasets, shared_memory)
+    opt = _optimisation(config, model, len(data.train_set), device)
+    start_epoch, step, best_top1 = _restore(resumed, out, model, opt, process) if config.resume else (0, 0, -1.0)
+    if config.resume and process.is_main:
+        keep_finished_epochs(out / "metrics.jsonl", start_epoch - 1)
+    log.info("train: %d train / %d val videos, %d classes, %d trained parameters, %d steps (%d epochs of %d), "
+             "device %s, %d process(es), reading blocks %s%s", len(data.train_set.videos), len(data.val_set.videos),
+             len(data.head.get("class_names", data.attrs["class_names"])),
+             sum(p.numel() for p in model.parameters() if p.requires_grad), opt.total_steps, opt.epochs,
+             opt.steps_per_epoch, device, process.world_size, list(data.selection.blocks),
+             " and maps" if data.selection.maps else " and the frame embeddings" if data.selection.embed else "")
+
+    pin, use_amp = device.type == "cuda", device.type == "cuda"
+    evaluator = Evaluator(CacheLoader.sequential(data.val_set, opt.micro_batch, config.workers, pin),
+                          CacheLoader.sequential(data.novel_set, opt.micro_batch, config.workers, pin)
+                          if data.novel_set is not None else None, data.head, device, use_amp)
+    batches = EpochBatches(len(data.train_set), opt.micro_batch, config.seed, process.rank, process.world_size)
+    loader = CacheLoader(data.train_set, batches, config.workers, pin)
+    started, final = time.perf_counter(), {}
+    for epoch in range(start_epoch, opt.epochs):
+        step, stats = _train_epoch(net, loader, batches, epoch, step, opt, config, process, device)
+        rng_states = gather_objects(process, torch.get_rng_state())
+        if process.is_main:  # the main process evaluates and writes; the others go on to the next epoch
+            final, best_top1 = _end_epoch(out, model, evaluator, epoch, step, stats, best_top1, opt, rng_states)
+    barrier(process)
+    summary = TrainSummary(out, opt.epochs, step, time.perf_counter() - started, best_top1, final)
+    return _finish(out, model, evaluator, data, final, summary) if process.is_main else summary
 
 
 def _memory_for(process: Process, datasets: list[CacheDataset]) -> Path | None:
@@ -471,7 +478,7 @@ def _video_scores(model: EVLModel, loader: CacheLoader, device: torch.device, us
     return {"probabilities": scores["probabilities"], "labels": scores["labels"]}
 
 
-def _validate(model: torch.nn.Module, loader: CacheLoader, novel_loader: CacheLoader | None, head: dict,
+def _evaluate(model: torch.nn.Module, loader: CacheLoader, novel_loader: CacheLoader | None, head: dict,
               device: torch.device, use_amp: bool) -> dict:
     """Metrics over the run's classes; for base-to-novel also over the novel classes (scored against the
     novel names only, as ViFi-CLIP does) under "novel", with the harmonic mean of the two top-1s."""

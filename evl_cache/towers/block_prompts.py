@@ -80,7 +80,7 @@ def read_block_prompts(weights: str | os.PathLike) -> dict[str, dict[int, Tensor
     if prompts is None:
         return {}
     if not isinstance(prompts, dict) or set(prompts) - set(TOWERS):
-        raise BackboneError(f"'prompts' must map image and/or text to {{block: tokens}}", weights)
+        raise BackboneError("'prompts' must map image and/or text to {block: tokens}", weights)
     return {tower: {int(block): tokens.float() for block, tokens in blocks.items()} for tower, blocks in prompts.items()}
 
 

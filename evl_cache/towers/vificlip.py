@@ -54,7 +54,7 @@ _BLOCK_PROMPT = re.compile(r"(image|text)_encoder\.transformer\.resblocks\.(\d+)
 @dataclass
 class VifiImportConfig:
     """Options of `evl-cache import-vificlip`."""
-    checkpoint: Path = option(None, "ViFi-CLIP checkpoint (.pth)", cli=False)
+    checkpoint: Path = option(None, "ViFi-CLIP checkpoint (.pth)", argument=True)
     out: Path = option(None, "open_clip weights file to write (e.g. vifi_b16.pt)")
     base: str = option("openai", "CLIP weights for what the checkpoint lacks (the token embedding): openai "
                                  "(OpenAI's, downloaded by open_clip) or a local open_clip weights file")
