@@ -4,7 +4,7 @@ import json
 import pytest
 
 from evl_cache.errors import DatasetError
-from evl_cache.video.find import find_videos, read_class_names
+from evl_cache.video.find import expand_video_inputs, find_videos, read_class_names
 
 
 def _touch(path):
@@ -103,3 +103,81 @@ def test_class_names_from_a_label_csv(tmp_path):
     labels.write_text("a\nb\n")
     with pytest.raises(DatasetError, match="needs an id,name header"):
         read_class_names(labels)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-be", "utf-32"])
+def test_lists_saved_with_a_byte_order_mark_and_windows_line_endings(tmp_path, encoding):
+    """Spreadsheets save UTF-8 with a BOM, or UTF-16/32 (python's utf-16/utf-32 write the mark; -be needs
+    it by hand), and end lines with CRLF."""
+    def save(path, text):
+        mark = "\ufeff" if encoding == "utf-16-be" else ""
+        path.write_bytes((mark + text).replace("\n", "\r\n").encode(encoding))
+    save(tmp_path / "d.csv", "path,label,split\nx/1.mp4,walk,train\nx/2.mp4,run,val\n")
+    found = find_videos(train_list=tmp_path / "d.csv")
+    assert found.class_names == ["run", "walk"]
+    assert [(e.path, e.label, e.split, e.error) for e in found.entries] == [
+        ("x/1.mp4", 1, "train", ""), ("x/2.mp4", 0, "val", "")]
+    save(tmp_path / "l.txt", "a/1.mp4 0\n")
+    assert [(e.path, e.label) for e in find_videos(train_list=tmp_path / "l.txt").entries] == [("a/1.mp4", 0)]
+    save(tmp_path / "classes.txt", "walk\nrun\n")
+    _touch(tmp_path / "videos" / "run" / "1.mp4")
+    _touch(tmp_path / "videos" / "walk" / "2.mp4")
+    found = find_videos(tmp_path / "videos", classes=tmp_path / "classes.txt")
+    assert found.class_names == ["walk", "run"] and [e.label for e in found.entries] == [1, 0]
+    save(tmp_path / "classes.json", '{"walk": 0, "run": 1}')
+    assert read_class_names(tmp_path / "classes.json") == ["walk", "run"]
+    assert expand_video_inputs([tmp_path / "l.txt", tmp_path / "d.csv"]) == [
+        tmp_path / "a/1.mp4", tmp_path / "x/1.mp4", tmp_path / "x/2.mp4"]
+
+
+def test_bytes_that_are_not_text_are_one_line_naming_file_and_line(tmp_path):
+    latin1 = tmp_path / "l.txt"
+    latin1.write_bytes("a/1.mp4 0\nb/2.mp4 1\nc/caf\u00e9.mp4 0\n".encode("latin-1"))
+    message = "l.txt: line 3 is not UTF-8 text; save the file as UTF-8"
+    with pytest.raises(DatasetError, match=message):
+        find_videos(train_list=latin1)
+    with pytest.raises(DatasetError, match=message):
+        expand_video_inputs([latin1])
+    classes = tmp_path / "c.csv"
+    classes.write_bytes("id,name\n0,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match="c.csv: line 2 is not UTF-8 text"):
+        read_class_names(classes)
+    no_mark = tmp_path / "d.csv"
+    no_mark.write_bytes("path,label\nx/1.mp4,0\n".encode("utf-16-le"))
+    with pytest.raises(DatasetError, match="d.csv: line 1 holds NUL characters"):
+        find_videos(train_list=no_mark)
+    odd = tmp_path / "odd.txt"
+    odd.write_bytes("a/1.mp4 0\n".encode("utf-16") + b"\x00")
+    with pytest.raises(DatasetError, match="odd.txt: line 2 is not UTF-16 text"):
+        find_videos(train_list=odd)
+
+
+def test_malformed_class_json_is_one_line(tmp_path):
+    classes = tmp_path / "classes.json"
+    classes.write_text('{"walk": 0,\n "run": 1,\n}')
+    with pytest.raises(DatasetError, match=r"classes.json: not valid JSON: .* at line 3 column 1$"):
+        read_class_names(classes)
+    classes.write_text('{"walk": "first"}')
+    with pytest.raises(DatasetError, match="classes.json: class indices in the mapping are not all integers"):
+        read_class_names(classes)
+    classes.write_text('"walk"')
+    with pytest.raises(DatasetError, match="classes.json: a class-name JSON is a list of names or a mapping"):
+        read_class_names(classes)
+
+
+def test_tab_separated_lists(tmp_path):
+    listing = tmp_path / "l.txt"
+    listing.write_text("a b/1.mp4\t0\nc\td/2.mp4\t1\nlonely\t\n")
+    found = find_videos(train_list=listing)
+    assert [(e.path, e.label, bool(e.error)) for e in found.entries] == [
+        ("a b/1.mp4", 0, False), ("c\td/2.mp4", 1, False), ("lonely", -1, True)]
+    for name in ("d.tsv", "d.csv"):
+        (tmp_path / name).write_text("path\tlabel\tsplit\nx, 1.mp4\twalk\tval\n")
+        assert [(e.path, e.label, e.split, e.error) for e in find_videos(train_list=tmp_path / name).entries] == [
+            ("x, 1.mp4", 0, "val", "")]
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("id\tname\n1\tride bike\n0\tbrush hair\n")
+    assert read_class_names(labels) == ["brush hair", "ride bike"]
+    predict_list = tmp_path / "p.txt"
+    predict_list.write_text("v 1.mp4\twalk\nv 2.mp4 3\n")
+    assert expand_video_inputs([predict_list]) == [tmp_path / "v 1.mp4", tmp_path / "v 2.mp4"]

@@ -3,9 +3,13 @@
 Three input forms:
 - a folder per class, `root/<class>/*`, optionally with a split level above it
   (`root/train/<class>/*`, `root/val/<class>/*`; `validate`/`validation` count as `val`, `test` as `test`);
-- the authors' list format, one `path label` per line (label an integer), paths under `--data-root`;
-- a CSV with a header that has `path` and `label` columns (label a name or an integer) and an optional
-  `split` column.
+- the authors' list format, one `path label` per line (label an integer; `path<TAB>label` splits at
+  the tab), paths under `--data-root`;
+- a CSV (comma- or tab-separated) with a header that has `path` and `label` columns (label a name or an
+  integer) and an optional `split` column.
+
+Every list, CSV and class-name file is read as people save them: UTF-8, or UTF-16/32 with a byte-order
+mark, any line endings; bytes in another encoding are a one-line error naming the line.
 
 Problems with single entries (a list line without a label, a label out of range, a path an earlier
 line already lists) do not stop anything: the entry keeps its `error` and extraction records it as
@@ -13,6 +17,7 @@ failed. Problems with the whole input (a missing folder, an empty dataset) raise
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import logging
@@ -30,6 +35,10 @@ VIDEO_SUFFIXES = frozenset(
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "validate": "val",
                "validation": "val", "valid": "val", "test": "test", "testing": "test"}
 SPLITS = ("train", "val", "test", "none")
+TABLE_SUFFIXES = (".csv", ".tsv")  # lists with a header row; the others hold one entry per line
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32", "UTF-32"), (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+                    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+                    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"))  # UTF-32 LE first: its mark begins with UTF-16 LE's
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,52 @@ class VideoList:
         for entry in self.entries:
             counts[entry.split] = counts.get(entry.split, 0) + 1
         return counts
+
+
+def _read_text(path: Path, what: str) -> str:
+    """The text of a list, CSV or class-name file: in the encoding its byte-order mark names (UTF-8, UTF-16,
+    UTF-32, as spreadsheets save), else UTF-8; any other bytes are a one-line error, never a guess."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"cannot read {what}: {error.strerror or error}", path) from None
+    codec, label = next(((codec, label) for mark, codec, label in BYTE_ORDER_MARKS if raw.startswith(mark)),
+                        ("utf-8", "UTF-8"))
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].decode(codec, errors="replace").count("\n") + 1
+        raise DatasetError(f"line {line} is not {label} text; save the file as UTF-8", path) from None
+    if "\0" in text:  # UTF-16 saved without its mark decodes as UTF-8 with a NUL in every other place
+        line = text[:text.index("\0")].count("\n") + 1
+        raise DatasetError(f"line {line} holds NUL characters (UTF-16 without a byte-order mark?); "
+                           "save the file as UTF-8", path)
+    return text
+
+
+def _read_table(path: Path, what: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """A CSV's header and its rows with their line numbers; tab-separated when its header is (a .tsv, or a
+    spreadsheet's "text" export)."""
+    lines = _read_text(path, what).splitlines()
+    header = lines[0] if lines else ""
+    reader = csv.DictReader(lines, delimiter="\t" if header.count("\t") > header.count(",") else ",")
+    try:
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as error:
+        raise DatasetError(f"line {reader.line_num}: {error}", path) from None
+    return list(reader.fieldnames or []), rows
+
+
+def _split_list_line(line: str) -> tuple[str, str]:
+    """A `path label` line's path and label: split at its last tab if it has one (paths may hold spaces),
+    else at its last space; ("the line", "") when it has neither."""
+    line = line.strip()
+    path, _, label = line.rpartition("\t" if "\t" in line else " ")
+    return (path.strip(), label.strip()) if path.strip() else (line, "")
+
+
+def _is_table(path: Path) -> bool:
+    return path.suffix.lower() in TABLE_SUFFIXES
 
 
 def _video_files(folder: Path) -> list[Path]:
@@ -98,30 +153,40 @@ def read_class_names(path: str | Path) -> list[str]:
     """Class names from a plain list (one per line), the EVL authors' JSON mapping (name -> index), or a
     CSV with an `id,name` header (ViFi-CLIP's and X-CLIP's label files)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise DatasetError(f"cannot read class names: {error.strerror}", path) from None
-    if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        if not rows or not {"id", "name"} <= set(rows[0]):
+    if _is_table(path):
+        header, rows = _read_table(path, "class names")
+        if not rows or not {"id", "name"} <= set(header):
             raise DatasetError("a class-name CSV needs an id,name header and a row per class", path)
         try:
-            by_index = sorted((int(row["id"]), row["name"].strip()) for row in rows)
+            by_index = sorted((int(row["id"]), (row["name"] or "").strip()) for _, row in rows)
         except (TypeError, ValueError):
             raise DatasetError("class ids in the CSV are not all integers", path) from None
         if [i for i, _ in by_index] != list(range(len(by_index))):
             raise DatasetError("class ids in the CSV are not 0..K-1", path)
         return [name for _, name in by_index]
+    text = _read_text(path, "class names")
     if path.suffix.lower() == ".json":
-        mapping = json.loads(text)
+        mapping = _parse_json(text, path)
         if isinstance(mapping, list):
             return [str(name) for name in mapping]
-        by_index = sorted((int(i), str(name)) for name, i in mapping.items())
+        if not isinstance(mapping, dict):
+            raise DatasetError("a class-name JSON is a list of names or a mapping name -> index", path)
+        try:
+            by_index = sorted((int(i), str(name)) for name, i in mapping.items())
+        except (TypeError, ValueError):
+            raise DatasetError("class indices in the mapping are not all integers", path) from None
         if [i for i, _ in by_index] != list(range(len(by_index))):
             raise DatasetError("class mapping indices are not 0..K-1", path)
         return [name for _, name in by_index]
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _parse_json(text: str, path: Path) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}",
+                           path) from None
 
 
 def _label_index(raw: str, class_names: list[str] | None, where: str) -> tuple[int, str]:
@@ -143,36 +208,32 @@ def read_list(path: str | Path, data_root: str | Path | None, split: str,
     """The authors' `path label` list or a CSV with a header (`path,label[,split]`)."""
     path = Path(path)
     root = Path(data_root) if data_root is not None else path.parent
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise DatasetError(f"cannot read list: {error.strerror}", path) from None
     entries: list[VideoEntry] = []
     line_numbers: list[int] = []  # each entry's line in the file
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames or "path" not in reader.fieldnames or "label" not in reader.fieldnames:
+    if _is_table(path):
+        header, rows = _read_table(path, "list")
+        if "path" not in header or "label" not in header:
             raise DatasetError("CSV needs a header with 'path' and 'label' columns", path)
         if class_names is None:
-            names = sorted({row["label"].strip() for row in csv.DictReader(text.splitlines())
+            names = sorted({row["label"].strip() for _, row in rows
                             if row.get("label") and not row["label"].strip().lstrip("-").isdigit()})
             class_names = names or None
-        for line_no, row in enumerate(reader, start=2):
+        for line_no, row in rows:
             label, error = _label_index(row.get("label") or "", class_names, f"{path.name} line {line_no}")
             row_split = SPLIT_NAMES.get((row.get("split") or "").strip().lower(), split)
             entries.append(VideoEntry((row.get("path") or "").strip(), label, row_split, error))
             line_numbers.append(line_no)
     else:
-        for line_no, line in enumerate(text.splitlines(), start=1):
+        for line_no, line in enumerate(_read_text(path, "list").splitlines(), start=1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
-            video_path, _, raw_label = line.strip().rpartition(" ")
+            video_path, raw_label = _split_list_line(line)
             line_numbers.append(line_no)
-            if not video_path:
-                entries.append(VideoEntry(raw_label, -1, split, f"{path.name} line {line_no}: no label"))
+            if not raw_label:
+                entries.append(VideoEntry(video_path, -1, split, f"{path.name} line {line_no}: no label"))
                 continue
             label, error = _label_index(raw_label, class_names, f"{path.name} line {line_no}")
-            entries.append(VideoEntry(video_path.strip(), label, split, error))
+            entries.append(VideoEntry(video_path, label, split, error))
     if not entries:
         raise DatasetError("list holds no videos", path)
     entries = _mark_duplicates(entries, line_numbers, path.name)
@@ -205,14 +266,15 @@ def expand_video_inputs(inputs: list[str | Path]) -> list[Path]:
     for item in map(Path, inputs):
         if item.is_dir():
             paths += _video_files(item)
-        elif item.suffix.lower() == ".csv" and item.is_file():
-            rows = csv.DictReader(item.read_text(encoding="utf-8").splitlines())
-            paths += [item.parent / row["path"] for row in rows if row.get("path")]
+        elif _is_table(item) and item.is_file():
+            _, rows = _read_table(item, "video list")
+            paths += [item.parent / row["path"].strip() for _, row in rows if (row.get("path") or "").strip()]
         elif item.suffix.lower() == ".txt" and item.is_file():
-            for line in item.read_text(encoding="utf-8").splitlines():
+            for line in _read_text(item, "video list").splitlines():
                 if line.strip() and not line.lstrip().startswith("#"):
-                    path, _, last = line.strip().rpartition(" ")
-                    paths.append(item.parent / (path if path and last.lstrip("-").isdigit() else line.strip()))
+                    path, label = _split_list_line(line)
+                    is_label = label and ("\t" in line.strip() or label.lstrip("-").isdigit())
+                    paths.append(item.parent / (path if is_label else line.strip()))
         else:
             paths.append(item)
     if not paths:
