@@ -181,3 +181,25 @@ def test_tab_separated_lists(tmp_path):
     predict_list = tmp_path / "p.txt"
     predict_list.write_text("v 1.mp4\twalk\nv 2.mp4 3\n")
     assert expand_video_inputs([predict_list]) == [tmp_path / "v 1.mp4", tmp_path / "v 2.mp4"]
+
+
+def test_csv_split_values_other_than_a_split_name_are_entry_errors(tmp_path):
+    """`holdout` or a typo must not become the list's default split (train): that row would be trained on."""
+    table = tmp_path / "d.csv"
+    table.write_text("path,label,split\n1.mp4,0,Dev\n2.mp4,0,valid\n3.mp4,0,testing\n4.mp4,0,\n"
+                     "5.mp4,0,holdout\n6.mp4,0,trian\n")
+    found = find_videos(train_list=table)
+    assert [(e.path, e.split, e.error) for e in found.entries] == [
+        ("1.mp4", "val", ""), ("2.mp4", "val", ""), ("3.mp4", "test", ""), ("4.mp4", "train", ""),
+        ("5.mp4", "train", "d.csv line 6: split 'holdout' is not train, val or test"),
+        ("6.mp4", "train", "d.csv line 7: split 'trian' is not train, val or test")]
+
+
+def test_csv_class_names_are_shared_by_train_and_val_lists(tmp_path):
+    """Each list named its own classes: `walk` was 1 in train (run, walk) but 0 in val (walk only)."""
+    (tmp_path / "train.csv").write_text("path,label\na.mp4,run\nb.mp4,walk\n")
+    (tmp_path / "val.csv").write_text("path,label\nc.mp4,walk\nd.mp4,jump\n")
+    found = find_videos(train_list=tmp_path / "train.csv", val_list=tmp_path / "val.csv")
+    assert found.class_names == ["jump", "run", "walk"]
+    assert [(e.path, found.class_names[e.label], e.split) for e in found.entries] == [
+        ("a.mp4", "run", "train"), ("b.mp4", "walk", "train"), ("c.mp4", "walk", "val"), ("d.mp4", "jump", "val")]

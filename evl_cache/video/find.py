@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = frozenset(
     ".mp4 .m4v .mkv .webm .avi .mov .mpg .mpeg .flv .wmv .3gp .ogv .ts .gif".split()
 )
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "validate": "val",
-               "validation": "val", "valid": "val", "test": "test", "testing": "test"}
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "validate": "val", "validation": "val",
+               "valid": "val", "dev": "val", "test": "test", "testing": "test"}
 SPLITS = ("train", "val", "test", "none")
 TABLE_SUFFIXES = (".csv", ".tsv")  # lists with a header row; the others hold one entry per line
 BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32", "UTF-32"), (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
@@ -189,9 +189,60 @@ def _parse_json(text: str, path: Path) -> object:
                            path) from None
 
 
+@dataclass(frozen=True)
+class _ListRow:
+    """One entry of a list file as written, before its label is resolved."""
+    line: int
+    path: str
+    label: str
+    split: str
+    error: str = ""
+
+
+def _read_rows(path: Path, split: str) -> list[_ListRow]:
+    """The entries of a CSV (`path,label[,split]` header) or of a `path label` list, in file order."""
+    if _is_table(path):
+        header, rows = _read_table(path, "list")
+        if "path" not in header or "label" not in header:
+            raise DatasetError("CSV needs a header with 'path' and 'label' columns", path)
+        found = [_ListRow(line, (row.get("path") or "").strip(), (row.get("label") or "").strip(),
+                          *_row_split(row.get("split"), split, f"{path.name} line {line}")) for line, row in rows]
+    else:
+        lines = enumerate(_read_text(path, "list").splitlines(), start=1)
+        found = [_ListRow(line_no, *_split_list_line(line), split) for line_no, line in lines
+                 if line.strip() and not line.lstrip().startswith("#")]
+    if not found:
+        raise DatasetError("list holds no videos", path)
+    return found
+
+
+def _row_split(value: str | None, default: str, where: str) -> tuple[str, str]:
+    """A CSV row's split and error: a split name, or empty for the list's `default` split; any other value
+    is an error, never a guess (a `holdout` row taken as train would leak into training)."""
+    name = (value or "").strip()
+    if not name:
+        return default, ""
+    if name.lower() in SPLIT_NAMES:
+        return SPLIT_NAMES[name.lower()], ""
+    return default, f"{where}: split {name!r} is not train, val or test"
+
+
+def _is_integer(text: str) -> bool:
+    return text.lstrip("-").isdigit()
+
+
+def _names_from_labels(lists: list[tuple[Path, list[_ListRow]]]) -> list[str] | None:
+    """Class names (sorted) that the labels of CSV lists spell out, pooled over all lists so that a name has
+    one index everywhere; None when every label is an integer."""
+    names = sorted({row.label for path, rows in lists if _is_table(path) for row in rows
+                    if row.label and not _is_integer(row.label)})
+    return names or None
+
+
 def _label_index(raw: str, class_names: list[str] | None, where: str) -> tuple[int, str]:
     """Parse a label (integer or class name); returns (label, error)."""
-    raw = raw.strip()
+    if not raw:
+        return -1, f"{where}: no label"
     if class_names is not None and raw in class_names:
         return class_names.index(raw), ""
     try:
@@ -203,44 +254,34 @@ def _label_index(raw: str, class_names: list[str] | None, where: str) -> tuple[i
     return label, ""
 
 
+def _entries(path: Path, rows: list[_ListRow], class_names: list[str] | None) -> list[VideoEntry]:
+    entries = []
+    for row in rows:
+        label, error = _label_index(row.label, class_names, f"{path.name} line {row.line}")
+        entries.append(VideoEntry(row.path, label, row.split, error or row.error))
+    return _mark_duplicates(entries, [row.line for row in rows], path.name)
+
+
 def read_list(path: str | Path, data_root: str | Path | None, split: str,
               class_names: list[str] | None = None) -> VideoList:
     """The authors' `path label` list or a CSV with a header (`path,label[,split]`)."""
-    path = Path(path)
-    root = Path(data_root) if data_root is not None else path.parent
-    entries: list[VideoEntry] = []
-    line_numbers: list[int] = []  # each entry's line in the file
-    if _is_table(path):
-        header, rows = _read_table(path, "list")
-        if "path" not in header or "label" not in header:
-            raise DatasetError("CSV needs a header with 'path' and 'label' columns", path)
-        if class_names is None:
-            names = sorted({row["label"].strip() for _, row in rows
-                            if row.get("label") and not row["label"].strip().lstrip("-").isdigit()})
-            class_names = names or None
-        for line_no, row in rows:
-            label, error = _label_index(row.get("label") or "", class_names, f"{path.name} line {line_no}")
-            row_split = SPLIT_NAMES.get((row.get("split") or "").strip().lower(), split)
-            entries.append(VideoEntry((row.get("path") or "").strip(), label, row_split, error))
-            line_numbers.append(line_no)
-    else:
-        for line_no, line in enumerate(_read_text(path, "list").splitlines(), start=1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            video_path, raw_label = _split_list_line(line)
-            line_numbers.append(line_no)
-            if not raw_label:
-                entries.append(VideoEntry(video_path, -1, split, f"{path.name} line {line_no}: no label"))
-                continue
-            label, error = _label_index(raw_label, class_names, f"{path.name} line {line_no}")
-            entries.append(VideoEntry(video_path, label, split, error))
-    if not entries:
-        raise DatasetError("list holds no videos", path)
-    entries = _mark_duplicates(entries, line_numbers, path.name)
+    return _read_lists([(Path(path), split)], data_root, class_names)
+
+
+def _read_lists(lists: list[tuple[Path, str]], data_root: str | Path | None,
+                class_names: list[str] | None) -> VideoList:
+    """The videos of list files, each with its default split; paths are under `data_root`, by default the
+    lists' folder. Without `class_names`, CSV labels name the classes."""
+    roots = {Path(data_root) if data_root is not None else path.parent for path, _ in lists}
+    if len(roots) > 1:
+        raise DatasetError("list files resolve to different data roots; pass --data-root")
+    rows = [(path, _read_rows(path, split)) for path, split in lists]
     if class_names is None:
-        top = max((e.label for e in entries), default=-1)
-        class_names = [str(i) for i in range(top + 1)]
-    return VideoList(root, entries, list(class_names))
+        class_names = _names_from_labels(rows)
+    entries = [entry for path, part in rows for entry in _entries(path, part, class_names)]
+    if class_names is None:
+        class_names = [str(i) for i in range(max(e.label for e in entries) + 1)]
+    return VideoList(roots.pop(), entries, list(class_names))
 
 
 def _mark_duplicates(entries: list[VideoEntry], line_numbers: list[int], list_name: str) -> list[VideoEntry]:
@@ -273,7 +314,7 @@ def expand_video_inputs(inputs: list[str | Path]) -> list[Path]:
             for line in _read_text(item, "video list").splitlines():
                 if line.strip() and not line.lstrip().startswith("#"):
                     path, label = _split_list_line(line)
-                    is_label = label and ("\t" in line.strip() or label.lstrip("-").isdigit())
+                    is_label = label and ("\t" in line.strip() or _is_integer(label))
                     paths.append(item.parent / (path if is_label else line.strip()))
         else:
             paths.append(item)
@@ -301,14 +342,4 @@ def find_videos(videos: str | Path | None = None, train_list: str | Path | None 
     lists = [(p, s) for p, s in ((train_list, "train"), (val_list, "val")) if p]
     if not lists:
         raise DatasetError("no input: pass --videos FOLDER or --train-list/--val-list FILE")
-    parts = [read_list(p, data_root, s, class_names) for p, s in lists]
-    names = class_names or max((part.class_names for part in parts), key=len)
-    root = parts[0].root
-    entries = [e for part in parts for e in part.entries]
-    for part in parts[1:]:
-        if part.root != root:
-            raise DatasetError("list files resolve to different data roots; pass --data-root")
-    for i, entry in enumerate(entries):
-        if entry.label >= len(names):
-            entries[i] = VideoEntry(entry.path, -1, entry.split, f"label {entry.label} is out of range")
-    return VideoList(root, entries, list(names))
+    return _read_lists([(Path(p), s) for p, s in lists], data_root, class_names)
