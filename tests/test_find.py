@@ -1,10 +1,13 @@
 """Dataset discovery: class folders with or without a split level, list files, CSV, bad entries."""
+import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from evl_cache.errors import DatasetError
-from evl_cache.video.find import expand_video_inputs, find_videos, read_class_names
+from evl_cache.video.find import VIDEO_SUFFIXES, expand_video_inputs, find_videos, read_class_names
 
 
 def _touch(path):
@@ -203,3 +206,84 @@ def test_csv_class_names_are_shared_by_train_and_val_lists(tmp_path):
     assert found.class_names == ["jump", "run", "walk"]
     assert [(e.path, found.class_names[e.label], e.split) for e in found.entries] == [
         ("a.mp4", "run", "train"), ("b.mp4", "walk", "train"), ("c.mp4", "walk", "val"), ("d.mp4", "jump", "val")]
+
+
+def test_split_folders_beside_hidden_macosx_and_dev_folders(tmp_path):
+    """An unzipped archive's `__MACOSX` (and `.git`) beside train/val made train, val and __MACOSX classes."""
+    for rel in ["train/a/1.mp4", "val/a/2.mp4", "__MACOSX/train/a/._1.mp4", "__MACOSX/x.mp4", ".git/y.mp4"]:
+        _touch(tmp_path / "ds" / rel)
+    found = find_videos(tmp_path / "ds")
+    assert found.class_names == ["a"]
+    assert [(e.path, e.split) for e in found.entries] == [("train/a/1.mp4", "train"), ("val/a/2.mp4", "val")]
+    for rel in ["Train/a/1.mp4", "Dev/b/2.mp4"]:
+        _touch(tmp_path / "dev" / rel)
+    found = find_videos(tmp_path / "dev")
+    assert [(e.path, e.split) for e in found.entries] == [("Dev/b/2.mp4", "val"), ("Train/a/1.mp4", "train")]
+
+
+def test_a_folder_beside_mostly_split_folders_is_left_out_with_a_warning(tmp_path, caplog):
+    for rel in ["train/a/1.mp4", "val/a/2.mp4", "test/b/3.mp4", "extras/a/4.mp4", "extras/5.mp4"]:
+        _touch(tmp_path / rel)
+    found = find_videos(tmp_path)
+    assert found.class_names == ["a", "b"]
+    assert [e.split for e in found.entries] == ["test", "train", "val"]
+    warnings = [r.getMessage() for r in caplog.records if "extras" in r.getMessage()]
+    assert warnings == [f"{tmp_path / 'extras'}: not a split folder (test, train, val are); "
+                        "left out with the 2 videos it holds"]
+
+
+@pytest.mark.parametrize("folders", [["train", "dance", "jump"], ["val", "dance"]])
+def test_split_and_class_folders_mixed_at_the_top_are_refused(tmp_path, folders):
+    """`train/` beside class folders gave classes train, dance, jump, all in split none."""
+    for name in folders:
+        _touch(tmp_path / name / "x" / "1.mp4")
+    splits, others = folders[0], ", ".join(sorted(folders[1:]))
+    with pytest.raises(DatasetError, match=f"top-level folders mix split names \\({splits}\\) and other names "
+                                           f"\\({others}\\): put every class folder under a split folder, or none"):
+        find_videos(tmp_path)
+
+
+def test_a_cache_inside_the_videos_folder_is_never_a_class_or_a_video(tmp_path):
+    """`extract --videos ds --out ds/feats.zarr` run again took feats.zarr for a class."""
+    ds = tmp_path / "ds"
+    for rel in ["run/1.mp4", "walk/2.mp4", "walk/keep.h5", "feats.zarr/zarr.json", "feats.zarr/c/0/0.mp4",
+                "store/zarr.json", "store/run/x.mp4", ".feats.creating.zarr/run/y.mp4", "out/run/z.mp4",
+                "walk/written.mp4", "feats.part-0-of-2.h5"]:
+        _touch(ds / rel)
+    exclude = [ds / "run" / ".." / "out", ds / "walk" / "written.mp4", ds / "feats.part-0-of-2.h5"]
+    found = find_videos(ds, exclude=exclude)
+    assert found.class_names == ["run", "walk"]
+    assert [e.path for e in found.entries] == ["run/1.mp4", "walk/2.mp4"]
+    assert ".h5" not in VIDEO_SUFFIXES
+    for split in ("train", "val"):
+        _touch(tmp_path / "splits" / split / "a" / "1.mp4")
+    _touch(tmp_path / "splits" / "feats.zarr" / "zarr.json")
+    assert {e.split for e in find_videos(tmp_path / "splits").entries} == {"train", "val"}
+
+
+def test_unreadable_folders_are_listed_and_warned_about(tmp_path, monkeypatch, caplog):
+    """Tests run as root, where chmod 000 does not stop reads: listing a folder named in `refused` fails as
+    it would for a user without the permission."""
+    for rel in ["run/1.mp4", "run/private/2.mp4", "jump/3.mp4", "walk/4.mp4"]:
+        _touch(tmp_path / "ds" / rel)
+    scandir, refused = os.scandir, {"private", "jump"}
+
+    def refusing_scandir(path="."):
+        if Path(path).name in refused:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    found = find_videos(tmp_path / "ds")
+    assert [e.path for e in found.entries] == ["run/1.mp4", "walk/4.mp4"]
+    unreadable = [f"{tmp_path / 'ds' / 'jump'}: Permission denied", f"{tmp_path / 'ds' / 'run' / 'private'}: "
+                  "Permission denied"]
+    assert found.unreadable == unreadable
+    warnings = [r.getMessage() for r in caplog.records if "cannot read" in r.getMessage()]
+    assert warnings == [f"{line.split(':')[0]}: cannot read this folder (Permission denied); its videos are left out"
+                        for line in unreadable]
+    for rel in ["train/a/1.mp4", "val/a/2.mp4"]:
+        _touch(tmp_path / "split" / rel)
+    refused = {"val"}
+    found = find_videos(tmp_path / "split")
+    assert [e.path for e in found.entries] == ["train/a/1.mp4"]
+    assert found.unreadable == [f"{tmp_path / 'split' / 'val'}: Permission denied"]

@@ -1,19 +1,25 @@
 """Find a dataset's videos, labels, splits and class names.
 
 Three input forms:
-- a folder per class, `root/<class>/*`, optionally with a split level above it
-  (`root/train/<class>/*`, `root/val/<class>/*`; `validate`/`validation` count as `val`, `test` as `test`);
+- a folder per class, `root/<class>/*`, optionally with a split level above it (`root/train/<class>/*`,
+  `root/val/<class>/*`; `training` counts as `train`, `valid`/`validate`/`validation`/`dev` as `val`,
+  `testing` as `test`, in any case). Hidden folders, `__MACOSX`, Zarr stores and the caller's `exclude`
+  (the cache being written) are never classes or videos. The top level is a split level when more than
+  half of its folders are split names (the others are left out with a warning); a mix with fewer split
+  names is refused, as guessing would train on a split or a split folder become a class;
 - the authors' list format, one `path label` per line (label an integer; `path<TAB>label` splits at
   the tab), paths under `--data-root`;
 - a CSV (comma- or tab-separated) with a header that has `path` and `label` columns (label a name or an
-  integer) and an optional `split` column.
+  integer) and an optional `split` column (a split name as above, or empty for the list's own split; any
+  other value fails the entry).
 
 Every list, CSV and class-name file is read as people save them: UTF-8, or UTF-16/32 with a byte-order
 mark, any line endings; bytes in another encoding are a one-line error naming the line.
 
 Problems with single entries (a list line without a label, a label out of range, a path an earlier
 line already lists) do not stop anything: the entry keeps its `error` and extraction records it as
-failed. Problems with the whole input (a missing folder, an empty dataset) raise `DatasetError`.
+failed. Problems with the whole input (a missing folder, an empty dataset) raise `DatasetError`. Folders
+that cannot be read are listed in `VideoList.unreadable`, each with a warning.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import DatasetError
@@ -56,6 +63,7 @@ class VideoList:
     root: Path
     entries: list[VideoEntry]
     class_names: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # `folder: reason` for each folder that could not be read
 
     def count_by_split(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -110,43 +118,94 @@ def _is_table(path: Path) -> bool:
     return path.suffix.lower() in TABLE_SUFFIXES
 
 
-def _video_files(folder: Path) -> list[Path]:
-    """Video files under `folder`, recursively, sorted; symlinked folders are not followed (no loops)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if not name.startswith(".") and Path(name).suffix.lower() in VIDEO_SUFFIXES:
-                found.append(Path(dirpath) / name)
-    return found
+def _is_zarr_store(folder: str) -> bool:
+    return folder.lower().endswith(".zarr") or os.path.isfile(os.path.join(folder, "zarr.json"))
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+class _Scan:
+    """Lists the folders and videos of a dataset, never entering hidden folders, `__MACOSX`, Zarr stores or
+    the `exclude`d paths (a cache written inside the videos folder is never a class or a video), and noting
+    each folder it cannot read."""
+
+    def __init__(self, exclude: Iterable[str | Path] = ()):
+        self.excluded = frozenset(os.path.realpath(path) for path in exclude)
+        self.unreadable: list[str] = []
+
+    def _cannot_read(self, error: OSError) -> None:
+        self.unreadable.append(f"{error.filename}: {error.strerror or error}")
+        log.warning("%s: cannot read this folder (%s); its videos are left out", error.filename,
+                    error.strerror or error)
+
+    def _enters(self, parent: str, real_parent: str, name: str) -> bool:
+        return not (name.startswith(".") or name == "__MACOSX" or os.path.join(real_parent, name) in self.excluded
+                    or _is_zarr_store(os.path.join(parent, name)))
+
+    def subfolders(self, folder: Path) -> list[Path]:
+        try:
+            with os.scandir(folder) as listing:
+                names = [entry.name for entry in listing if entry.is_dir()]
+        except OSError as error:
+            self._cannot_read(error)
+            return []
+        real = os.path.realpath(folder)
+        return sorted(folder / name for name in names if self._enters(str(folder), real, name))
+
+    def video_files(self, folder: Path) -> list[Path]:
+        """Video files under `folder`, recursively, sorted; symlinked folders are not followed (no loops)."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder, onerror=self._cannot_read, followlinks=False):
+            real = os.path.realpath(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if self._enters(dirpath, real, d))
+            found += [Path(dirpath, name) for name in sorted(filenames)
+                      if not name.startswith(".") and Path(name).suffix.lower() in VIDEO_SUFFIXES
+                      and os.path.join(real, name) not in self.excluded]
+        return found
 
 
-def scan_folder(root: str | Path) -> VideoList:
-    """Videos laid out as `root/[<split>/]<class>/*`; class names sorted, shared across splits."""
+def _split_folders(root: Path, scan: _Scan) -> list[tuple[str, Path]]:
+    """(split, folder) pairs whose subfolders are the classes: the split folders (train, val, test) when
+    more than half of the top-level folders are named for a split (the others are left out, each with a
+    warning), else `root` itself with split `none`. Fewer split folders than others is too ambiguous to
+    guess and raises."""
+    top = scan.subfolders(root)
+    splits = [folder for folder in top if folder.name.lower() in SPLIT_NAMES]
+    others = [folder for folder in top if folder.name.lower() not in SPLIT_NAMES]
+    if not splits:
+        return [("none", root)]
+    if len(others) >= len(splits):
+        raise DatasetError(f"top-level folders mix split names ({_some(splits)}) and other names ({_some(others)}): "
+                           "put every class folder under a split folder, or none", root)
+    for folder in others:
+        log.warning("%s: not a split folder (%s are); left out with the %d videos it holds", folder, _some(splits),
+                    len(scan.video_files(folder)))
+    return [(SPLIT_NAMES[folder.name.lower()], folder) for folder in splits]
+
+
+def _some(folders: list[Path], shown: int = 5) -> str:
+    """`a, b, c`, or past `shown` names `a, b, c, d, e and 7 more`."""
+    more = f" and {len(folders) - shown} more" if len(folders) > shown else ""
+    return ", ".join(folder.name for folder in folders[:shown]) + more
+
+
+def scan_folder(root: str | Path, exclude: Iterable[str | Path] = ()) -> VideoList:
+    """Videos laid out as `root/[<split>/]<class>/*`; class names sorted, shared across splits. Paths in
+    `exclude` are never listed."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError("videos folder not found" if not root.exists() else "not a folder", root)
-    top = _subfolders(root)
-    split_level = bool(top) and all(p.name.lower() in SPLIT_NAMES for p in top)
-    groups = [(SPLIT_NAMES[p.name.lower()], p) for p in top] if split_level else [("none", root)]
-    class_dirs: list[tuple[str, Path]] = []
-    for split, folder in groups:
-        class_dirs += [(split, d) for d in _subfolders(folder)]
+    scan = _Scan(exclude)
+    class_dirs = [(split, d) for split, folder in _split_folders(root, scan) for d in scan.subfolders(folder)]
     class_names = sorted({d.name for _, d in class_dirs})
     index = {name: i for i, name in enumerate(class_names)}
     entries = []
     for split, class_dir in class_dirs:
-        files = _video_files(class_dir)
+        files = scan.video_files(class_dir)
         if not files:
             log.warning("%s: class folder holds no videos", class_dir)
         entries += [VideoEntry(f.relative_to(root).as_posix(), index[class_dir.name], split) for f in files]
     if not entries:
         raise DatasetError("no videos found (expected <class>/<video> or <split>/<class>/<video>)", root)
-    return VideoList(root, entries, class_names)
+    return VideoList(root, entries, class_names, scan.unreadable)
 
 
 def read_class_names(path: str | Path) -> list[str]:
@@ -306,7 +365,7 @@ def expand_video_inputs(inputs: list[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += _video_files(item)
+            paths += _Scan().video_files(item)
         elif _is_table(item) and item.is_file():
             _, rows = _read_table(item, "video list")
             paths += [item.parent / row["path"].strip() for _, row in rows if (row.get("path") or "").strip()]
@@ -325,13 +384,15 @@ def expand_video_inputs(inputs: list[str | Path]) -> list[Path]:
 
 def find_videos(videos: str | Path | None = None, train_list: str | Path | None = None,
                 val_list: str | Path | None = None, data_root: str | Path | None = None,
-                classes: str | Path | None = None) -> VideoList:
-    """The dataset a command names: a folder, or train/val list files (optionally with class names)."""
+                classes: str | Path | None = None, exclude: Iterable[str | Path] = ()) -> VideoList:
+    """The dataset a command names: a folder, or train/val list files (optionally with class names).
+    `exclude`: paths in the folder never taken as a video or a class (the cache being written, its part
+    files)."""
     class_names = read_class_names(classes) if classes else None
     if videos is not None:
         if train_list or val_list:
             raise DatasetError("give either --videos or --train-list/--val-list, not both")
-        found = scan_folder(videos)
+        found = scan_folder(videos, exclude)
         if class_names is not None:
             if sorted(class_names) != found.class_names:
                 raise DatasetError("--classes does not name the same classes as the class folders", classes)
