@@ -287,3 +287,44 @@ def test_unreadable_folders_are_listed_and_warned_about(tmp_path, monkeypatch, c
     found = find_videos(tmp_path / "split")
     assert [e.path for e in found.entries] == ["train/a/1.mp4"]
     assert found.unreadable == [f"{tmp_path / 'split' / 'val'}: Permission denied"]
+
+
+def test_class_names_that_differ_only_by_case_or_separators_are_warned_about(tmp_path, caplog):
+    for name in ["alpha", "Alpha", "beta", "beta_", "brush hair", "brush-hair", "gamma"]:
+        _touch(tmp_path / "ds" / name / "1.mp4")
+    found = find_videos(tmp_path / "ds")
+    assert len(found.class_names) == 7
+    warnings = [r.getMessage() for r in caplog.records if "differ only" in r.getMessage()]
+    assert warnings == [f"{tmp_path / 'ds'}: class names that differ only by case, spaces, underscores or hyphens: "
+                        "['Alpha', 'alpha'], ['beta', 'beta_'], ['brush hair', 'brush-hair']; they are separate "
+                        "classes unless a --classes mapping (name -> index) gives them one index"]
+    caplog.clear()
+    (tmp_path / "train.csv").write_text("path,label\na.mp4,Walk\nb.mp4,run\n")
+    (tmp_path / "val.csv").write_text("path,label\nc.mp4,walk\n")
+    find_videos(train_list=tmp_path / "train.csv", val_list=tmp_path / "val.csv")
+    assert [r.getMessage() for r in caplog.records if "differ only" in r.getMessage()] == [
+        f"{tmp_path / 'train.csv'}, {tmp_path / 'val.csv'}: class names that differ only by case, spaces, "
+        "underscores or hyphens: ['Walk', 'walk']; they are separate classes unless a --classes mapping "
+        "(name -> index) gives them one index"]
+
+
+def test_a_classes_mapping_may_give_several_names_one_index(tmp_path, caplog):
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps({"beta": 1, "alpha": 0, "Alpha": 0, "beta_": 1}))
+    assert read_class_names(classes) == ["alpha", "beta"]
+    for name in ["alpha", "Alpha", "beta_"]:
+        _touch(tmp_path / "ds" / name / "1.mp4")
+    found = find_videos(tmp_path / "ds", classes=classes)
+    assert found.class_names == ["alpha", "beta"]
+    assert [(e.path, e.label) for e in found.entries] == [("Alpha/1.mp4", 0), ("alpha/1.mp4", 0), ("beta_/1.mp4", 1)]
+    assert not [r for r in caplog.records if "differ only" in r.getMessage()]
+    table = tmp_path / "d.csv"
+    table.write_text("path,label\na.mp4,Alpha\nb.mp4,beta_\nc.mp4,beta\nd.mp4,1\ne.mp4,BETA\n")
+    found = find_videos(train_list=table, classes=classes)
+    assert [e.label for e in found.entries] == [0, 1, 1, 1, -1] and "'BETA'" in found.entries[4].error
+    _touch(tmp_path / "ds" / "delta" / "1.mp4")
+    classes.write_text(json.dumps({"alpha": 0, "Alpha": 0, "beta": 1, "gamma": 2}))
+    with pytest.raises(DatasetError, match="classes.json: --classes does not name the same classes as the class "
+                                           r"folders \(folders it does not name: beta_, delta; classes without a "
+                                           r"folder: beta, gamma\)"):
+        find_videos(tmp_path / "ds", classes=classes)

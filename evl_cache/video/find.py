@@ -13,6 +13,9 @@ Three input forms:
   integer) and an optional `split` column (a split name as above, or empty for the list's own split; any
   other value fails the entry).
 
+Class names that differ only by case, spaces, underscores or hyphens (`Alpha`, `alpha`) are warned about:
+they train as separate classes unless a `--classes` mapping gives them one index.
+
 Every list, CSV and class-name file is read as people save them: UTF-8, or UTF-16/32 with a byte-order
 mark, any line endings; bytes in another encoding are a one-line error naming the line.
 
@@ -28,7 +31,8 @@ import csv
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -70,6 +74,22 @@ class VideoList:
         for entry in self.entries:
             counts[entry.split] = counts.get(entry.split, 0) + 1
         return counts
+
+
+@dataclass(frozen=True)
+class ClassNames:
+    """Class names by index, and the index of every name a label or class folder may use: a `--classes`
+    mapping may give several names (`Alpha`, `alpha`) one index, making them one class."""
+    names: list[str]
+    index: dict[str, int]
+
+    @classmethod
+    def of(cls, names: list[str]) -> ClassNames:
+        """One name per class, in index order (a name listed twice keeps its first index)."""
+        index: dict[str, int] = {}
+        for i, name in enumerate(names):
+            index.setdefault(name, i)
+        return cls(list(names), index)
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -208,36 +228,80 @@ def scan_folder(root: str | Path, exclude: Iterable[str | Path] = ()) -> VideoLi
     return VideoList(root, entries, class_names, scan.unreadable)
 
 
-def read_class_names(path: str | Path) -> list[str]:
-    """Class names from a plain list (one per line), the EVL authors' JSON mapping (name -> index), or a
-    CSV with an `id,name` header (ViFi-CLIP's and X-CLIP's label files)."""
+def read_classes(path: str | Path) -> ClassNames:
+    """Classes from a plain list (one name per line), a JSON list, the EVL authors' JSON mapping (name ->
+    index; several names may share an index, the first names the class) or a CSV with an `id,name` header
+    (ViFi-CLIP's and X-CLIP's label files; ids may repeat likewise)."""
     path = Path(path)
     if _is_table(path):
         header, rows = _read_table(path, "class names")
         if not rows or not {"id", "name"} <= set(header):
             raise DatasetError("a class-name CSV needs an id,name header and a row per class", path)
         try:
-            by_index = sorted((int(row["id"]), (row["name"] or "").strip()) for _, row in rows)
+            pairs = [((row["name"] or "").strip(), int(row["id"])) for _, row in rows]
         except (TypeError, ValueError):
             raise DatasetError("class ids in the CSV are not all integers", path) from None
-        if [i for i, _ in by_index] != list(range(len(by_index))):
-            raise DatasetError("class ids in the CSV are not 0..K-1", path)
-        return [name for _, name in by_index]
+        return _indexed(pairs, "class ids in the CSV are not 0..K-1", path)
     text = _read_text(path, "class names")
-    if path.suffix.lower() == ".json":
-        mapping = _parse_json(text, path)
-        if isinstance(mapping, list):
-            return [str(name) for name in mapping]
-        if not isinstance(mapping, dict):
-            raise DatasetError("a class-name JSON is a list of names or a mapping name -> index", path)
-        try:
-            by_index = sorted((int(i), str(name)) for name, i in mapping.items())
-        except (TypeError, ValueError):
-            raise DatasetError("class indices in the mapping are not all integers", path) from None
-        if [i for i, _ in by_index] != list(range(len(by_index))):
-            raise DatasetError("class mapping indices are not 0..K-1", path)
-        return [name for _, name in by_index]
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    if path.suffix.lower() != ".json":
+        return ClassNames.of([line.strip() for line in text.splitlines() if line.strip()])
+    mapping = _parse_json(text, path)
+    if isinstance(mapping, list):
+        return ClassNames.of([str(name) for name in mapping])
+    if not isinstance(mapping, dict):
+        raise DatasetError("a class-name JSON is a list of names or a mapping name -> index", path)
+    try:
+        pairs = [(str(name), int(i)) for name, i in mapping.items()]
+    except (TypeError, ValueError):
+        raise DatasetError("class indices in the mapping are not all integers", path) from None
+    return _indexed(pairs, "class mapping indices are not 0..K-1", path)
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """The class names of a `--classes` file (see `read_classes`), one per index."""
+    return read_classes(path).names
+
+
+def _indexed(pairs: list[tuple[str, int]], reason: str, path: Path) -> ClassNames:
+    """Classes from (name, index) pairs in file order; the first name of an index names its class."""
+    index: dict[str, int] = {}
+    for name, i in pairs:
+        index.setdefault(name, i)
+    first: dict[int, str] = {}
+    for name, i in index.items():
+        first.setdefault(i, name)
+    if sorted(first) != list(range(len(first))):
+        raise DatasetError(reason, path)
+    return ClassNames([first[i] for i in range(len(first))], index)
+
+
+def _warn_near_duplicates(names: list[str], where: str | Path) -> None:
+    """Warn about class names that differ only by case, spaces, underscores or hyphens: most likely one
+    class spelled two ways, which would train as two."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(set(names)):
+        groups.setdefault(re.sub(r"[\s_-]+", "", name.casefold()), []).append(name)
+    similar = [group for group in groups.values() if len(group) > 1]
+    if similar:
+        log.warning("%s: class names that differ only by case, spaces, underscores or hyphens: %s; they are "
+                    "separate classes unless a --classes mapping (name -> index) gives them one index", where,
+                    ", ".join(map(str, similar)))
+
+
+def _use_classes(found: VideoList, classes: ClassNames, path: str | Path) -> None:
+    """Relabel a folder scan's videos by `classes`, which must name every class folder (up to aliases)
+    and have a folder for each of its classes."""
+    unknown = [name for name in found.class_names if name not in classes.index]
+    covered = {classes.index[name] for name in found.class_names if name in classes.index}
+    missing = [name for i, name in enumerate(classes.names) if i not in covered]
+    if unknown or missing:
+        problems = [f"{what}: {', '.join(names)}" for what, names in
+                    (("folders it does not name", unknown), ("classes without a folder", missing)) if names]
+        raise DatasetError(f"--classes does not name the same classes as the class folders "
+                           f"({'; '.join(problems)})", path)
+    relabel = [classes.index[name] for name in found.class_names]
+    found.entries = [replace(entry, label=relabel[entry.label]) for entry in found.entries]
+    found.class_names = list(classes.names)
 
 
 def _parse_json(text: str, path: Path) -> object:
@@ -290,57 +354,58 @@ def _is_integer(text: str) -> bool:
     return text.lstrip("-").isdigit()
 
 
-def _names_from_labels(lists: list[tuple[Path, list[_ListRow]]]) -> list[str] | None:
-    """Class names (sorted) that the labels of CSV lists spell out, pooled over all lists so that a name has
-    one index everywhere; None when every label is an integer."""
+def _classes_from_labels(lists: list[tuple[Path, list[_ListRow]]]) -> ClassNames | None:
+    """Classes (sorted) that the labels of CSV lists spell out, pooled over all lists so that a name has one
+    index everywhere; None when every label is an integer."""
     names = sorted({row.label for path, rows in lists if _is_table(path) for row in rows
                     if row.label and not _is_integer(row.label)})
-    return names or None
+    if not names:
+        return None
+    _warn_near_duplicates(names, ", ".join(str(path) for path, _ in lists))
+    return ClassNames.of(names)
 
 
-def _label_index(raw: str, class_names: list[str] | None, where: str) -> tuple[int, str]:
+def _label_index(raw: str, classes: ClassNames | None, where: str) -> tuple[int, str]:
     """Parse a label (integer or class name); returns (label, error)."""
     if not raw:
         return -1, f"{where}: no label"
-    if class_names is not None and raw in class_names:
-        return class_names.index(raw), ""
+    if classes is not None and raw in classes.index:
+        return classes.index[raw], ""
     try:
         label = int(raw)
     except ValueError:
         return -1, f"{where}: label {raw!r} is neither an integer nor a known class name"
-    if label < 0 or (class_names is not None and label >= len(class_names)):
+    if label < 0 or (classes is not None and label >= len(classes.names)):
         return -1, f"{where}: label {label} is out of range"
     return label, ""
 
 
-def _entries(path: Path, rows: list[_ListRow], class_names: list[str] | None) -> list[VideoEntry]:
+def _entries(path: Path, rows: list[_ListRow], classes: ClassNames | None) -> list[VideoEntry]:
     entries = []
     for row in rows:
-        label, error = _label_index(row.label, class_names, f"{path.name} line {row.line}")
+        label, error = _label_index(row.label, classes, f"{path.name} line {row.line}")
         entries.append(VideoEntry(row.path, label, row.split, error or row.error))
     return _mark_duplicates(entries, [row.line for row in rows], path.name)
 
 
 def read_list(path: str | Path, data_root: str | Path | None, split: str,
-              class_names: list[str] | None = None) -> VideoList:
+              classes: ClassNames | None = None) -> VideoList:
     """The authors' `path label` list or a CSV with a header (`path,label[,split]`)."""
-    return _read_lists([(Path(path), split)], data_root, class_names)
+    return _read_lists([(Path(path), split)], data_root, classes)
 
 
 def _read_lists(lists: list[tuple[Path, str]], data_root: str | Path | None,
-                class_names: list[str] | None) -> VideoList:
+                classes: ClassNames | None) -> VideoList:
     """The videos of list files, each with its default split; paths are under `data_root`, by default the
-    lists' folder. Without `class_names`, CSV labels name the classes."""
+    lists' folder. Without `classes`, CSV labels name the classes, else they are indices."""
     roots = {Path(data_root) if data_root is not None else path.parent for path, _ in lists}
     if len(roots) > 1:
         raise DatasetError("list files resolve to different data roots; pass --data-root")
     rows = [(path, _read_rows(path, split)) for path, split in lists]
-    if class_names is None:
-        class_names = _names_from_labels(rows)
-    entries = [entry for path, part in rows for entry in _entries(path, part, class_names)]
-    if class_names is None:
-        class_names = [str(i) for i in range(max(e.label for e in entries) + 1)]
-    return VideoList(roots.pop(), entries, list(class_names))
+    classes = classes or _classes_from_labels(rows)
+    entries = [entry for path, part in rows for entry in _entries(path, part, classes)]
+    names = classes.names if classes else [str(i) for i in range(max(e.label for e in entries) + 1)]
+    return VideoList(roots.pop(), entries, list(names))
 
 
 def _mark_duplicates(entries: list[VideoEntry], line_numbers: list[int], list_name: str) -> list[VideoEntry]:
@@ -388,19 +453,17 @@ def find_videos(videos: str | Path | None = None, train_list: str | Path | None 
     """The dataset a command names: a folder, or train/val list files (optionally with class names).
     `exclude`: paths in the folder never taken as a video or a class (the cache being written, its part
     files)."""
-    class_names = read_class_names(classes) if classes else None
+    known = read_classes(classes) if classes else None
     if videos is not None:
         if train_list or val_list:
             raise DatasetError("give either --videos or --train-list/--val-list, not both")
         found = scan_folder(videos, exclude)
-        if class_names is not None:
-            if sorted(class_names) != found.class_names:
-                raise DatasetError("--classes does not name the same classes as the class folders", classes)
-            remap = [class_names.index(name) for name in found.class_names]
-            found.entries = [VideoEntry(e.path, remap[e.label], e.split, e.error) for e in found.entries]
-            found.class_names = class_names
+        if known is None:
+            _warn_near_duplicates(found.class_names, videos)
+        else:
+            _use_classes(found, known, classes)
         return found
     lists = [(p, s) for p, s in ((train_list, "train"), (val_list, "val")) if p]
     if not lists:
         raise DatasetError("no input: pass --videos FOLDER or --train-list/--val-list FILE")
-    return _read_lists([(Path(p), s) for p, s in lists], data_root, class_names)
+    return _read_lists([(Path(p), s) for p, s in lists], data_root, known)
