@@ -328,3 +328,11 @@ def test_a_classes_mapping_may_give_several_names_one_index(tmp_path, caplog):
                                            r"folders \(folders it does not name: beta_, delta; classes without a "
                                            r"folder: beta, gamma\)"):
         find_videos(tmp_path / "ds", classes=classes)
+
+
+def test_urls_among_predict_inputs_are_kept_as_written(tmp_path):
+    """Path("https://x/y.mp4") is https:/x/y.mp4: a local path that names nothing, not a URL to refuse."""
+    (tmp_path / "p.txt").write_text("s3://bucket/a.mp4 0\nlocal.mp4\n")
+    (tmp_path / "p.csv").write_text("path\nhttp://host/b.mp4\n")
+    assert expand_video_inputs(["https://x/y.mp4", tmp_path / "p.txt", tmp_path / "p.csv", "v.mp4"]) == [
+        "https://x/y.mp4", "s3://bucket/a.mp4", tmp_path / "local.mp4", "http://host/b.mp4", Path("v.mp4")]

@@ -423,28 +423,37 @@ def _mark_duplicates(entries: list[VideoEntry], line_numbers: list[int], list_na
     return marked
 
 
-def expand_video_inputs(inputs: list[str | Path]) -> list[Path]:
+def expand_video_inputs(inputs: list[str | Path]) -> list[Path | str]:
     """Video paths from files, folders (searched recursively) and list files (.txt: a path first on each
-    line; .csv: a `path` column; relative to the list's folder). Missing paths are kept, to fail later
-    with their own message."""
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
+    line; .csv/.tsv: a `path` column; relative to the list's folder). A URL (anything with `://`) stays the
+    string it was, for the caller to refuse; missing paths are kept, to fail later with their own message."""
+    paths: list[Path | str] = []
+    for given in inputs:
+        item = Path(given)
+        if "://" in str(given):
+            paths.append(str(given))
+        elif item.is_dir():
             paths += _Scan().video_files(item)
         elif _is_table(item) and item.is_file():
             _, rows = _read_table(item, "video list")
-            paths += [item.parent / row["path"].strip() for _, row in rows if (row.get("path") or "").strip()]
+            paths += [_listed_input(item, row["path"]) for _, row in rows if (row.get("path") or "").strip()]
         elif item.suffix.lower() == ".txt" and item.is_file():
             for line in _read_text(item, "video list").splitlines():
                 if line.strip() and not line.lstrip().startswith("#"):
                     path, label = _split_list_line(line)
                     is_label = label and ("\t" in line.strip() or _is_integer(label))
-                    paths.append(item.parent / (path if is_label else line.strip()))
+                    paths.append(_listed_input(item, path if is_label else line))
         else:
             paths.append(item)
     if not paths:
         raise DatasetError("no videos given")
     return paths
+
+
+def _listed_input(listing: Path, written: str) -> Path | str:
+    """A list file's entry: a URL as written, else a path relative to the list's folder."""
+    written = written.strip()
+    return written if "://" in written else listing.parent / written
 
 
 def find_videos(videos: str | Path | None = None, train_list: str | Path | None = None,
