@@ -312,6 +312,12 @@ def test_a_classes_mapping_may_give_several_names_one_index(tmp_path, caplog):
     classes = tmp_path / "classes.json"
     classes.write_text(json.dumps({"beta": 1, "alpha": 0, "Alpha": 0, "beta_": 1}))
     assert read_class_names(classes) == ["alpha", "beta"]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,name\n1,beta\n0,alpha\n0,Alpha\n")
+    assert read_class_names(labels) == ["alpha", "beta"]
+    listed = tmp_path / "listed.json"
+    listed.write_text(json.dumps(["beta", "alpha"]))
+    assert read_class_names(listed) == ["beta", "alpha"]
     for name in ["alpha", "Alpha", "beta_"]:
         _touch(tmp_path / "ds" / name / "1.mp4")
     found = find_videos(tmp_path / "ds", classes=classes)

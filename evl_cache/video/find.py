@@ -32,8 +32,8 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field, replace
 from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import DatasetError
@@ -182,23 +182,23 @@ class _Scan:
         return found
 
 
-def _split_folders(root: Path, scan: _Scan) -> list[tuple[str, Path]]:
-    """(split, folder) pairs whose subfolders are the classes: the split folders (train, val, test) when
-    more than half of the top-level folders are named for a split (the others are left out, each with a
-    warning), else `root` itself with split `none`. Fewer split folders than others is too ambiguous to
-    guess and raises."""
+def _class_folders(root: Path, scan: _Scan) -> list[tuple[str, Path]]:
+    """(split, class folder) pairs. The top level of `root` is a split level (train, val, test) when more
+    than half of its folders are named for a split, the others being left out with a warning each; with no
+    split names, its folders are the classes (split `none`); fewer split names than others is too
+    ambiguous to guess and raises."""
     top = scan.subfolders(root)
     splits = [folder for folder in top if folder.name.lower() in SPLIT_NAMES]
     others = [folder for folder in top if folder.name.lower() not in SPLIT_NAMES]
     if not splits:
-        return [("none", root)]
+        return [("none", folder) for folder in top]
     if len(others) >= len(splits):
         raise DatasetError(f"top-level folders mix split names ({_some(splits)}) and other names ({_some(others)}): "
                            "put every class folder under a split folder, or none", root)
     for folder in others:
         log.warning("%s: not a split folder (%s are); left out with the %d videos it holds", folder, _some(splits),
                     len(scan.video_files(folder)))
-    return [(SPLIT_NAMES[folder.name.lower()], folder) for folder in splits]
+    return [(SPLIT_NAMES[split.name.lower()], folder) for split in splits for folder in scan.subfolders(split)]
 
 
 def _some(folders: list[Path], shown: int = 5) -> str:
@@ -214,7 +214,7 @@ def scan_folder(root: str | Path, exclude: Iterable[str | Path] = ()) -> VideoLi
     if not root.is_dir():
         raise DatasetError("videos folder not found" if not root.exists() else "not a folder", root)
     scan = _Scan(exclude)
-    class_dirs = [(split, d) for split, folder in _split_folders(root, scan) for d in scan.subfolders(folder)]
+    class_dirs = _class_folders(root, scan)
     class_names = sorted({d.name for _, d in class_dirs})
     index = {name: i for i, name in enumerate(class_names)}
     entries = []
@@ -262,6 +262,14 @@ def read_class_names(path: str | Path) -> list[str]:
     return read_classes(path).names
 
 
+def _parse_json(text: str, path: Path) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}",
+                           path) from None
+
+
 def _indexed(pairs: list[tuple[str, int]], reason: str, path: Path) -> ClassNames:
     """Classes from (name, index) pairs in file order; the first name of an index names its class."""
     index: dict[str, int] = {}
@@ -302,14 +310,6 @@ def _use_classes(found: VideoList, classes: ClassNames, path: str | Path) -> Non
     relabel = [classes.index[name] for name in found.class_names]
     found.entries = [replace(entry, label=relabel[entry.label]) for entry in found.entries]
     found.class_names = list(classes.names)
-
-
-def _parse_json(text: str, path: Path) -> object:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DatasetError(f"not valid JSON: {error.msg} at line {error.lineno} column {error.colno}",
-                           path) from None
 
 
 @dataclass(frozen=True)
@@ -390,7 +390,8 @@ def _entries(path: Path, rows: list[_ListRow], classes: ClassNames | None) -> li
 
 def read_list(path: str | Path, data_root: str | Path | None, split: str,
               classes: ClassNames | None = None) -> VideoList:
-    """The authors' `path label` list or a CSV with a header (`path,label[,split]`)."""
+    """The authors' `path label` list or a CSV with a header (`path,label[,split]`). Labels are indices or
+    names of `classes` (see `read_classes`); without it, a CSV's labels name the classes."""
     return _read_lists([(Path(path), split)], data_root, classes)
 
 
@@ -402,9 +403,10 @@ def _read_lists(lists: list[tuple[Path, str]], data_root: str | Path | None,
     if len(roots) > 1:
         raise DatasetError("list files resolve to different data roots; pass --data-root")
     rows = [(path, _read_rows(path, split)) for path, split in lists]
-    classes = classes or _classes_from_labels(rows)
+    if classes is None:
+        classes = _classes_from_labels(rows)
     entries = [entry for path, part in rows for entry in _entries(path, part, classes)]
-    names = classes.names if classes else [str(i) for i in range(max(e.label for e in entries) + 1)]
+    names = classes.names if classes is not None else [str(i) for i in range(max(e.label for e in entries) + 1)]
     return VideoList(roots.pop(), entries, list(names))
 
 
@@ -416,8 +418,7 @@ def _mark_duplicates(entries: list[VideoEntry], line_numbers: list[int], list_na
     for entry, line_no in zip(entries, line_numbers):
         key = os.path.normpath(entry.path)
         if key in seen and not entry.error:
-            entry = VideoEntry(entry.path, entry.label, entry.split,
-                               f"{list_name} line {line_no}: duplicate of line {seen[key]}")
+            entry = replace(entry, error=f"{list_name} line {line_no}: duplicate of line {seen[key]}")
         seen.setdefault(key, line_no)
         marked.append(entry)
     return marked
