@@ -74,7 +74,7 @@ def test_a_cache_holding_the_videos_is_never_removed(sample_videos, tmp_path):
     extract(ExtractConfig(out=out, videos=sample_videos, **TINY))
     shutil.copytree(sample_videos, out / "clips")
     before = _tree(tmp_path)
-    with pytest.raises(CacheError, match="holds the --videos"):
+    with pytest.raises(CacheError, match=r"holds\) the --videos"):
         extract(ExtractConfig(out=out, videos=out / "clips", overwrite=True, **TINY))
     assert _tree(tmp_path) == before
 

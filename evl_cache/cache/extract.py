@@ -58,6 +58,7 @@ class ExtractSummary:
     seconds: float
     bytes_written: int
     decoded_frames: int
+    unreadable_folders: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def clips_per_second(self) -> float:
@@ -67,7 +68,8 @@ class ExtractSummary:
         return (f"extract: {self.done} done, {self.failed} failed, {self.skipped} skipped (already done) "
                 f"of {self.videos} videos; {self.clips} clips in {self.seconds:.1f} s "
                 f"({self.clips_per_second:.2f} clips/s); {self.bytes_written / 1e6:.1f} MB written "
-                f"to {self.cache}")
+                f"to {self.cache}" + (f"; {len(self.unreadable_folders)} folder(s) could not be read, their "
+                                      f"videos left out (see the warnings)" if self.unreadable_folders else ""))
 
 
 @dataclass
@@ -219,6 +221,7 @@ def extract(config: ExtractConfig) -> ExtractSummary | CachePlan:
     started, bytes_before = time.perf_counter(), disk_usage(location(config.out))
     counts = _extract_videos(config, dataset, todo, tower, layout, process, device)
     summary = _summarise(config, process, layout, counts, len(todo), time.perf_counter() - started, bytes_before)
+    summary.unreadable_folders = list(dataset.unreadable)
     if process.is_main and summary.done == 0 and summary.skipped == 0:
         raise DatasetError(f"no video could be extracted ({summary.failed} failed); see the reasons above "
                            f"or with `evl-cache info {config.out} --failed`")

@@ -129,7 +129,7 @@ def output_paths(config: ExtractConfig) -> list[Path]:
 def dataset_of(config: ExtractConfig) -> VideoList:
     """The videos `config` names (a folder, or list files), without the cache it writes."""
     return find_videos(config.videos, config.train_list or config.list, config.val_list, config.data_root,
-                       config.classes)
+                       config.classes, exclude=output_paths(config))
 
 
 def clip_spec_of(config: ExtractConfig, size: int) -> ClipSpec:
