@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
+from evl_cache import ExtractConfig, extract  # noqa: E402
+from evl_cache.cache.store import DONE, PENDING, CacheLayout, FeatureStore  # noqa: E402
 from evl_cache.video.synthetic import (  # noqa: E402
     make_sample_dataset,
     moving_shape_frames,
@@ -20,6 +22,8 @@ from evl_cache.video.synthetic import (  # noqa: E402
 )
 
 TINY = "EVL-Tiny"
+# The tiny caches' extraction: the shipped EVL-Tiny config with random weights, 4 frames, 2 blocks.
+TINY_EXTRACT = dict(model=TINY, pretrained="none", frames=4, stride=3, eval_views=2, blocks=2, workers=0)
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +64,76 @@ def messy_videos(tmp_path_factory) -> Path:
     truncate_file(bad / "truncated.mp4", 0.3)
     (bad / "dangling.mp4").symlink_to(root / "does-not-exist.mp4")
     return root
+
+
+@pytest.fixture(scope="session")
+def messy_cache(messy_videos, tmp_path_factory):
+    """The messy videos extracted in shards of 3: (the cache, the extraction's summary)."""
+    out = tmp_path_factory.mktemp("messy_cache") / "feats.zarr"
+    summary = extract(ExtractConfig(out=out, videos=messy_videos, shard_size=3, **TINY_EXTRACT))
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(sample_videos, tmp_path_factory) -> Path:
+    """The sample videos extracted with TINY_EXTRACT (Zarr): 12 train and 8 val videos, 4 classes."""
+    out = tmp_path_factory.mktemp("tiny") / "feats.zarr"
+    extract(ExtractConfig(out=out, videos=sample_videos, **TINY_EXTRACT))
+    return out
+
+
+@pytest.fixture(scope="session")
+def learnable_cache(tmp_path_factory) -> Path:
+    """Enough videos to learn from: 4 classes (2 told apart by motion only), 6 train and 3 val videos
+    per class, 3 cached blocks."""
+    root = tmp_path_factory.mktemp("learnable")
+    videos = make_sample_dataset(root / "videos", videos_per_class={"train": 6, "val": 3}, num_frames=24,
+                                 size=(40, 52))
+    out = root / "feats.zarr"
+    extract(ExtractConfig(out=out, videos=videos, **{**TINY_EXTRACT, "blocks": 3}))
+    return out
+
+
+RANDOM_LAYOUT = dict(num_videos=10, views=2, frames=5, tokens=7, width=8, grid=(2, 3), embed_dim=6, blocks=(2, 3),
+              shard_size=4)
+PENDING_VIDEOS = (5, 8, 9)  # never written: empty chunks in a shard (5), a shard never written (8, 9)
+
+
+def random_values(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Random stored values of `dtype`: floats, or any code of an integer type."""
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+
+
+def random_cache(path: Path, encoding: str = "fp16") -> Path:
+    """A cache of random stored values with the store's own layout; PENDING_VIDEOS without data, and
+    video 0 with one view of two (its second view's chunks are never written)."""
+    layout = CacheLayout(**RANDOM_LAYOUT, encoding=encoding)
+    attrs = {"blocks": list(layout.blocks), "sampling": {"frames": layout.frames},
+             "backbone": {"width": layout.width, "patch_grid": list(layout.grid)},
+             "storage": {"encoding": encoding, "compress": "none"}}
+    n = layout.num_videos
+    columns = {"path": np.array([f"v{i}.mp4" for i in range(n)], dtype=object),
+               "label": (np.arange(n) % 3).astype(np.int32), "split": np.array(["train"] * n, dtype=object)}
+    store = FeatureStore.create(path, layout, attrs, columns)
+    rng = np.random.default_rng(0)
+    views = np.full(n, layout.views, np.int16)
+    views[0] = 1
+    status = np.full(n, DONE, np.uint8)
+    status[list(PENDING_VIDEOS)] = PENDING
+    for name, (shape, _, dtype) in layout.feature_arrays().items():
+        values = random_values(rng, shape, dtype)
+        values[list(PENDING_VIDEOS)] = 0
+        values[0, 1:] = 0
+        if store.kind == "zarr":
+            for start in range(0, n, layout.shard_size):  # whole shards, as extraction writes them
+                store.write_block(name, start, values[start:start + layout.shard_size])
+        else:
+            for video in np.flatnonzero(status == DONE):
+                store.array(name)[video, : views[video]] = values[video, : views[video]]
+    store.write_rows("views", 0, views)
+    store.write_rows("status", 0, status)
+    store.close()
+    return path

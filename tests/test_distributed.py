@@ -16,6 +16,8 @@ from evl_cache.cache.store import DONE, PENDING, FeatureStore
 from evl_cache.cache.verify import VerifyConfig, verify
 from evl_cache.cli import main
 
+pytestmark = pytest.mark.slow  # every test here starts torchrun jobs
+
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -29,11 +29,9 @@ from evl_cache.video.synthetic import write_named_pipe
 
 
 @pytest.fixture(scope="module")
-def cache_and_run(sample_videos, tmp_path_factory):
+def cache_and_run(tiny_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    cache = root / "feats.zarr"
-    extract(ExtractConfig(out=cache, videos=sample_videos, model="EVL-Tiny", pretrained="none", frames=4,
-                          stride=3, eval_views=2, blocks=2, workers=0))
+    cache = tiny_cache
     with FeatureStore(cache) as store:
         class_names = store.attrs["class_names"]
     names = root / "classes.txt"

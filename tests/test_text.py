@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 import evl_cache.decoder.train as train_module
 from evl_cache.apps.predict import PredictConfig, predict
 from evl_cache.cache.dataset import CacheDataset, CacheLoader
-from evl_cache.cache.extract import ExtractConfig, extract
 from evl_cache.cache.store import FeatureStore
 from evl_cache.cli import main
 from evl_cache.decoder.evaluate import EvalConfig, evaluate
@@ -23,21 +22,14 @@ from evl_cache.decoder.train import TrainConfig, train
 from evl_cache.errors import CheckpointError, EvlCacheError
 from evl_cache.towers.backbone import load_clip
 from evl_cache.towers.text import ClassPrompts, TextTower, load_text_tower
-from evl_cache.video.synthetic import make_sample_dataset
 
 FAST = dict(batch_size=8, lr=3e-3, mlp_dropout=0.0, head_dropout=0.0, workers=0, heads=2)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """Tiny model, 4 classes, 4 train and 2 val videos per class, 2 eval views."""
-    root = tmp_path_factory.mktemp("text")
-    videos = make_sample_dataset(root / "videos", videos_per_class={"train": 4, "val": 2}, num_frames=20,
-                                 size=(40, 52))
-    out = root / "feats.zarr"
-    extract(ExtractConfig(out=out, videos=videos, model="EVL-Tiny", pretrained="none", frames=4, stride=3,
-                          eval_views=2, blocks=2, workers=0))
-    return out
+def cache(learnable_cache):
+    """Tiny model, 4 classes, 6 train and 3 val videos per class, 2 eval views."""
+    return learnable_cache
 
 
 @pytest.fixture
@@ -190,14 +182,14 @@ def test_base_to_novel_bookkeeping(cache, tmp_path):
     config = load_run(out)
     base, novel = [names[1], names[3]], [names[0], names[2]]  # in the cache's order
     assert config["head"]["class_names"] == base and config["head"]["novel_classes"] == novel
-    assert config["videos"] == {"train": 8, "val": 4, "val_novel": 4}  # 4 train and 2 val videos per class
+    assert config["videos"] == {"train": 12, "val": 6, "val_novel": 6}  # 6 train and 3 val videos per class
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in epochs if r["event"] == "epoch"]
     for record in epochs:
         assert record["val_harmonic_mean"] == pytest.approx(harmonic_mean(record["val_top1"], record["val_novel_top1"]))
     final = json.loads((out / "eval_val.json").read_text())
     assert len(final["per_class_accuracy"]) == 2 and len(final["novel"]["per_class_accuracy"]) == 2
-    assert final["videos"] == 4 and final["novel"]["videos"] == 4
+    assert final["videos"] == 6 and final["novel"]["videos"] == 6
     assert final["harmonic_mean"] == pytest.approx(summary.final["harmonic_mean"])
     assert "harmonic mean" in summary.line()
     # eval of the run reports the same split; its novel scores are over the novel names only

@@ -14,27 +14,12 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from sigkill import kill_at_random_points, time_work
 
-from evl_cache.cache.extract import ExtractConfig, extract
 from evl_cache.cache.store import FeatureStore
 from evl_cache.cli import main
-from evl_cache.decoder.evaluate import EvalConfig, evaluate
 from evl_cache.decoder.train import TrainConfig, train
 from evl_cache.errors import CacheError, EvlCacheError
-from evl_cache.video.synthetic import make_sample_dataset
 
 FAST = dict(batch_size=8, lr=3e-3, mlp_dropout=0.0, head_dropout=0.0, workers=0, heads=2)
-
-
-@pytest.fixture(scope="module")
-def learnable_cache(tmp_path_factory):
-    """Tiny model, 4 classes (2 told apart by motion only), 6 train and 3 val videos per class."""
-    root = tmp_path_factory.mktemp("learnable")
-    videos = make_sample_dataset(root / "videos", videos_per_class={"train": 6, "val": 3}, num_frames=24,
-                                 size=(40, 52))
-    out = root / "feats.zarr"
-    extract(ExtractConfig(out=out, videos=videos, model="EVL-Tiny", pretrained="none", frames=4, stride=3,
-                          eval_views=2, blocks=3, workers=0))
-    return out
 
 
 def test_tiny_run_learns_and_writes_its_run_folder(learnable_cache, tmp_path):
@@ -137,6 +122,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_random_kills_resume_to_the_same_weights(learnable_cache, tmp_path, one_thread):
     """SIGKILLs at seeded random points of the training work (from the run folder's creation to the
     summary: epochs, evaluation, checkpoint writing), then --resume: the uninterrupted run's weights."""
@@ -159,6 +145,7 @@ def test_random_kills_resume_to_the_same_weights(learnable_cache, tmp_path, one_
     assert result.exit_code == 1 and "cannot resume with different options (lr:" in result.output
 
 
+@pytest.mark.slow
 def test_a_kill_while_files_are_replaced_resumes(learnable_cache, tmp_path, monkeypatch, one_thread):
     """The run folder as a SIGKILL leaves it just before each file or checkpoint folder is put in place
     (or an old checkpoint removed), copied during one run, then resumed: the run's own weights."""
@@ -184,18 +171,6 @@ def test_a_kill_while_files_are_replaced_resumes(learnable_cache, tmp_path, monk
         train(dataclasses.replace(config, resume=True))
         _assert_resumed_like(out, reference, epochs)
         shutil.rmtree(out)
-
-
-def test_eval_refuses_a_cache_of_other_backbone_weights(learnable_cache, tmp_path):
-    run = tmp_path / "run"
-    train(TrainConfig(features=learnable_cache, out=run, layers=1, epochs=1, **FAST))
-    with FeatureStore(learnable_cache) as store:
-        root = Path(store.attrs["dataset"]["root"])
-    other = tmp_path / "other.zarr"
-    extract(ExtractConfig(out=other, videos=root, model="EVL-Tiny", pretrained="none", seed=1, frames=4,
-                          stride=3, eval_views=2, blocks=3, workers=0))
-    with pytest.raises(CacheError, match="backbone weights differ"):
-        evaluate(EvalConfig(run=run, features=other, workers=0))
 
 
 def test_in_memory_equals_reading_the_cache_and_is_refused_when_it_does_not_fit(learnable_cache, tmp_path,

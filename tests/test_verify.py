@@ -199,6 +199,7 @@ def test_missing_array_is_a_problem_of_the_cache(reference, tmp_path):
 
 # -- crash safety: SIGKILL at random points ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_random_kills_resume_to_the_same_cache(reference, dataset, tmp_path):
     ref, seconds = reference
     expected = _arrays(ref)

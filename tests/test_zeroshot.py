@@ -8,7 +8,6 @@ import torch
 from click.testing import CliRunner
 
 from evl_cache.apps.zeroshot import ZeroShotConfig, zeroshot, zeroshot_scores
-from evl_cache.cache.extract import ExtractConfig, extract
 from evl_cache.cache.store import FeatureStore
 from evl_cache.cli import main
 from evl_cache.errors import EvlCacheError
@@ -17,11 +16,8 @@ from evl_cache.video.clips import ClipSpec, read_video_clips
 
 
 @pytest.fixture(scope="module")
-def cache(sample_videos, tmp_path_factory):
-    out = tmp_path_factory.mktemp("zeroshot") / "feats.zarr"
-    extract(ExtractConfig(out=out, videos=sample_videos, model="EVL-Tiny", pretrained="none", frames=4, stride=3,
-                          eval_views=2, blocks=1, workers=0))
-    return out
+def cache(tiny_cache):
+    return tiny_cache
 
 
 def clip_directly(cache, root, videos, names, templates):

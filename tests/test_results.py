@@ -1,0 +1,51 @@
+"""The results table: one row per run folder, the options that differ, the figures from the run's files."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from evl_cache import CompareConfig, compare
+from evl_cache.apps.results import markdown_table, read_run, write_results
+from evl_cache.cli import main
+from evl_cache.errors import EvlCacheError
+
+
+def _run(folder, options: dict, top1: float | None, epochs: int = 2):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"train": {"layers": 4, "workers": 2, "out": str(folder),
+                                                              **options}}))
+    lines = [{"event": "epoch", "epoch": e, "epoch_seconds": 1.5, "train_clips_per_s": 10.0 * (e + 1)}
+             for e in range(epochs)]
+    if top1 is not None:
+        lines.append({"event": "summary", "val_top1": top1, "val_top5": 1.0})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
+def test_rows_come_from_the_run_files(tmp_path):
+    row = read_run(_run(tmp_path / "full", {}, 0.75))
+    assert (row.name, row.top1, row.top5, row.train_seconds, row.clips_per_second) == ("full", 0.75, 1.0, 3.0, 15.0)
+    unfinished = read_run(_run(tmp_path / "half", {}, None, epochs=1))
+    assert unfinished.status == "unfinished (1 epochs)" and unfinished.top1 is None
+    assert read_run(tmp_path / "nothing").status == "missing"
+
+
+def test_the_table_shows_only_the_options_that_differ(tmp_path):
+    rows = compare(CompareConfig([_run(tmp_path / "a", {"workers": 0}, 0.5),
+                                  _run(tmp_path / "b", {"layers": 2, "workers": 8}, 0.25)]))
+    table = markdown_table(rows).splitlines()
+    assert table[0] == "| run | layers | top1 | top5 | parameters | train_s | clips_per_s | status |"
+    assert table[2].startswith("| a | 4 | 0.5000 |") and table[3].startswith("| b | 2 | 0.2500 |")
+    write_results(tmp_path, rows)
+    assert [r["run"] for r in csv.DictReader(open(tmp_path / "results.csv"))] == ["a", "b"]
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert result.exit_code == 0 and result.output == markdown_table(rows)
+
+
+def test_compare_needs_runs():
+    with pytest.raises(EvlCacheError, match="run folders"):
+        compare(CompareConfig())
