@@ -8,7 +8,7 @@ the same videos with the same backbone (the shipped EVL-Small, random weights of
 sampling (8 frames x stride 4). Then, from each cache:
 
 - bytes per clip view: the cache's feature files on disk over the views they hold (shard indexes
-  included), and `plan_cache`'s figure (exact for uncompressed caches; zstd is not predicted);
+  included), and `plan`'s figure (exact for uncompressed caches; zstd is not predicted);
 - loader clips/s: epochs of `CacheLoader` reads of the training videos (what a 4-layer run reads:
   tokens, maps and their scales; --workers reader threads, batches of 16, as `train` reads), warm
   (files in the page cache, one untimed epoch first), interleaved over the options, the fastest of
@@ -70,10 +70,11 @@ from bench_loader import array_files, write_cache  # noqa: E402
 
 from evl_cache.apps.demo import DemoConfig  # noqa: E402
 from evl_cache.cache.dataset import CacheDataset, model_inputs, select_features, usable_videos  # noqa: E402
-from evl_cache.cache.extract import ExtractConfig, extract, stored_features  # noqa: E402
-from evl_cache.cache.plan import plan_cache  # noqa: E402
+from evl_cache.cache.extract import ExtractConfig, extract  # noqa: E402
+from evl_cache.cache.plan import plan  # noqa: E402
 from evl_cache.cache.store import DONE, FeatureStore  # noqa: E402
 from evl_cache.cache.verify import cache_layout_of  # noqa: E402
+from evl_cache.cache.writer import stored_features  # noqa: E402
 from evl_cache.decoder.evaluate import EvalConfig, evaluate  # noqa: E402
 from evl_cache.decoder.train import TrainConfig, train  # noqa: E402
 from evl_cache.video.synthetic import MOTION_CLASSES, MOTION_SPLITS, SAMPLE_CLASSES, ShapeClass, make_sample_dataset  # noqa: E402
@@ -250,7 +251,8 @@ def main() -> None:
                 caches[name][option] = out
                 print(f"  extract {option}: {summary.done} videos, {summary.clips} clips in {summary.seconds:.1f} s",
                       flush=True)
-            plans[name] = plan_cache(extract_config(videos, tmp / name / "plan.zarr", bench, BASELINE), probe_mb=0)
+            plans[name] = plan(dataclasses.replace(extract_config(videos, tmp / name / "plan.zarr", bench, BASELINE),
+                                                   probe_mb=0))
             with FeatureStore(caches[name][BASELINE]) as store:
                 backbone = store.attrs["backbone"]
             for option, cache in caches[name].items():  # the same weights behind every cache
@@ -282,9 +284,9 @@ def main() -> None:
         b16_decoded, _, decode_share, decode_try = clean_run(
             lambda: loader_rates(b16_reads, lambda batch: model_inputs(batch, cpu), B16_BATCH, args.workers,
                                  args.repeats), args.tries, args.wait_quiet)
-        b16_plan = plan_cache(dataclasses.replace(extract_config(tmp / names[0] / "videos", b16_folder / "plan.zarr",
-                                                                 benches[names[0]], BASELINE),
-                                                  model=B16_MODEL, blocks=BLOCKS, eval_views=1), probe_mb=0)
+        b16_plan = plan(dataclasses.replace(extract_config(tmp / names[0] / "videos", b16_folder / "plan.zarr",
+                                                           benches[names[0]], BASELINE),
+                                            model=B16_MODEL, blocks=BLOCKS, eval_views=1, probe_mb=0))
         timed = time.perf_counter()
 
         # Accuracy: the same recipe and seeds on every cache.
@@ -312,7 +314,7 @@ def main() -> None:
               f"reader threads; {share_note(loader_share)} (attempt {loader_try})")
         verdicts: dict[tuple[str, str], str] = {}
         for name in names:
-            bench, plan = benches[name], plans[name]
+            bench, cache_plan = benches[name], plans[name]
             base_disk = disk_bytes_per_view(caches[name][BASELINE])
             print(f"\n{name} ({len(bench.classes)} classes; {bench.videos_per_class['train']} train / "
                   f"{bench.videos_per_class['val']} val videos per class, {bench.eval_views} eval view(s); "
@@ -322,7 +324,7 @@ def main() -> None:
             for option in options:
                 storage, compress = OPTIONS[option]
                 disk = disk_bytes_per_view(caches[name][option])
-                planned = f"{plan.bytes_per_view[storage] / 1e3:.1f}" if compress == "none" else "-"
+                planned = f"{cache_plan.bytes_per_view[storage] / 1e3:.1f}" if compress == "none" else "-"
                 delta, verdicts[name, option] = verdict(top1[name, option], top1[name, BASELINE])
                 rate, base_rate = rates[f"{name}/{option}"], rates[f"{name}/{BASELINE}"]
                 print(f"  {option:<10} {planned:>12} {disk / 1e3:>12.1f} {disk / base_disk:>7.3f} "

@@ -15,9 +15,9 @@ beside it (`feats.part-0-of-2.h5`, ...): each part holds every array at full siz
 the chunks written), shard s is written to part s % parts, and the main file maps each array's rows
 to the parts with HDF5 virtual datasets, one strided hyperslab per part. Readers (and plain h5py) see
 one cache; writes go to the parts (`for_shard`), never through the virtual datasets (writing strings
-through one crashes HDF5 2.0). Measured (benchmarks/bench_join.py, 30,000 shards, 8 parts): one
-mapping per shard would make the main file 92 MB and opening it 3.6 s, against 70 kB and 76 ms; a
-row read through the strided mapping costs about 0.44 ms, from its part file 5 us.
+through one crashes HDF5 2.0). One mapping per part keeps the main file small and quick to open
+however many shards there are; a row is read from its part file, which skips the mapping's lookup
+(`benchmarks/bench_join.py` measures both).
 """
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ class VerifyReport:
     videos: int
     status: dict[str, int]
     checked: int  # done videos whose data was read
-    checksums: bool  # whether the cache records checksums (caches made before they existed do not)
+    checksums: bool  # whether the cache records checksums (format-1 caches may not)
     problems: list[Problem] = field(default_factory=list)
     repaired: list[int] = field(default_factory=list)  # videos `repair` marked pending
 

@@ -166,7 +166,7 @@ class ShardWriter:
         self.status = np.full(count, PENDING, np.uint8)
         self.errors = [""] * count
         self.checksums = np.zeros(count, np.uint32)
-        self.has_checksums = store.has("videos/checksum")  # caches made before checksums lack the column
+        self.has_checksums = store.has("videos/checksum")  # some format-1 caches lack the column
         rows = slice(self.start, self.start + count)
         self.kept = store.column("status", rows) != PENDING
         if self.kept.any():

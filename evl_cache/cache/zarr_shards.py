@@ -1,9 +1,9 @@
 """Direct reads of single chunks from the Zarr v3 shard files of a local cache.
 
 Training reads one (video, view) chunk of each selected array per item, in random order. Through
-zarr's public API each such read costs about 2 ms of fixed overhead (an event-loop round trip, a
-separate read of the shard index, a copy into a new array), which made the loader reach a few percent
-of the disk's speed. The shard format is simple and documented (the `sharding_indexed` codec of the
+zarr's public API each such read pays a fixed overhead (an event-loop round trip, a separate read of
+the shard index, a copy into a new array) that keeps the loader far below the disk's speed
+(`benchmarks/bench_loader.py` measures both). The shard format is simple and documented (the `sharding_indexed` codec of the
 Zarr v3 specification): a shard file holds its chunks' bytes followed by an index of (offset, length)
 pairs and its CRC-32C. For the layout evl-cache writes (one chunk per (video, view), chunk bytes in C
 order, little-endian, uncompressed or zstd-compressed), this module reads one chunk, or a range of its
