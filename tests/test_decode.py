@@ -29,6 +29,7 @@ from evl_cache.video.synthetic import (
     numbered_frames,
     read_frame_number,
     restart_timestamps,
+    start_before_zero,
     truncate_file,
     write_audio_only,
     write_empty_file,
@@ -414,6 +415,21 @@ def test_hostile_file_still_seeks(hostile: dict[str, Path]) -> None:
     decoded = decode_frames(hostile["cut x264.mp4"], [14, 12], short_side=32)
     assert frame_numbers(decoded) == [20, 18]
     assert decoded.decoded_count == 3
+
+
+def test_frames_cut_by_an_edit_list_are_not_a_damaged_head(video_dir: Path) -> None:
+    """The first packet is a keyframe shown before the edit list starts: the probe decodes through it
+    to the first shown frame, finds nothing wrong and counts only the shown frames."""
+    path = start_before_zero(_source(video_dir, "x264.mp4"), video_dir / "edit_list.mp4", count=3)
+    with av.open(str(path)) as container:
+        first = next(container.demux(container.streams.video[0]))
+        assert first.is_keyframe and first.is_discard
+    probe = probe_video(path)
+    assert (probe.num_frames, probe.notes, probe.head_skipped) == (HOSTILE_FRAMES - 3, (), 0)
+    assert probe.decoded_frames == 2  # the discarded keyframe, the first shown frame: no count
+    numbers = list(range(3, HOSTILE_FRAMES))
+    assert frame_numbers(decode_frames(path, range(probe.num_frames), 32, probe)) == numbers
+    assert frame_numbers(decode_frames(path, [0, 5], 32)) == [3, 8]
 
 
 def test_no_frame_decodes(video_dir: Path) -> None:

@@ -10,9 +10,9 @@ a small sample dataset to try the tool on.
   told apart only by direction and speed.
 - `write_empty_file`, `write_text_file`, `truncate_file`, `write_audio_only` and `hollow_out_tail`
   make the broken inputs that decoding must reject.
-- `write_two_stream_video`, `restart_timestamps`, `garble_head` and `cut_head` make hostile inputs
-  that decode only with care: a side video stream, timestamps that go backwards, a damaged start,
-  a start mid-GOP.
+- `write_two_stream_video`, `restart_timestamps`, `garble_head`, `cut_head` and `start_before_zero`
+  make hostile inputs that decode only with care: a side video stream, timestamps that go backwards,
+  a damaged start, a start mid-GOP, frames cut by an edit list.
 """
 from __future__ import annotations
 
@@ -488,3 +488,18 @@ def cut_head(source: str | Path, destination: str | Path, count: int) -> Path:
     """Copy a video without its first `count` packets (decode order), so it starts mid-GOP, as a
     cut without re-encoding that ignores keyframes does."""
     return _remux_video(source, destination, lambda packets: packets[count:])
+
+
+def start_before_zero(source: str | Path, destination: str | Path, count: int) -> Path:
+    """Copy an MP4 with its timestamps moved `count` frames back, so its first frames lie before 0:
+    the muxer writes an edit list that starts at 0, and demuxers mark the packets before it as
+    discarded (decoded as references, never shown), as `ffmpeg -ss ... -c copy` cuts do."""
+
+    def move_back(packets: list[av.Packet]) -> list[av.Packet]:
+        frame_duration = min(b.pts - a.pts for a, b in zip(packets, packets[1:]) if b.pts > a.pts)
+        for packet in packets:
+            packet.pts -= count * frame_duration
+            packet.dts -= count * frame_duration
+        return packets
+
+    return _remux_video(source, destination, move_back)
