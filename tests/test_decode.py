@@ -399,6 +399,19 @@ def test_hostile_file_decodes_the_same_whatever_is_sampled(
         np.testing.assert_array_equal(with_probe, every[index])
 
 
+def test_timestamps_that_restart_while_decode_timestamps_rise(video_dir: Path) -> None:
+    """MP4 stores rising decode timestamps; the restart shows only in how far presentation timestamps
+    lie from their decode order: 24 frames, more than decoders reorder."""
+    source = write_video(video_dir / "source_48.mp4", numbered_frames(48, 64, 96), keyframe_interval=6)
+    path = restart_timestamps(source, video_dir / "restarted_48.mp4", at=24)
+    with av.open(str(path)) as container:
+        dts = [p.dts for p in container.demux(container.streams.video[0]) if p.size > 0]
+    assert dts == sorted(set(dts))
+    probe = probe_video(path)
+    assert (probe.num_frames, probe.notes) == (48, (REPLAYED,))
+    assert frame_numbers(decode_frames(path, [30, 3], short_side=32, probe=probe)) == [30, 3]
+
+
 def test_decode_order_skips_the_head_and_stops_after_the_last_wanted_frame(
     hostile: dict[str, Path],
 ) -> None:

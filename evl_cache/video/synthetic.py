@@ -450,13 +450,14 @@ def _remux_video(source: str | Path, destination: str | Path, edit) -> Path:  # 
 
 
 def restart_timestamps(source: str | Path, destination: str | Path, at: int) -> Path:
-    """Copy a video to a Matroska `destination` whose timestamps restart at packet `at` (decode
-    order; a keyframe), as in a file joined from two recordings: the second part's timestamps start
-    half a frame after the first part's, so they fall between the first part's and stay distinct.
-    Matroska stores presentation timestamps only, so it keeps them as they are.
+    """Copy a video to `destination` with timestamps that restart at packet `at` (decode order; a
+    keyframe), as in a file joined from two recordings: the second part's timestamps start half a
+    frame after the first part's, so they fall between the first part's and stay distinct.
+
+    Matroska (.mkv, .webm) stores presentation timestamps only, so demuxers guess decode timestamps
+    that go back too; MP4 stores decode timestamps, written here rising (one tick apart, below every
+    presentation timestamp), so only the presentation timestamps give the restart away.
     """
-    if Path(destination).suffix not in (".mkv", ".webm"):
-        raise ValueError(f"restart_timestamps writes Matroska (.mkv or .webm), got {destination}")
 
     def restart(packets: list[av.Packet]) -> list[av.Packet]:
         frame_duration = min(b.pts - a.pts for a, b in zip(packets, packets[1:]) if b.pts > a.pts)
