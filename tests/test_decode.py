@@ -445,6 +445,26 @@ def test_frames_cut_by_an_edit_list_are_not_a_damaged_head(video_dir: Path) -> N
     assert frame_numbers(decode_frames(path, [0, 5], 32)) == [3, 8]
 
 
+@pytest.mark.parametrize(
+    ("troubles", "start"),
+    [
+        ([], 0),
+        ([0], 0),  # rejected packets before the first output: that output is a keyframe
+        ([1], 3),  # a corrupt frame 0 or a rejected packet after it: the next keyframe
+        ([1, 4], 6),  # the next GOP has trouble too
+        ([7], 0),  # trouble after the first GOP is mid-stream damage, not the head's
+        ([7, 1], 3),
+        ([7, 9], 0),
+        ([1, 4, 7], None),  # no keyframe after the last trouble
+    ],
+)
+def test_usable_frames_start_at_the_first_keyframe_after_the_head_troubles(
+    troubles: list[int], start: int | None
+) -> None:
+    keys = [True, False, False, True, False, False, True, False]
+    assert decode._usable_start(keys, troubles) == start
+
+
 def test_no_frame_decodes(video_dir: Path) -> None:
     source = _source(video_dir, "x264.mp4")
     path = garble_head(source, video_dir / "all_garbled.mp4", count=HOSTILE_FRAMES)
