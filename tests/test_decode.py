@@ -322,7 +322,7 @@ def test_fewer_decoded_frames_than_probed(videos: dict[str, Path], tmp_path: Pat
 # --- hostile files: settled by the probe, the same whatever frames are asked for -----------------
 
 HOSTILE_FRAMES = 24  # keyframes at 0, 6, 12 and 18
-REPLAYED = "timestamps unusable: frames taken in decode order"
+DECODE_ORDER_NOTE = "timestamps unusable: frames taken in decode order"
 
 
 def _source(directory: Path, name: str) -> Path:
@@ -345,7 +345,7 @@ def _cut(directory: Path, name: str) -> Path:
 
 
 def _garbled_and_restarted(directory: Path, name: str) -> Path:
-    garbled = garble_head(_source(directory, name), directory / f"garbled_{name}", count=2)
+    garbled = garble_head(_source(directory, name), directory / f"garbled_first_{name}", count=2)
     return restart_timestamps(garbled, directory / f"garbled_restarted_{name}", at=12)
 
 
@@ -353,14 +353,14 @@ def _garbled_and_restarted(directory: Path, name: str) -> Path:
 HOSTILE = {
     f"{how} {name}": (make, numbers, notes)
     for how, make, numbers, notes in [
-        ("restarted", _restarted, range(24), (REPLAYED,)),
+        ("restarted", _restarted, range(24), (DECODE_ORDER_NOTE,)),
         ("garbled", _garbled, range(6, 24), ("first 6 frames undecodable: skipped",)),
         ("cut", _cut, range(6, 24), ("first 3 frames undecodable: skipped",)),
     ]
     for name in ("x264.mkv" if how == "restarted" else "x264.mp4", "mpeg4.mkv", "vp8.webm")
 }
 HOSTILE["garbled+restarted mpeg4.mkv"] = (
-    _garbled_and_restarted, range(6, 24), (REPLAYED, "first 6 frames undecodable: skipped")
+    _garbled_and_restarted, range(6, 24), (DECODE_ORDER_NOTE, "first 6 frames undecodable: skipped")
 )
 
 
@@ -376,7 +376,7 @@ def test_probe_settles_a_hostile_file(hostile: dict[str, Path], case: str) -> No
     probe = probe_video(hostile[case])
     assert probe.num_frames == len(numbers)
     assert probe.notes == notes
-    assert (probe.frame_pts == ()) == (REPLAYED in notes)
+    assert (probe.frame_pts == ()) == (DECODE_ORDER_NOTE in notes)
     decoded = decode_frames(hostile[case], range(probe.num_frames), short_side=32, probe=probe)
     assert frame_numbers(decoded) == list(numbers)
 
@@ -408,7 +408,7 @@ def test_timestamps_that_restart_while_decode_timestamps_rise(video_dir: Path) -
         dts = [p.dts for p in container.demux(container.streams.video[0]) if p.size > 0]
     assert dts == sorted(set(dts))
     probe = probe_video(path)
-    assert (probe.num_frames, probe.notes) == (48, (REPLAYED,))
+    assert (probe.num_frames, probe.notes) == (48, (DECODE_ORDER_NOTE,))
     assert frame_numbers(decode_frames(path, [30, 3], short_side=32, probe=probe)) == [30, 3]
 
 
