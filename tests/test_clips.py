@@ -1,10 +1,21 @@
-"""A video's views as clips: the planned frames, resized, then cropped (the spec's records read back)."""
+"""A video's views as clips: the planned frames, resized, then cropped (the spec's records read back);
+hostile videos give every split the same frames."""
 import numpy as np
+import pytest
 import torch
 
 from evl_cache.video.clips import ClipSpec, read_video_clips
 from evl_cache.video.decode import decode_frames, probe_video
-from evl_cache.video.sampling import dense_eval_indices
+from evl_cache.video.sampling import dense_eval_indices, plan_views
+from evl_cache.video.synthetic import (
+    cut_head,
+    garble_head,
+    numbered_frames,
+    read_frame_number,
+    restart_timestamps,
+    write_two_stream_video,
+    write_video,
+)
 
 
 def test_resize_beyond_the_crop_then_centre_crop(sample_videos):
@@ -32,3 +43,37 @@ def test_training_videos_keep_one_plain_view_under_spatial_views(sample_videos):
     assert spec.views("train") == 1 and spec.views("val") == spec.views("test") == 6
     assert np.array_equal(read_video_clips(path, "train", 0, spec).clips[0],
                           read_video_clips(path, "val", 0, ClipSpec("segment", 4, 1, 1, 1, 32, 0)).clips[0])
+
+
+@pytest.fixture(scope="module")
+def numbered_videos(tmp_path_factory):
+    """name -> (path, the frame numbers that decode, the note); square frames, so a crop keeps all."""
+    folder = tmp_path_factory.mktemp("numbered")
+    frames = numbered_frames(24, 64, 64)
+    mkv = write_video(folder / "source.mkv", frames, keyframe_interval=6)
+    mp4 = write_video(folder / "source.mp4", frames, keyframe_interval=6)
+    side = numbered_frames(4, 32, 32, seed=1)
+    return {
+        "healthy": (mp4, range(24), ""),
+        "restarted": (restart_timestamps(mkv, folder / "restarted.mkv", at=12), range(24),
+                      "timestamps unusable: frames taken in decode order"),
+        "garbled": (garble_head(mp4, folder / "garbled.mp4", count=2), range(6, 24),
+                    "first 6 frames undecodable: skipped"),
+        "cut": (cut_head(mp4, folder / "cut.mp4", count=3), range(6, 24), "first 3 frames undecodable: skipped"),
+        "two streams": (write_two_stream_video(folder / "two.mkv", frames, side), range(24),
+                        "video stream 2 of 2 (most frames)"),
+    }
+
+
+@pytest.mark.parametrize("name", ["healthy", "restarted", "garbled", "cut", "two streams"])
+def test_every_split_gets_the_same_frames(numbered_videos, name):
+    """Whether a video decodes, its frame count and which frame each index is do not depend on the
+    frames a split samples (vifi views sample random frames, per video index)."""
+    path, numbers, note = numbered_videos[name]
+    spec = ClipSpec("vifi", 4, 1, 3, 1, 32, 0)
+    for split, index in [("train", 0), ("train", 1), ("val", 2), ("val", 3), ("test", 4)]:
+        clips = read_video_clips(path, split, index, spec)
+        assert (clips.error, clips.num_frames, clips.note) == ("", len(numbers), note)
+        plans = plan_views(len(numbers), split, "vifi", 4, 1, 3, 1, 0, index)
+        got = [[read_frame_number(frame.permute(1, 2, 0).numpy()) for frame in view] for view in clips.clips]
+        assert got == [[numbers[i] for i in plan.frame_indices] for plan in plans]

@@ -15,15 +15,26 @@ import pytest
 
 from evl_cache.errors import BadVideoError
 from evl_cache.video import decode
-from evl_cache.video.decode import DecodedFrames, decode_frames, probe_video, resized_size
+from evl_cache.video.decode import (
+    DecodedFrames,
+    decode_frames,
+    open_video,
+    probe_video,
+    resized_size,
+)
 from evl_cache.video.synthetic import (
+    cut_head,
+    garble_head,
     hollow_out_tail,
     numbered_frames,
     read_frame_number,
+    restart_timestamps,
+    start_before_zero,
     truncate_file,
     write_audio_only,
     write_empty_file,
     write_text_file,
+    write_two_stream_video,
     write_video,
 )
 
@@ -79,6 +90,19 @@ def test_probe_counts_frames_and_reads_size(videos: dict[str, Path], name: str) 
     else:
         assert len(probe.frame_pts) == NUM_FRAMES
         assert list(probe.frame_pts) == sorted(probe.frame_pts)
+
+
+@pytest.mark.parametrize("name", VIDEOS)
+def test_healthy_files_are_settled_from_packets_and_one_keyframe(
+    videos: dict[str, Path], name: str
+) -> None:
+    """No counting decode and no note for a healthy file: the probe decodes its first keyframe only."""
+    probe = probe_video(videos[name])
+    assert (probe.stream_index, probe.head_skipped, probe.decoded_frames) == (0, 0, 1)
+    if name == "raw.h264":
+        assert probe.notes == ("no timestamps: frames taken in decode order",)
+    else:
+        assert probe.notes == ()
 
 
 @pytest.mark.parametrize("name", VIDEOS)
@@ -143,14 +167,14 @@ def test_overshooting_seek_falls_back_to_decoding_from_the_start(
         def __getattr__(self, name: str) -> object:
             return getattr(self._container, name)
 
-    open_video = decode._open_video
+    open_container = decode._open_container
 
     @contextlib.contextmanager
     def open_overshooting(path):  # type: ignore[no-untyped-def]
-        with open_video(path) as (container, stream):
-            yield OvershootingContainer(container), stream
+        with open_container(path) as container:
+            yield OvershootingContainer(container)
 
-    monkeypatch.setattr(decode, "_open_video", open_overshooting)
+    monkeypatch.setattr(decode, "_open_container", open_overshooting)
     window = [12, 20, 28]
     decoded = decode_frames(videos["x264.mp4"], window, short_side=32)
     assert frame_numbers(decoded) == window
@@ -163,8 +187,8 @@ def test_frames_without_timestamps_are_counted_from_the_start(
     """Packets had timestamps but decoded frames do not: fall back to counting frames."""
     decoded_frames = decode._decoded_frames
 
-    def frames_without_pts(container, stream):  # type: ignore[no-untyped-def]
-        for frame in decoded_frames(container, stream):
+    def frames_without_pts(container, stream, errors=None):  # type: ignore[no-untyped-def]
+        for frame in decoded_frames(container, stream, errors):
             frame.pts = None
             yield frame
 
@@ -293,3 +317,190 @@ def test_fewer_decoded_frames_than_probed(videos: dict[str, Path], tmp_path: Pat
     assert frame_numbers(decode_frames(hollow, early, short_side=32, probe=probe)) == early
     with pytest.raises(BadVideoError, match="hollow.mp4: decoded fewer frames than probed"):
         decode_frames(hollow, [30, NUM_FRAMES - 1], short_side=32, probe=probe)
+
+
+# --- hostile files: settled by the probe, the same whatever frames are asked for -----------------
+
+HOSTILE_FRAMES = 24  # keyframes at 0, 6, 12 and 18
+DECODE_ORDER_NOTE = "timestamps unusable: frames taken in decode order"
+
+
+def _source(directory: Path, name: str) -> Path:
+    codec = {"mp4": "libx264", "mkv": "libx264", "webm": "libvpx"}[name.split(".")[-1]]
+    codec = "mpeg4" if name.startswith("mpeg4") else codec
+    frames = numbered_frames(HOSTILE_FRAMES, 64, 96)
+    return write_video(directory / f"source_{name}", frames, codec=codec, keyframe_interval=6)
+
+
+def _restarted(directory: Path, name: str) -> Path:
+    return restart_timestamps(_source(directory, name), directory / f"restarted_{name}", at=12)
+
+
+def _garbled(directory: Path, name: str) -> Path:
+    return garble_head(_source(directory, name), directory / f"garbled_{name}", count=2)
+
+
+def _cut(directory: Path, name: str) -> Path:
+    return cut_head(_source(directory, name), directory / f"cut_{name}", count=3)
+
+
+def _garbled_and_restarted(directory: Path, name: str) -> Path:
+    garbled = garble_head(_source(directory, name), directory / f"garbled_first_{name}", count=2)
+    return restart_timestamps(garbled, directory / f"garbled_restarted_{name}", at=12)
+
+
+# case -> (make, frame numbers that come out, probe notes)
+HOSTILE = {
+    f"{how} {name}": (make, numbers, notes)
+    for how, make, numbers, notes in [
+        ("restarted", _restarted, range(24), (DECODE_ORDER_NOTE,)),
+        ("garbled", _garbled, range(6, 24), ("first 6 frames undecodable: skipped",)),
+        ("cut", _cut, range(6, 24), ("first 3 frames undecodable: skipped",)),
+    ]
+    for name in ("x264.mkv" if how == "restarted" else "x264.mp4", "mpeg4.mkv", "vp8.webm")
+}
+HOSTILE["garbled+restarted mpeg4.mkv"] = (
+    _garbled_and_restarted, range(6, 24), (DECODE_ORDER_NOTE, "first 6 frames undecodable: skipped")
+)
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("hostile")
+    return {case: make(directory, case.split()[1]) for case, (make, _, _) in HOSTILE.items()}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_probe_settles_a_hostile_file(hostile: dict[str, Path], case: str) -> None:
+    _, numbers, notes = HOSTILE[case]
+    probe = probe_video(hostile[case])
+    assert probe.num_frames == len(numbers)
+    assert probe.notes == notes
+    assert (probe.frame_pts == ()) == (DECODE_ORDER_NOTE in notes)
+    decoded = decode_frames(hostile[case], range(probe.num_frames), short_side=32, probe=probe)
+    assert frame_numbers(decoded) == list(numbers)
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_file_decodes_the_same_whatever_is_sampled(
+    hostile: dict[str, Path], case: str
+) -> None:
+    """Each frame alone, on a new open (extraction's way) or with the probe, has the same pixels as
+    when all frames are asked for at once."""
+    path = hostile[case]
+    probe = probe_video(path)
+    every = decode_frames(path, range(probe.num_frames), short_side=32, probe=probe).frames
+    for index in range(probe.num_frames):
+        with open_video(path) as video:
+            assert video.probe == probe
+            alone = video.decode([index], short_side=32).frames[0]
+        np.testing.assert_array_equal(alone, every[index])
+        with_probe = decode_frames(path, [index], short_side=32, probe=probe).frames[0]
+        np.testing.assert_array_equal(with_probe, every[index])
+
+
+def test_timestamps_that_restart_while_decode_timestamps_rise(video_dir: Path) -> None:
+    """MP4 stores rising decode timestamps; the restart shows only in how far presentation timestamps
+    lie from their decode order: 24 frames, more than decoders reorder."""
+    source = write_video(video_dir / "source_48.mp4", numbered_frames(48, 64, 96), keyframe_interval=6)
+    path = restart_timestamps(source, video_dir / "restarted_48.mp4", at=24)
+    with av.open(str(path)) as container:
+        dts = [p.dts for p in container.demux(container.streams.video[0]) if p.size > 0]
+    assert dts == sorted(set(dts))
+    probe = probe_video(path)
+    assert (probe.num_frames, probe.notes) == (48, (DECODE_ORDER_NOTE,))
+    assert frame_numbers(decode_frames(path, [30, 3], short_side=32, probe=probe)) == [30, 3]
+
+
+def test_decode_order_skips_the_head_and_stops_after_the_last_wanted_frame(
+    hostile: dict[str, Path],
+) -> None:
+    path = hostile["garbled+restarted mpeg4.mkv"]
+    probe = probe_video(path)
+    assert probe.head_skipped == 4  # 2 packets rejected, then 4 frames predicted from nothing
+    decoded = decode_frames(path, [2, 0], short_side=32, probe=probe)
+    assert frame_numbers(decoded) == [8, 6]
+    assert decoded.decoded_count == probe.head_skipped + 3
+
+
+def test_hostile_file_still_seeks(hostile: dict[str, Path]) -> None:
+    """A skipped head does not take a file off the fast path: frame 12 is the last keyframe."""
+    decoded = decode_frames(hostile["cut x264.mp4"], [14, 12], short_side=32)
+    assert frame_numbers(decoded) == [20, 18]
+    assert decoded.decoded_count == 3
+
+
+def test_frames_cut_by_an_edit_list_are_not_a_damaged_head(video_dir: Path) -> None:
+    """The first packet is a keyframe shown before the edit list starts: the probe decodes through it
+    to the first shown frame, finds nothing wrong and counts only the shown frames."""
+    path = start_before_zero(_source(video_dir, "x264.mp4"), video_dir / "edit_list.mp4", count=3)
+    with av.open(str(path)) as container:
+        first = next(container.demux(container.streams.video[0]))
+        assert first.is_keyframe and first.is_discard
+    probe = probe_video(path)
+    assert (probe.num_frames, probe.notes, probe.head_skipped) == (HOSTILE_FRAMES - 3, (), 0)
+    assert probe.decoded_frames == 2  # the discarded keyframe, the first shown frame: no count
+    numbers = list(range(3, HOSTILE_FRAMES))
+    assert frame_numbers(decode_frames(path, range(probe.num_frames), 32, probe)) == numbers
+    assert frame_numbers(decode_frames(path, [0, 5], 32)) == [3, 8]
+
+
+@pytest.mark.parametrize(
+    ("troubles", "start"),
+    [
+        ([], 0),
+        ([0], 0),  # rejected packets before the first output: that output is a keyframe
+        ([1], 3),  # a corrupt frame 0 or a rejected packet after it: the next keyframe
+        ([1, 4], 6),  # the next GOP has trouble too
+        ([7], 0),  # trouble after the first GOP is mid-stream damage, not the head's
+        ([7, 1], 3),
+        ([7, 9], 0),
+        ([1, 4, 7], None),  # no keyframe after the last trouble
+    ],
+)
+def test_usable_frames_start_at_the_first_keyframe_after_the_head_troubles(
+    troubles: list[int], start: int | None
+) -> None:
+    keys = [True, False, False, True, False, False, True, False]
+    assert decode._usable_start(keys, troubles) == start
+
+
+def test_no_frame_decodes(video_dir: Path) -> None:
+    source = _source(video_dir, "x264.mp4")
+    path = garble_head(source, video_dir / "all_garbled.mp4", count=HOSTILE_FRAMES)
+    with pytest.raises(BadVideoError, match="all_garbled.mp4: no frame decodes: Invalid data"):
+        probe_video(path)
+
+
+# name -> (default disposition, chosen stream index, frames, note)
+TWO_STREAMS = {
+    "main_default.mkv": ("main", 1, 24, "video stream 2 of 2 (default)"),
+    "side_default.mkv": ("side", 0, 4, "video stream 1 of 2 (default)"),
+    "both_default.mkv": ("both", 1, 24, "video stream 2 of 2 (most frames)"),
+    "no_default.mkv": (None, 1, 24, "video stream 2 of 2 (most frames)"),
+    "main_default.mp4": ("main", 1, 24, "video stream 2 of 2 (default)"),
+    "no_default.mp4": (None, 0, 4, "video stream 1 of 2 (default)"),  # the muxer marks the first
+}
+SIDE_NUMBERS = [9, 8, 7, 6]
+
+
+@pytest.mark.parametrize("name", TWO_STREAMS)
+def test_the_stream_a_player_would_show(video_dir: Path, name: str) -> None:
+    default, index, frames, note = TWO_STREAMS[name]
+    side = numbered_frames(10, 32, 48, seed=1)[SIDE_NUMBERS]
+    path = write_two_stream_video(video_dir / name, numbered_frames(24, 64, 96), side, default)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.width == 48  # the side stream comes first
+    probe = probe_video(path)
+    assert (probe.stream_index, probe.num_frames, probe.notes) == (index, frames, (note,))
+    expected = list(range(24)) if index == 1 else SIDE_NUMBERS
+    assert probe.width == (96 if index == 1 else 48)
+    assert frame_numbers(decode_frames(path, range(frames), 32, probe)) == expected
+    assert frame_numbers(decode_frames(path, [frames - 1, 1], 32)) == [expected[-1], expected[1]]
+
+
+def test_equal_streams_choose_the_largest(video_dir: Path) -> None:
+    side = numbered_frames(24, 32, 48, seed=1)
+    path = write_two_stream_video(video_dir / "equal.mkv", numbered_frames(24, 64, 96), side)
+    probe = probe_video(path)
+    assert (probe.stream_index, probe.notes) == (1, ("video stream 2 of 2 (largest)",))

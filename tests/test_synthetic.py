@@ -1,14 +1,25 @@
 """Tests for evl_cache/synthetic.py's action datasets: the harder MOTION_CLASSES set is deterministic,
-its squares move as their class says, and where a square starts does not give its direction away."""
+its squares move as their class says, and where a square starts does not give its direction away;
+and its hostile copies of a video change only what they say."""
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
-from evl_cache.video.synthetic import MOTION_CLASSES, make_sample_dataset, moving_shape_frames
+from evl_cache.video.synthetic import (
+    MOTION_CLASSES,
+    cut_head,
+    garble_head,
+    make_sample_dataset,
+    moving_shape_frames,
+    numbered_frames,
+    restart_timestamps,
+    write_video,
+)
 
 SIZE = (32, 40)
 
@@ -64,3 +75,27 @@ def test_start_does_not_depend_on_the_direction_along_an_axis() -> None:
             forward_frames, back_frames = _frames(forward, seed), _frames(back, seed)
             np.testing.assert_array_equal(forward_frames[0], back_frames[0])
             assert not np.array_equal(forward_frames[-1], back_frames[-1])
+
+
+def _packets(path: Path) -> list[tuple[int, int, bool]]:
+    """(pts, size, keyframe) of each video packet, decode order."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [(p.pts, p.size, p.is_keyframe) for p in container.demux(stream) if p.size > 0]
+
+
+def test_hostile_copies_change_only_what_they_say(tmp_path: Path) -> None:
+    source = write_video(tmp_path / "source.mkv", numbered_frames(12, 32, 48), keyframe_interval=4)
+    packets = _packets(source)
+    restarted = _packets(restart_timestamps(source, tmp_path / "restarted.mkv", at=8))
+    assert [p[1:] for p in restarted] == [p[1:] for p in packets]
+    assert [p[0] for p in restarted[:8]] == [p[0] for p in packets[:8]]
+    assert max(p[0] for p in restarted[8:]) < max(p[0] for p in packets[:8])  # back in time
+    assert len({p[0] for p in restarted}) == len(restarted)  # and still distinct
+    garbled_path = garble_head(source, tmp_path / "garbled.mkv", count=2)
+    # Timestamps and sizes kept; the keyframe flag is the H.264 parser's reading of the bytes.
+    assert [p[:2] for p in _packets(garbled_path)] == [p[:2] for p in packets]
+    with av.open(str(garbled_path)) as garbled, av.open(str(source)) as original:
+        first = [bytes(next(c.demux(c.streams.video[0]))) for c in (garbled, original)]
+    assert first[0] != first[1]
+    assert _packets(cut_head(source, tmp_path / "cut.mkv", count=3)) == packets[3:]

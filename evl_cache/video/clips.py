@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadVideoError
-from .decode import decode_frames, probe_video
+from .decode import open_video
 from .pixels import CROP_SCALE, RANDAUGMENT, augmented_clip, spatial_crops
 from .sampling import plan_views
 
@@ -89,15 +89,18 @@ class VideoClips:
     clips: torch.Tensor | None  # uint8 [V, T, 3, S, S], V = ClipSpec.views(split)
     num_frames: int
     error: str
-    decoded_frames: int
+    decoded_frames: int  # frames decoded, probing included
+    note: str = ""  # what was unusual about the file (the probe's notes joined by "; "); "" if nothing
 
 
 def _load(path: Path, split: str, index: int, spec: ClipSpec) -> VideoClips:
-    probe = probe_video(path)
-    plans = plan_views(probe.num_frames, split, spec.mode, spec.frames, spec.stride, spec.eval_views,
-                       spec.train_views, spec.seed, index)
-    wanted = sorted({i for plan in plans for i in plan.frame_indices})
-    decoded = decode_frames(path, wanted, short_side=spec.resize, probe=probe)
+    """Probe, plan, decode the planned frames on the same open of the file, then crop or augment."""
+    with open_video(path) as video:
+        probe = video.probe
+        plans = plan_views(probe.num_frames, split, spec.mode, spec.frames, spec.stride, spec.eval_views,
+                           spec.train_views, spec.seed, index)
+        wanted = sorted({i for plan in plans for i in plan.frame_indices})
+        decoded = video.decode(wanted, short_side=spec.resize)
     position = {frame: i for i, frame in enumerate(wanted)}
     crops = 1 if split == "train" else spec.spatial_views  # training view 0 is the plain centre clip
     clips = []
@@ -107,7 +110,8 @@ def _load(path: Path, split: str, index: int, spec: ClipSpec) -> VideoClips:
             clips.append(augmented_clip(frames, spec.size, plan.seed, spec.flip, spec.randaugment))
         else:
             clips += spatial_crops(frames, spec.size, crops)
-    return VideoClips(index, torch.stack(clips), probe.num_frames, "", decoded.decoded_count)
+    return VideoClips(index, torch.stack(clips), probe.num_frames, "",
+                      probe.decoded_frames + decoded.decoded_count, "; ".join(probe.notes))
 
 
 @contextmanager

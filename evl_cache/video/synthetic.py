@@ -10,6 +10,9 @@ a small sample dataset to try the tool on.
   told apart only by direction and speed.
 - `write_empty_file`, `write_text_file`, `truncate_file`, `write_audio_only` and `hollow_out_tail`
   make the broken inputs that decoding must reject.
+- `write_two_stream_video`, `restart_timestamps`, `garble_head`, `cut_head` and `start_before_zero`
+  make hostile inputs that decode only with care: a side video stream, timestamps that go backwards,
+  a damaged start, a start mid-GOP, frames cut by an edit list.
 """
 from __future__ import annotations
 
@@ -97,28 +100,53 @@ def write_video(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w", container_options=_REPRODUCIBLE) as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height = width, height
-        stream.codec_context.time_base = time_base
-        stream.codec_context.thread_count = 1  # threaded encoders vary from run to run
-        if codec == "libx264" and (width % 2 or height % 2):
-            stream.pix_fmt = "yuv444p"
-        if keyframe_interval is not None:
-            stream.codec_context.gop_size = keyframe_interval
+        stream = _add_video_stream(container, codec, rate, time_base, width, height, keyframe_interval)
         audio_stream = _add_audio_stream(container, path) if audio else None
-        for image, frame_pts in zip(frames, pts):
-            # Convert here: the conversion PyAV does inside `encode` varies from run to run.
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame = frame.reformat(format=stream.pix_fmt)
-            frame.pts = frame_pts
-            frame.time_base = time_base
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+        _encode_frames(container, stream, frames, pts, time_base)
         if audio_stream is not None:
             _encode_sine(container, audio_stream, seconds)
     return path
+
+
+def _add_video_stream(
+    container: av.container.OutputContainer,
+    codec: str,
+    rate: Fraction,
+    time_base: Fraction,
+    width: int,
+    height: int,
+    keyframe_interval: int | None,
+) -> av.VideoStream:
+    """Add a video stream encoded reproducibly (see `write_video`)."""
+    stream = container.add_stream(codec, rate=rate)
+    stream.width, stream.height = width, height
+    stream.codec_context.time_base = time_base
+    stream.codec_context.thread_count = 1  # threaded encoders vary from run to run
+    if codec == "libx264" and (width % 2 or height % 2):
+        stream.pix_fmt = "yuv444p"
+    if keyframe_interval is not None:
+        stream.codec_context.gop_size = keyframe_interval
+    return stream
+
+
+def _encode_frames(
+    container: av.container.OutputContainer,
+    stream: av.VideoStream,
+    frames: np.ndarray,
+    pts: Sequence[int],
+    time_base: Fraction,
+) -> None:
+    """Encode RGB `frames` with timestamps `pts` into `stream`, then flush it."""
+    for image, frame_pts in zip(frames, pts):
+        # Convert here: the conversion PyAV does inside `encode` varies from run to run.
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        frame = frame.reformat(format=stream.pix_fmt)
+        frame.pts = frame_pts
+        frame.time_base = time_base
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
 
 
 # --- frames that carry their own index ---------------------------------------------------------
@@ -369,3 +397,110 @@ def hollow_out_tail(source: str | Path, destination: str | Path, count: int) -> 
             packet.stream = video_out
             writer.mux(packet)
     return destination
+
+
+# --- hostile files: they decode, but only with care ---------------------------------------------
+
+
+def write_two_stream_video(
+    path: str | Path,
+    frames: np.ndarray,
+    side_frames: np.ndarray,
+    default: str | None = None,
+    fps: float = 25,
+) -> Path:
+    """Encode `frames` as the second video stream of `path`, after a side stream of `side_frames`
+    (a thumbnail or preview track, at 1 fps), both libx264 with a keyframe every 6 frames.
+
+    `default` ("main", "side", "both" or None) marks which streams carry the default disposition.
+    Matroska keeps exactly that; the MP4 muxer marks the first stream (the side one) when no stream
+    is marked.
+    """
+    path = Path(path)
+    marked = {"main": ("main",), "side": ("side",), "both": ("main", "side"), None: ()}[default]
+    options = dict(_REPRODUCIBLE, default_mode="passthrough") if path.suffix == ".mkv" else _REPRODUCIBLE
+    tracks = {"side": (side_frames, Fraction(1)), "main": (frames, Fraction(fps).limit_denominator(1001))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w", container_options=options) as container:
+        streams = {}
+        for name, (images, rate) in tracks.items():
+            height, width = images.shape[1:3]
+            streams[name] = _add_video_stream(container, "libx264", rate, 1 / rate, width, height, 6)
+            streams[name].disposition = (
+                av.stream.Disposition.default if name in marked else av.stream.Disposition(0)
+            )
+        for name, (images, rate) in tracks.items():
+            _encode_frames(container, streams[name], images, range(len(images)), 1 / rate)
+    return path
+
+
+def _remux_video(source: str | Path, destination: str | Path, edit) -> Path:  # type: ignore[no-untyped-def]
+    """Copy the first video stream of `source` to `destination`, its packets (decode order, flush
+    packets left out) passed through `edit`, a function from a packet list to a packet list."""
+    destination = Path(destination)
+    with av.open(str(source)) as reader, av.open(
+        str(destination), mode="w", container_options=_REPRODUCIBLE
+    ) as writer:
+        video_in = reader.streams.video[0]
+        video_out = writer.add_stream_from_template(video_in)
+        for packet in edit([packet for packet in reader.demux(video_in) if packet.size > 0]):
+            packet.stream = video_out
+            writer.mux(packet)
+    return destination
+
+
+def restart_timestamps(source: str | Path, destination: str | Path, at: int) -> Path:
+    """Copy a video to `destination` with timestamps that restart at packet `at` (decode order; a
+    keyframe), as in a file joined from two recordings: the second part's timestamps start half a
+    frame after the first part's, so they fall between the first part's and stay distinct.
+
+    Matroska (.mkv, .webm) stores presentation timestamps only, so demuxers guess decode timestamps
+    that go back too; MP4 stores decode timestamps, written here rising (one tick apart, below every
+    presentation timestamp), so only the presentation timestamps give the restart away.
+    """
+
+    def restart(packets: list[av.Packet]) -> list[av.Packet]:
+        frame_duration = min(b.pts - a.pts for a, b in zip(packets, packets[1:]) if b.pts > a.pts)
+        shift = packets[at].pts - (packets[0].pts + frame_duration // 2)
+        for position, packet in enumerate(packets):
+            if position >= at:
+                packet.pts -= shift
+            packet.dts = position - len(packets)  # increasing and below every pts, as muxers want
+        return packets
+
+    return _remux_video(source, destination, restart)
+
+
+def garble_head(source: str | Path, destination: str | Path, count: int, seed: int = 0) -> Path:
+    """Copy a video with the bytes of its first `count` packets (decode order) replaced by noise,
+    sizes, timestamps and keyframe flags kept, as in a download whose start was damaged. (Demuxers
+    that parse H.264, as Matroska's does, then no longer read the first packet as a keyframe.)"""
+
+    def garble(packets: list[av.Packet]) -> list[av.Packet]:
+        rng = np.random.default_rng(seed)
+        for packet in packets[:count]:
+            packet.update(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
+        return packets
+
+    return _remux_video(source, destination, garble)
+
+
+def cut_head(source: str | Path, destination: str | Path, count: int) -> Path:
+    """Copy a video without its first `count` packets (decode order), so it starts mid-GOP, as a
+    cut without re-encoding that ignores keyframes does."""
+    return _remux_video(source, destination, lambda packets: packets[count:])
+
+
+def start_before_zero(source: str | Path, destination: str | Path, count: int) -> Path:
+    """Copy an MP4 with its timestamps moved `count` frames back, so its first frames lie before 0:
+    the muxer writes an edit list that starts at 0, and demuxers mark the packets before it as
+    discarded (decoded as references, never shown), as `ffmpeg -ss ... -c copy` cuts do."""
+
+    def move_back(packets: list[av.Packet]) -> list[av.Packet]:
+        frame_duration = min(b.pts - a.pts for a, b in zip(packets, packets[1:]) if b.pts > a.pts)
+        for packet in packets:
+            packet.pts -= count * frame_duration
+            packet.dts -= count * frame_duration
+        return packets
+
+    return _remux_video(source, destination, move_back)
