@@ -95,14 +95,16 @@ def decode_eval_clip(path: Path, split: str, index: int, size: int = 224) -> tup
     (probe, plan, decode only the planned frames, centre crop): (uint8 [T, 3, S, S], frames in the
     video, frames the decoder produced, planned frame indices).
     """
-    from evl_cache.video.decode import decode_frames, probe_video
+    from evl_cache.video.decode import open_video
     from evl_cache.video.pixels import centre_crop
     from evl_cache.video.sampling import plan_views
 
-    probe = probe_video(path)
-    plan = plan_views(probe.num_frames, split, "dense", FRAMES, STRIDE, 1, 1, 0, index)[0]
-    decoded = decode_frames(path, list(plan.frame_indices), short_side=size, probe=probe)
-    return centre_crop(decoded.frames, size), probe.num_frames, decoded.decoded_count, list(plan.frame_indices)
+    with open_video(path) as video:  # one open for the probe and the decoding, as extraction does
+        probe = video.probe
+        plan = plan_views(probe.num_frames, split, "dense", FRAMES, STRIDE, 1, 1, 0, index)[0]
+        decoded = video.decode(list(plan.frame_indices), short_side=size)
+    return (centre_crop(decoded.frames, size), probe.num_frames, probe.decoded_frames + decoded.decoded_count,
+            list(plan.frame_indices))
 
 
 def decoder_step(model, optimizer, tokens, maps_prev, maps_next, labels) -> float:

@@ -15,13 +15,7 @@ import pytest
 
 from evl_cache.errors import BadVideoError
 from evl_cache.video import decode
-from evl_cache.video.decode import (
-    DecodedFrames,
-    decode_frames,
-    open_video,
-    probe_video,
-    resized_size,
-)
+from evl_cache.video.decode import DecodedFrames, decode_frames, open_video, probe_video, resized_size
 from evl_cache.video.synthetic import (
     cut_head,
     garble_head,

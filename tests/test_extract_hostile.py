@@ -1,5 +1,6 @@
 """Extraction against hostile inputs: odd names, extreme sizes and lengths, a file that hangs the decoder,
 bad list files and a cache from a newer evl-cache. Each bad input fails alone with a one-line reason."""
+import json
 import logging
 import shutil
 import time
@@ -14,7 +15,13 @@ from evl_cache.cache.store import DONE, FAILED, FeatureStore
 from evl_cache.cache.verify import VerifyConfig, verify
 from evl_cache.cli import main
 from evl_cache.errors import CacheError
-from evl_cache.video.synthetic import moving_shape_frames, write_named_pipe, write_video
+from evl_cache.video.synthetic import (
+    moving_shape_frames,
+    restart_timestamps,
+    write_named_pipe,
+    write_two_stream_video,
+    write_video,
+)
 
 TINY = dict(model="EVL-Tiny", pretrained="none", frames=4, stride=3, blocks=2, shard_size=2, eval_views=2)
 
@@ -138,3 +145,25 @@ def test_a_cache_from_a_newer_version_is_refused(hostile, tmp_path):
         assert result.exit_code == 1, (command, result.output)
         assert result.output == f"error: {out}: {reason}\n", command
     assert not (tmp_path / "run").exists()
+
+
+def test_videos_that_needed_care_are_extracted_with_their_notes(tmp_path):
+    rng = np.random.default_rng(1)
+    videos = tmp_path / "videos" / "cls"
+    frames = moving_shape_frames(24, 32, 40, "square", (200, 40, 40), "right", rng)
+    write_two_stream_video(videos / "with a thumbnail track.mkv", frames, frames[:4], default="main")
+    plain = write_video(tmp_path / "plain.mkv", frames, keyframe_interval=6)
+    restart_timestamps(plain, videos / "joined.mkv", at=12)
+    write_video(videos / "healthy.mp4", frames)
+    out = tmp_path / "c.zarr"
+    summary = extract(ExtractConfig(out=out, videos=tmp_path / "videos", workers=0, **TINY))
+    assert (summary.done, summary.failed) == (3, 0)
+    with FeatureStore(out) as store:
+        notes = dict(zip((Path(p).name for p in store.column("path")), store.column("note")))
+    assert notes["healthy.mp4"] == ""
+    assert "video stream" in notes["with a thumbnail track.mkv"] and "(default)" in notes["with a thumbnail track.mkv"]
+    assert "decode order" in notes["joined.mkv"]
+    result = CliRunner().invoke(main, ["info", str(out), "--notes", "--json"])
+    listed = {Path(item["path"]).name: item["note"] for item in json.loads(result.stdout)["notes"]}
+    assert listed == {name: note for name, note in notes.items() if note}
+    assert "2 videos needed care in decoding" in CliRunner().invoke(main, ["info", str(out)]).output

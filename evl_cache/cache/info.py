@@ -5,6 +5,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..config import option
 from ..errors import EvlCacheError
 from .store import STATUS_NAMES, FeatureStore, cache_storage
@@ -15,10 +17,13 @@ class InfoConfig:
     """Options of `evl-cache info`."""
     cache: Path = option(None, "the cache: a *.zarr or *.h5 path, or an fsspec URL", argument=True)
     failed: bool = option(False, "list the failed videos with their reasons")
+    notes: bool = option(False, "list the videos whose decoding needed care (another stream, timestamps not "
+                                "used, an undecodable head skipped), with what was done")
 
 
 def info(config: InfoConfig) -> dict:
-    """A JSON-ready description of the cache (with the failed videos' reasons if asked)."""
+    """A JSON-ready description of the cache (with the failed videos' reasons and the decoding notes if
+    asked)."""
     path, failed = config.cache, config.failed
     if path is None:
         raise EvlCacheError("a cache path is required")
@@ -30,6 +35,7 @@ def info(config: InfoConfig) -> dict:
         by_split: dict[str, dict[str, int]] = {}
         for s, st in zip(split, status):
             by_split.setdefault(str(s), Counter())[STATUS_NAMES[int(st)]] += 1
+        notes = store.column("note") if store.has("videos/note") else np.full(len(status), "", dtype=object)
         info = {
             "path": str(path),
             "format": store.kind,
@@ -44,6 +50,7 @@ def info(config: InfoConfig) -> dict:
             "videos": int(len(status)),
             "status": {name: counts.get(name, 0) for name in STATUS_NAMES.values()},
             "splits": {s: dict(c) for s, c in sorted(by_split.items())},
+            "noted": int(sum(1 for note in notes if note)),
             "classes": attrs["class_names"],
             "bytes_on_disk": store.size_on_disk(),
             "created": attrs.get("created"),
@@ -53,6 +60,9 @@ def info(config: InfoConfig) -> dict:
             paths, errors = store.column("path"), store.column("error")
             info["failed"] = [{"path": str(p), "error": str(e)}
                               for p, e, s in zip(paths, errors, status) if s == 2]
+        if config.notes:
+            paths = store.column("path")
+            info["notes"] = [{"path": str(p), "note": str(n)} for p, n in zip(paths, notes) if n]
     return info
 
 
@@ -94,6 +104,10 @@ def format_info(info: dict) -> str:
     shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
     lines.append(f"classes:    {len(classes)}: {shown}")
     lines.append(f"size:       {info['bytes_on_disk'] / 1e6:.1f} MB on disk")
+    if info["noted"]:
+        lines.append(f"notes:      {info['noted']} videos needed care in decoding (--notes lists them)")
     for item in info.get("failed", []):
         lines.append(f"failed:     {item['path']}: {item['error']}")
+    for item in info.get("notes", []):
+        lines.append(f"note:       {item['path']}: {item['note']}")
     return "\n".join(lines)

@@ -42,7 +42,7 @@ PARTS_ATTR = "evl_cache_parts"  # in a joined HDF5 cache's main file: its part f
 PART_ATTR = "evl_cache_part"  # in each part file of a joined HDF5 cache: its main file and part number
 PENDING, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {PENDING: "pending", DONE: "done", FAILED: "failed"}
-VIDEO_COLUMNS = ("path", "label", "split", "frames", "views", "status", "error", "checksum")
+VIDEO_COLUMNS = ("path", "label", "split", "frames", "views", "status", "error", "checksum", "note")
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class CacheLayout:
 
 
 def _column_dtype(name: str) -> Any:
-    return {"path": str, "split": str, "error": str, "label": np.int32, "frames": np.int32,
+    return {"path": str, "split": str, "error": str, "note": str, "label": np.int32, "frames": np.int32,
             "views": np.int16, "status": np.uint8, "checksum": np.uint32}[name]
 
 

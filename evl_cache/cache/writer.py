@@ -165,8 +165,10 @@ class ShardWriter:
         self.views = np.zeros(count, np.int16)
         self.status = np.full(count, PENDING, np.uint8)
         self.errors = [""] * count
+        self.notes = [""] * count  # what decoding a video needed (`VideoClips.note`)
         self.checksums = np.zeros(count, np.uint32)
         self.has_checksums = store.has("videos/checksum")  # some format-1 caches lack the column
+        self.has_notes = store.has("videos/note")  # a cache whose table has no note column keeps none
         rows = slice(self.start, self.start + count)
         self.kept = store.column("status", rows) != PENDING
         if self.kept.any():
@@ -182,10 +184,16 @@ class ShardWriter:
             values[kept] = self.store.column(name, rows)[kept]
         errors = self.store.column("error", rows)
         self.errors = [str(errors[i]) if kept[i] else "" for i in range(self.count)]
+        if self.has_notes:
+            notes = self.store.column("note", rows)
+            self.notes = [str(notes[i]) if kept[i] else "" for i in range(self.count)]
 
     def fail(self, index: int, reason: str) -> None:
         row = index - self.start
         self.status[row], self.errors[row] = FAILED, reason
+
+    def note(self, index: int, text: str) -> None:
+        self.notes[index - self.start] = text
 
     def put(self, index: int, view_offset: int, num_frames: int, views_total: int,
             stored: dict[str, np.ndarray]) -> None:
@@ -219,6 +227,8 @@ class ShardWriter:
         store.write_rows("frames", self.start, self.frames)
         store.write_rows("views", self.start, self.views)
         store.write_rows("error", self.start, np.array(self.errors, dtype=object))
+        if self.has_notes:
+            store.write_rows("note", self.start, np.array(self.notes, dtype=object))
         store.write_rows("status", self.start, self.status)  # last: marks the shard finished
         store.flush()
 
@@ -262,6 +272,7 @@ class BatchedWriter:
             self.close()
             count = min(self.layout.shard_size, self.layout.num_videos - shard * self.layout.shard_size)
             self._writer = ShardWriter(self.store.for_shard(shard), self.layout, shard, count)
+        self._writer.note(item.index, item.note)
         if item.clips is None:
             self._writer.fail(item.index, item.error)
             self.counts.failed += 1

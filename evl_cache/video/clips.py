@@ -47,8 +47,8 @@ class ClipSpec:
 
     @classmethod
     def from_cache(cls, attrs: dict) -> "ClipSpec":
-        """The spec a cache (or a run's record of its cache) was extracted with; records made before
-        resize and spatial views were options lack their keys and mean what was done then."""
+        """The spec a cache (or a run's record of its cache) was extracted with; a record without
+        `short_side` or `crop` means the input size and the centre crop."""
         sampling, augmentation = attrs["sampling"], attrs["sampling"]["train_augmentation"]
         preprocessing = attrs["preprocessing"]
         return cls(sampling["mode"], sampling["frames"], sampling["stride"], sampling["eval_views"],
