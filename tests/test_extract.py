@@ -1,5 +1,7 @@
 """Stage one end to end: messy inputs, both store formats, resume after SIGKILL, refusals."""
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -285,3 +287,19 @@ def test_embeddings_only_cache(sample_videos, tmp_path):
     assert verify(VerifyConfig(out)).ok
     with pytest.raises(CacheError, match="--layers 4 needs 4 cached blocks; the cache holds 0"):
         train(TrainConfig(features=out, out=tmp_path / "run", workers=0))
+
+
+def test_folders_that_cannot_be_read_are_named_in_the_summary(sample_videos, tmp_path, monkeypatch):
+    videos = tmp_path / "videos"
+    shutil.copytree(sample_videos / "train", videos)
+    hidden_class = sorted(p.name for p in videos.iterdir())[0]
+    scandir = os.scandir
+
+    def refusing(path="."):  # as listing a folder without read permission does (tests run as root)
+        if isinstance(path, (str, os.PathLike)) and Path(path).name == hidden_class:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", refusing)
+    summary = extract(ExtractConfig(out=tmp_path / "c.zarr", videos=videos, **TINY))
+    assert summary.unreadable_folders == [f"{videos / hidden_class}: Permission denied"]
+    assert summary.done == 9 and "1 folder(s) could not be read" in summary.line()

@@ -122,6 +122,14 @@ def test_predict_cli_folders_lists_and_bad_files(cache_and_run, sample_videos, t
     assert sum(rows[0]["probabilities"]) == pytest.approx(1.0, abs=1e-5)
     result = runner.invoke(main, ["predict", str(bad), "--run", str(run)])
     assert result.exit_code == 1 and "no video could be predicted" in result.output
+    # every video failing still prints the JSON, with each video's error
+    url = "https://example.com/clip.mp4"
+    result = runner.invoke(main, ["predict", str(bad), url, "--run", str(run), "--json"])
+    assert result.exit_code == 1
+    rows = json.loads(result.stdout)
+    assert [row["path"] for row in rows] == [str(bad), url]  # the URL as written, not mangled into a path
+    assert rows[0]["error"].startswith("cannot open as a video") and rows[0]["probabilities"] == []
+    assert rows[1]["error"] == "URLs are not read: download the video and pass the file"
 
 
 def test_predict_uses_the_caches_crops_and_normalisation(sample_videos, tmp_path):
