@@ -77,3 +77,21 @@ def test_every_split_gets_the_same_frames(numbered_videos, name):
         plans = plan_views(len(numbers), split, "vifi", 4, 1, 3, 1, 0, index)
         got = [[read_frame_number(frame.permute(1, 2, 0).numpy()) for frame in view] for view in clips.clips]
         assert got == [[numbers[i] for i in plan.frame_indices] for plan in plans]
+
+
+def test_a_segment_is_sampled_alone(numbered_videos):
+    """Only the frames in [start, end) seconds are planned and decoded (25 fps: frames 6..17 for
+    0.24-0.72 s), for the seek path and the decode-order path alike; frame counts are the segment's."""
+    spec = ClipSpec("segment", 4, 1, 2, 1, 32, 0)
+    for name in ("healthy", "restarted"):
+        path, numbers, _ = numbered_videos[name]
+        clips = read_video_clips(path, "val", 0, spec, segment=(0.24, 0.72))
+        assert (clips.error, clips.num_frames) == ("", 12), name
+        plans = plan_views(12, "val", "segment", 4, 1, 2, 1, 0, 0)
+        got = [[read_frame_number(frame.permute(1, 2, 0).numpy()) for frame in view] for view in clips.clips]
+        assert got == [[6 + i for i in plan.frame_indices] for plan in plans], name
+    path = numbered_videos["healthy"][0]
+    late = read_video_clips(path, "val", 0, spec, segment=(0.8, 2.0))
+    assert (late.num_frames, late.note) == (4, "segment ends 1.04 s after the video")
+    empty = read_video_clips(path, "val", 0, spec, segment=(5.0, 6.0))
+    assert empty.clips is None and empty.error.startswith("segment 5-6 s holds no frame")

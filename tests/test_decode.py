@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -498,3 +499,27 @@ def test_equal_streams_choose_the_largest(video_dir: Path) -> None:
     path = write_two_stream_video(video_dir / "equal.mkv", numbered_frames(24, 64, 96), side)
     probe = probe_video(path)
     assert (probe.stream_index, probe.notes) == (1, ("video stream 2 of 2 (largest)",))
+
+
+def _probe_of(frame_pts: tuple[int, ...], time_base: Fraction, fps: float | None, num_frames: int) -> decode.VideoProbe:
+    return decode.VideoProbe("v.mp4", num_frames, 64, 48, frame_pts, time_base, fps, 0, 0, (), 1)
+
+
+@pytest.mark.parametrize("frame_pts, time_base, fps", [
+    (tuple(range(1000, 1050)), Fraction(1, 25), 25.0),  # timestamps from the first frame, not from 0
+    (tuple(range(0, 50 * 512, 512)), Fraction(1, 12800), 25.0),  # mp4's usual time base
+    ((), Fraction(1, 1), 25.0),  # decode order: frames 1 / fps apart
+])
+def test_segment_frames_are_those_whose_time_is_in_the_segment(frame_pts, time_base, fps) -> None:
+    probe = _probe_of(frame_pts, time_base, fps, 50)  # 50 frames at 0, 0.04, ..., 1.96 s
+    assert decode.segment_frames(probe, 0.5, 1.0) == (range(13, 25), "")  # 0.52 .. 0.96 s
+    assert decode.segment_frames(probe, 0.48, 0.52) == (range(12, 13), "")  # start in, end out
+    assert decode.segment_frames(probe, 0, 2.0) == (range(0, 50), "")  # the last frame lasts until 2.0 s
+    assert decode.segment_frames(probe, 1.5, 3.0) == (range(38, 50), "segment ends 1.00 s after the video")
+    with pytest.raises(BadVideoError, match=r"segment 2.5-3 s holds no frame: the video's frames span 0-1.96 s"):
+        decode.segment_frames(probe, 2.5, 3.0)
+
+
+def test_a_segment_needs_timestamps_or_a_frame_rate() -> None:
+    with pytest.raises(BadVideoError, match="the segment's frames cannot be found"):
+        decode.segment_frames(_probe_of((), Fraction(1, 1), None, 50), 0.5, 1.0)

@@ -342,3 +342,26 @@ def test_urls_among_predict_inputs_are_kept_as_written(tmp_path):
     (tmp_path / "p.csv").write_text("path\nhttp://host/b.mp4\n")
     assert expand_video_inputs(["https://x/y.mp4", tmp_path / "p.txt", tmp_path / "p.csv", "v.mp4"]) == [
         "https://x/y.mp4", "s3://bucket/a.mp4", tmp_path / "local.mp4", "http://host/b.mp4", Path("v.mp4")]
+
+
+def test_csv_segments_in_seconds(tmp_path):
+    """Raw downloads hold the whole video: a CSV's start and end columns give the part to sample; two
+    segments of one file are two videos, the same segment twice is a duplicate."""
+    listing = tmp_path / "raw.csv"
+    listing.write_text("path,label,start,end\n"
+                       "yt/abc.mp4,run,10,20\nyt/abc.mp4,walk,30.5,40\nyt/abc.mp4,run,10,20.0\nyt/def.mp4,run,,\n"
+                       "yt/g.mp4,run,5,\nyt/h.mp4,run,x,3\nyt/i.mp4,run,-1,3\nyt/j.mp4,run,4,4\nyt/k.mp4,run,0,nan\n")
+    found = find_videos(train_list=listing)
+    rows = [(e.path, e.label, e.segment, e.error) for e in found.entries]
+    assert rows[:4] == [("yt/abc.mp4", 0, (10.0, 20.0), ""), ("yt/abc.mp4", 1, (30.5, 40.0), ""),
+                        ("yt/abc.mp4", 0, (10.0, 20.0), "raw.csv line 4: duplicate of line 2"),
+                        ("yt/def.mp4", 0, None, "")]
+    assert [(e.segment, e.error) for e in found.entries[4:]] == [
+        (None, "raw.csv line 6: start '5' and end '' are not both numbers of seconds"),
+        (None, "raw.csv line 7: start 'x' and end '3' are not both numbers of seconds"),
+        (None, "raw.csv line 8: segment -1-3 s: start must be 0 or more, and end after it"),
+        (None, "raw.csv line 9: segment 4-4 s: start must be 0 or more, and end after it"),
+        (None, "raw.csv line 10: segment 0-nan s: start must be 0 or more, and end after it")]
+    (tmp_path / "half.csv").write_text("path,label,start\na.mp4,run,3\n")
+    with pytest.raises(DatasetError, match="a CSV with a start column needs an end column"):
+        find_videos(train_list=tmp_path / "half.csv")

@@ -3,6 +3,8 @@ identity."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,13 @@ from evl_cache.cache.options import (
     channel_values,
     check_sizes,
     clip_spec_of,
+    dataset_fingerprint,
     dataset_of,
     output_paths,
     validate,
 )
 from evl_cache.errors import EvlCacheError
+from evl_cache.video.find import VideoEntry, VideoList
 
 
 def _config(**options) -> ExtractConfig:
@@ -70,3 +74,14 @@ def test_the_output_and_its_part_files_are_never_inputs(tmp_path):
     config = _config(out=tmp_path / "c.h5")
     assert [p.name for p in output_paths(config)] == ["c.h5", "c.part-0-of-2.h5", "c.part-1-of-2.h5"]
     assert output_paths(_config(out="memory://x/c.zarr")) == []
+
+
+def test_segments_are_part_of_the_fingerprint_and_plain_entries_hash_as_before(tmp_path):
+    def fingerprint(*entries):
+        return dataset_fingerprint(VideoList(tmp_path, list(entries), ["run"]))
+
+    before_segments = hashlib.sha256(json.dumps(["run"]).encode())
+    before_segments.update(b"a.mp4\t0\ttrain\t\n")
+    assert fingerprint(VideoEntry("a.mp4", 0, "train")) == before_segments.hexdigest()  # old caches resume
+    cuts = [fingerprint(VideoEntry("a.mp4", 0, "train", segment=s)) for s in [(1.0, 2.0), (1.0, 3.0), (0.5, 2.0)]]
+    assert len(set(cuts) | {before_segments.hexdigest()}) == 4

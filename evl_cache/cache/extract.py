@@ -99,7 +99,8 @@ class ClipSource(Dataset):
         entry = self.entries[index]
         if entry.error:
             return VideoClips(index, None, 0, entry.error, 0)
-        return read_video_clips(self.root / entry.path, entry.split, index, self.spec, self.timeout)
+        return read_video_clips(self.root / entry.path, entry.split, index, self.spec, self.timeout,
+                                entry.segment)
 
 
 def _worker_init(_: int) -> None:

@@ -150,10 +150,12 @@ def cache_layout(config: ExtractConfig, dataset: VideoList, width: int, layers: 
 
 
 def dataset_fingerprint(dataset: VideoList) -> str:
-    """sha256 of the video table and class names: two runs over different data never mix."""
+    """sha256 of the video table (segments included) and class names: two runs over different data never
+    mix. An entry without a segment hashes as it did before segments existed, so older caches resume."""
     digest = hashlib.sha256(json.dumps(dataset.class_names).encode())
     for entry in dataset.entries:
-        digest.update(f"{entry.path}\t{entry.label}\t{entry.split}\t{entry.error}\n".encode())
+        segment = "" if entry.segment is None else f"\t{entry.segment[0]!r}\t{entry.segment[1]!r}"
+        digest.update(f"{entry.path}\t{entry.label}\t{entry.split}\t{entry.error}{segment}\n".encode())
     return digest.hexdigest()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadVideoError
-from .decode import open_video
+from .decode import open_video, segment_frames
 from .pixels import CROP_SCALE, RANDAUGMENT, augmented_clip, spatial_crops
 from .sampling import plan_views
 
@@ -93,25 +93,30 @@ class VideoClips:
     note: str = ""  # what was unusual about the file (the probe's notes joined by "; "); "" if nothing
 
 
-def _load(path: Path, split: str, index: int, spec: ClipSpec) -> VideoClips:
-    """Probe, plan, decode the planned frames on the same open of the file, then crop or augment."""
+def _load(path: Path, split: str, index: int, spec: ClipSpec, segment: tuple[float, float] | None) -> VideoClips:
+    """Probe, plan (within the segment, if any), decode the planned frames on the same open of the file,
+    then crop or augment."""
     with open_video(path) as video:
         probe = video.probe
-        plans = plan_views(probe.num_frames, split, spec.mode, spec.frames, spec.stride, spec.eval_views,
+        frames_in, notes = range(probe.num_frames), list(probe.notes)
+        if segment is not None:
+            frames_in, segment_note = segment_frames(probe, *segment)
+            notes += [segment_note] if segment_note else []
+        plans = plan_views(len(frames_in), split, spec.mode, spec.frames, spec.stride, spec.eval_views,
                            spec.train_views, spec.seed, index)
-        wanted = sorted({i for plan in plans for i in plan.frame_indices})
+        wanted = sorted({frames_in[i] for plan in plans for i in plan.frame_indices})
         decoded = video.decode(wanted, short_side=spec.resize)
     position = {frame: i for i, frame in enumerate(wanted)}
     crops = 1 if split == "train" else spec.spatial_views  # training view 0 is the plain centre clip
     clips = []
     for plan in plans:
-        frames = decoded.frames[[position[i] for i in plan.frame_indices]]
+        frames = decoded.frames[[position[frames_in[i]] for i in plan.frame_indices]]
         if plan.augment:
             clips.append(augmented_clip(frames, spec.size, plan.seed, spec.flip, spec.randaugment))
         else:
             clips += spatial_crops(frames, spec.size, crops)
-    return VideoClips(index, torch.stack(clips), probe.num_frames, "",
-                      probe.decoded_frames + decoded.decoded_count, "; ".join(probe.notes))
+    return VideoClips(index, torch.stack(clips), len(frames_in), "",
+                      probe.decoded_frames + decoded.decoded_count, "; ".join(notes))
 
 
 @contextmanager
@@ -146,17 +151,18 @@ def _time_limit(seconds: float | None) -> Iterator[dict]:
             signal.setitimer(signal.ITIMER_REAL, left, previous_interval)
 
 
-def read_video_clips(path: str | Path, split: str, index: int, spec: ClipSpec,
-                     timeout: float | None = None) -> VideoClips:
+def read_video_clips(path: str | Path, split: str, index: int, spec: ClipSpec, timeout: float | None = None,
+                     segment: tuple[float, float] | None = None) -> VideoClips:
     """The video's views per `spec`; a bad video gives `clips=None` and a one-line reason, never raises.
 
     `timeout` (seconds) limits the time this video may take, so a file that makes the decoder hang
-    (a named pipe, a stalled network mount) fails alone instead of stopping the job.
+    (a named pipe, a stalled network mount) fails alone instead of stopping the job. `segment` (start,
+    end seconds) samples only the frames in that part of the file; `num_frames` then counts those.
     """
     limit = {"expired": False}
     try:
         with _time_limit(timeout) as limit:
-            return _load(Path(path), split, index, spec)
+            return _load(Path(path), split, index, spec, segment)
     except Exception as error:  # a decoder bug on one odd file must not stop 240,000 others
         if limit["expired"]:
             return VideoClips(index, None, 0, f"decoding took longer than {timeout:g} s", 0)

@@ -45,6 +45,7 @@ Every failure is a `BadVideoError` that names the file.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -386,6 +387,33 @@ def probe_video(path: str | Path) -> VideoProbe:
     and decode everything only if these look wrong."""
     with _open_container(path) as container:
         return _probe(container, path)
+
+
+def segment_frames(probe: VideoProbe, start: float, end: float) -> tuple[range, str]:
+    """The frames whose time, in seconds from the first frame, is in [start, end), and a note if the
+    segment ends more than a frame after the video does (its last frame's time plus a frame), "" if not.
+
+    Times are the frames' timestamps, exactly; frames in decode order (no usable timestamps) are
+    1 / average_fps apart.
+    """
+    if probe.frame_pts:
+        ticks = np.asarray(probe.frame_pts, dtype=np.int64) - probe.frame_pts[0]
+        per_second = 1 / probe.time_base
+    elif probe.average_fps:
+        ticks = np.arange(probe.num_frames, dtype=np.int64)
+        per_second = Fraction(probe.average_fps).limit_denominator(1001)
+    else:
+        raise BadVideoError("no timestamps and no frame rate: the segment's frames cannot be found", probe.path)
+    # seconds as the decimals they were written as (0.52, not the float just above it)
+    first, stop = (int(np.searchsorted(ticks, math.ceil(Fraction(repr(float(t))) * per_second)))
+                   for t in (start, end))
+    frame = 1 / probe.average_fps if probe.average_fps else 0.0
+    last = float(ticks[-1] / per_second)
+    if first == stop:
+        raise BadVideoError(f"segment {start:g}-{end:g} s holds no frame: the video's frames span 0-{last:.2f} s",
+                            probe.path)
+    late = end - (last + frame)
+    return range(first, stop), (f"segment ends {late:.2f} s after the video" if late > frame else "")
 
 
 def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:

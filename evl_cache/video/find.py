@@ -10,8 +10,9 @@ Three input forms:
 - the authors' list format, one `path label` per line (label an integer; `path<TAB>label` splits at
   the tab), paths under `--data-root`;
 - a CSV (comma- or tab-separated) with a header that has `path` and `label` columns (label a name or an
-  integer) and an optional `split` column (a split name as above, or empty for the list's own split; any
-  other value fails the entry).
+  integer), an optional `split` column (a split name as above, or empty for the list's own split; any
+  other value fails the entry), and optional `start` and `end` columns: the segment of the video, in
+  seconds, that is sampled (a raw Kinetics download holds the whole YouTube video).
 
 Class names that differ only by case, spaces, underscores or hyphens (`Alpha`, `alpha`) are warned about:
 they train as separate classes unless a `--classes` mapping gives them one index.
@@ -54,11 +55,13 @@ BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32", "UTF-32"), (codecs.BOM_UTF32
 
 @dataclass(frozen=True)
 class VideoEntry:
-    """One video of the dataset: its path (relative to the dataset root), label index and split."""
+    """One video of the dataset: its path (relative to the dataset root), label index (-1: unlabelled) and
+    split; `segment` (start, end) in seconds when only that part of the file is sampled."""
     path: str
     label: int
     split: str
     error: str = ""
+    segment: tuple[float, float] | None = None
 
 
 @dataclass
@@ -320,16 +323,43 @@ class _ListRow:
     label: str
     split: str
     error: str = ""
+    segment: tuple[float, float] | None = None
+
+
+def _csv_row(path: Path, line: int, row: dict[str, str], split: str) -> _ListRow:
+    """A CSV row as a list entry: its split and segment checked, the first problem as its error."""
+    where = f"{path.name} line {line}"
+    split, split_error = _row_split(row.get("split"), split, where)
+    segment, segment_error = parse_segment(row.get("start"), row.get("end"), where)
+    return _ListRow(line, (row.get("path") or "").strip(), (row.get("label") or "").strip(), split,
+                    split_error or segment_error, segment)
+
+
+def parse_segment(start: str | None, end: str | None, where: str) -> tuple[tuple[float, float] | None, str]:
+    """(segment, error) of a row's `start` and `end` seconds: both empty is the whole video; one alone, a
+    value that is not a number, a negative start or an end not after the start is an error."""
+    start, end = (start or "").strip(), (end or "").strip()
+    if not start and not end:
+        return None, ""
+    try:
+        segment = (float(start), float(end))
+    except ValueError:
+        return None, f"{where}: start {start!r} and end {end!r} are not both numbers of seconds"
+    if not 0 <= segment[0] < segment[1] < float("inf"):  # NaN fails too
+        return None, f"{where}: segment {start}-{end} s: start must be 0 or more, and end after it"
+    return segment, ""
 
 
 def _read_rows(path: Path, split: str) -> list[_ListRow]:
-    """The entries of a CSV (`path,label[,split]` header) or of a `path label` list, in file order."""
+    """The entries of a CSV (`path,label[,split][,start,end]` header) or of a `path label` list, in file
+    order."""
     if _is_table(path):
         header, rows = _read_table(path, "list")
         if "path" not in header or "label" not in header:
             raise DatasetError("CSV needs a header with 'path' and 'label' columns", path)
-        found = [_ListRow(line, (row.get("path") or "").strip(), (row.get("label") or "").strip(),
-                          *_row_split(row.get("split"), split, f"{path.name} line {line}")) for line, row in rows]
+        if ("start" in header) != ("end" in header):
+            raise DatasetError("a CSV with a start column needs an end column, and the other way round", path)
+        found = [_csv_row(path, line, row, split) for line, row in rows]
     else:
         lines = enumerate(_read_text(path, "list").splitlines(), start=1)
         found = [_ListRow(line_no, *_split_list_line(line), split) for line_no, line in lines
@@ -384,8 +414,8 @@ def _entries(path: Path, rows: list[_ListRow], classes: ClassNames | None) -> li
     entries = []
     for row in rows:
         label, error = _label_index(row.label, classes, f"{path.name} line {row.line}")
-        entries.append(VideoEntry(row.path, label, row.split, error or row.error))
-    return _mark_duplicates(entries, [row.line for row in rows], path.name)
+        entries.append(VideoEntry(row.path, label, row.split, error or row.error, row.segment))
+    return mark_duplicates(entries, [row.line for row in rows], path.name)
 
 
 def read_list(path: str | Path, data_root: str | Path | None, split: str,
@@ -410,13 +440,14 @@ def _read_lists(lists: list[tuple[Path, str]], data_root: str | Path | None,
     return VideoList(roots.pop(), entries, list(names))
 
 
-def _mark_duplicates(entries: list[VideoEntry], line_numbers: list[int], list_name: str) -> list[VideoEntry]:
-    """Entries whose path an earlier line already lists fail with "duplicate of line N" (each video is
-    cached once per list; "a/./b.mp4" and "a/b.mp4" are the same path)."""
-    seen: dict[str, int] = {}
+def mark_duplicates(entries: list[VideoEntry], line_numbers: list[int], list_name: str) -> list[VideoEntry]:
+    """Entries whose path (and segment) an earlier line already lists fail with "duplicate of line N" (each
+    video is cached once per list; "a/./b.mp4" and "a/b.mp4" are the same path; two segments of one file
+    are two videos)."""
+    seen: dict[tuple[str, tuple[float, float] | None], int] = {}
     marked = []
     for entry, line_no in zip(entries, line_numbers):
-        key = os.path.normpath(entry.path)
+        key = (os.path.normpath(entry.path), entry.segment)
         if key in seen and not entry.error:
             entry = replace(entry, error=f"{list_name} line {line_no}: duplicate of line {seen[key]}")
         seen.setdefault(key, line_no)
