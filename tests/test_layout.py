@@ -20,7 +20,8 @@ PIPELINE = [
     # the shared bottom
     "errors", "runtime", "config", "distributed",
     # videos -> clips
-    "video.find", "video.sampling", "video.decode", "video.pixels", "video.clips", "video.synthetic",
+    "video.find", "video.tars", "video.sampling", "video.decode", "video.pixels", "video.clips",
+    "video.synthetic",
     # the frozen towers
     "towers.block_prompts", "towers.checkpoint_files", "towers.backbone", "towers.text", "towers.vificlip",
     # the cache, and the dataset over it

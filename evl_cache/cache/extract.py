@@ -58,7 +58,7 @@ class ExtractSummary:
     seconds: float
     bytes_written: int
     decoded_frames: int
-    unreadable_folders: list[str] = dataclasses.field(default_factory=list)
+    unreadable_folders: list[str] = dataclasses.field(default_factory=list)  # or tar shards: `path: reason`
 
     @property
     def clips_per_second(self) -> float:
@@ -68,8 +68,13 @@ class ExtractSummary:
         return (f"extract: {self.done} done, {self.failed} failed, {self.skipped} skipped (already done) "
                 f"of {self.videos} videos; {self.clips} clips in {self.seconds:.1f} s "
                 f"({self.clips_per_second:.2f} clips/s); {self.bytes_written / 1e6:.1f} MB written "
-                f"to {self.cache}" + (f"; {len(self.unreadable_folders)} folder(s) could not be read, their "
-                                      f"videos left out (see the warnings)" if self.unreadable_folders else ""))
+                f"to {self.cache}" + (f"; {len(self.unreadable_folders)} {self._unreadable_kind()} could not be read, "
+                                      f"their videos left out (see the warnings)" if self.unreadable_folders else ""))
+
+    def _unreadable_kind(self) -> str:
+        """What the unreadable inputs are: tar shards, or folders."""
+        shards = all(item.split(": ", 1)[0].lower().endswith(".tar") for item in self.unreadable_folders)
+        return "shard(s)" if shards else "folder(s)"
 
 
 @dataclass

@@ -11,9 +11,10 @@ from ..config import option, shared
 from ..errors import EvlCacheError
 from ..towers.backbone import BackboneSpec
 from ..video.clips import ClipSpec
-from ..video.find import VideoList, find_videos
+from ..video.find import VideoList, find_videos, read_classes
 from ..video.pixels import SPATIAL_VIEWS
 from ..video.sampling import SAMPLING_MODES
+from ..video.tars import is_tar_input, read_shards
 from .encodings import ENCODINGS, encoding
 from .store import CacheLayout, part_files_beside, store_kind
 
@@ -22,13 +23,16 @@ from .store import CacheLayout, part_files_beside, store_kind
 class ExtractConfig:
     """Options of `evl-cache extract` and `evl-cache plan`."""
     out: Path = option(None, "cache to write: *.zarr (Zarr v3) or *.h5 (HDF5)")
-    videos: Path | None = option(None, "folder of videos: <class>/<video> or <split>/<class>/<video>")
+    videos: Path | None = option(None, "folder of videos: <class>/<video> or <split>/<class>/<video>; or WebDataset "
+                                       "tar shards: 'DIR/{000000..000127}.tar', one .tar, or a folder of .tar files")
     train_list: Path | None = option(None, "training list: 'path label' lines, or a CSV with a header")
     val_list: Path | None = option(None, "validation list, same formats as --train-list")
     list: Path | None = option(None, "one list for the whole dataset, a CSV's split column giving each row's split "
                                      "(as --train-list)")
     data_root: Path | None = option(None, "folder the list paths are relative to [default: the list's folder]")
     classes: Path | None = option(None, "class names: one per line, the authors' JSON mapping, or an id,name CSV")
+    label_field: str | None = option(None, "tar shards: the field of each KEY.json holding the label, a class index "
+                                           "or name [default: the KEY.cls member]")
     model: str = option("ViT-B-16", "open_clip model name, or a path to an open_clip model-config JSON")
     pretrained: str = option("openai", "open_clip pretrained tag, a local weights file, or none (random)")
     blocks: int = option(4, "how many of the last backbone blocks to cache (0: only the per-frame CLIP "
@@ -127,7 +131,13 @@ def output_paths(config: ExtractConfig) -> list[Path]:
 
 
 def dataset_of(config: ExtractConfig) -> VideoList:
-    """The videos `config` names (a folder, or list files), without the cache it writes."""
+    """The videos `config` names (a folder, tar shards, or list files), without the cache it writes."""
+    if config.videos is not None and is_tar_input(config.videos):
+        if config.train_list or config.val_list or config.list:
+            raise EvlCacheError("give either --videos or --train-list/--val-list/--list, not both")
+        return read_shards(config.videos, config.label_field, read_classes(config.classes) if config.classes else None)
+    if config.label_field is not None:
+        raise EvlCacheError("--label-field is for tar shards (--videos 'DIR/{000000..000127}.tar')")
     return find_videos(config.videos, config.train_list or config.list, config.val_list, config.data_root,
                        config.classes, exclude=output_paths(config))
 

@@ -41,6 +41,8 @@ The codec keeps FFmpeg's default (slice) threading. Frame threading (`thread_typ
 measured slower on 340p H.264 with 2 cores, and extraction already decodes videos in parallel
 DataLoader workers.
 
+A path `SHARD.tar#MEMBER` is a member of a WebDataset tar shard, read in place (`tars`).
+
 Every failure is a `BadVideoError` that names the file.
 """
 from __future__ import annotations
@@ -58,6 +60,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from ..errors import BadVideoError
+from .tars import open_tar_member
 
 # CLIP's own preprocessing resizes with bicubic filtering; swscale widens the filter when shrinking,
 # so large downscales are antialiased too.
@@ -133,19 +136,26 @@ def _av_reason(error: Exception) -> str:
 
 @contextmanager
 def _open_container(path: str | Path) -> Iterator[av.container.InputContainer]:
-    """Open `path` to read; close it whatever happens; FFmpeg errors become `BadVideoError`."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise BadVideoError("empty file (0 bytes)", path)
+    """Open `path` (a file, or a `SHARD.tar#MEMBER` read in place) to read; close it whatever happens;
+    FFmpeg errors become `BadVideoError`."""
+    member = open_tar_member(path)
+    size = member.size if member is not None else os.path.getsize(path) if os.path.isfile(path) else None
     try:
-        container = av.open(str(path), mode="r")
-    except (av.error.FFmpegError, OSError) as error:
-        raise BadVideoError(f"cannot open as a video: {_av_reason(error)}", path) from error
-    try:
-        yield container
-    except (av.error.FFmpegError, OSError) as error:
-        raise BadVideoError(f"decoding failed: {_av_reason(error)}", path) from error
+        if size == 0:
+            raise BadVideoError("empty file (0 bytes)", path)
+        try:
+            container = av.open(member if member is not None else str(path), mode="r")
+        except (av.error.FFmpegError, OSError) as error:
+            raise BadVideoError(f"cannot open as a video: {_av_reason(error)}", path) from error
+        try:
+            yield container
+        except (av.error.FFmpegError, OSError) as error:
+            raise BadVideoError(f"decoding failed: {_av_reason(error)}", path) from error
+        finally:
+            container.close()
     finally:
-        container.close()
+        if member is not None:
+            member.close()
 
 
 def _stream_at(

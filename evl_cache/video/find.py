@@ -286,7 +286,7 @@ def _indexed(pairs: list[tuple[str, int]], reason: str, path: Path) -> ClassName
     return ClassNames([first[i] for i in range(len(first))], index)
 
 
-def _warn_near_duplicates(names: list[str], where: str | Path) -> None:
+def warn_near_duplicates(names: list[str], where: str | Path) -> None:
     """Warn about class names that differ only by case, spaces, underscores or hyphens: most likely one
     class spelled two ways, which would train as two."""
     groups: dict[str, list[str]] = {}
@@ -391,11 +391,11 @@ def _classes_from_labels(lists: list[tuple[Path, list[_ListRow]]]) -> ClassNames
                     if row.label and not _is_integer(row.label)})
     if not names:
         return None
-    _warn_near_duplicates(names, ", ".join(str(path) for path, _ in lists))
+    warn_near_duplicates(names, ", ".join(str(path) for path, _ in lists))
     return ClassNames.of(names)
 
 
-def _label_index(raw: str, classes: ClassNames | None, where: str) -> tuple[int, str]:
+def label_index(raw: str, classes: ClassNames | None, where: str) -> tuple[int, str]:
     """Parse a label (integer or class name); returns (label, error)."""
     if not raw:
         return -1, f"{where}: no label"
@@ -413,7 +413,7 @@ def _label_index(raw: str, classes: ClassNames | None, where: str) -> tuple[int,
 def _entries(path: Path, rows: list[_ListRow], classes: ClassNames | None) -> list[VideoEntry]:
     entries = []
     for row in rows:
-        label, error = _label_index(row.label, classes, f"{path.name} line {row.line}")
+        label, error = label_index(row.label, classes, f"{path.name} line {row.line}")
         entries.append(VideoEntry(row.path, label, row.split, error or row.error, row.segment))
     return mark_duplicates(entries, [row.line for row in rows], path.name)
 
@@ -500,7 +500,7 @@ def find_videos(videos: str | Path | None = None, train_list: str | Path | None 
             raise DatasetError("give either --videos or --train-list/--val-list, not both")
         found = scan_folder(videos, exclude)
         if known is None:
-            _warn_near_duplicates(found.class_names, videos)
+            warn_near_duplicates(found.class_names, videos)
         else:
             _use_classes(found, known, classes)
         return found
