@@ -20,7 +20,7 @@ PIPELINE = [
     # the shared bottom
     "errors", "runtime", "config", "distributed",
     # videos -> clips
-    "video.find", "video.tars", "video.sampling", "video.decode", "video.pixels", "video.clips",
+    "video.find", "video.tars", "video.datasets", "video.sampling", "video.decode", "video.pixels", "video.clips",
     "video.synthetic",
     # the frozen towers
     "towers.block_prompts", "towers.checkpoint_files", "towers.backbone", "towers.text", "towers.vificlip",

@@ -42,6 +42,11 @@ def _config(**options) -> ExtractConfig:
     ({"out": Path("c.h5"), "compress": "zstd"}, "for Zarr caches"),
     ({"out": Path("c.npy")}, "must end in .zarr"),
     ({"out": None}, "--out is required"),
+    ({"dataset": "ucf101", "root": Path("r")}, "--dataset reads its own files under --root: leave out --videos"),
+    ({"videos": None, "dataset": "ucf101"}, "--dataset and --root go together"),
+    ({"videos": None, "root": Path("r")}, "--dataset and --root go together"),
+    ({"videos": None, "dataset": "ssv2", "root": Path("r"), "fold": 2}, "--fold picks the official split of "
+                                                                        "--dataset ucf101 or hmdb51"),
 ])
 def test_options_that_cannot_work_are_refused(options, message):
     with pytest.raises(EvlCacheError, match=message):

@@ -11,6 +11,7 @@ from ..config import option, shared
 from ..errors import EvlCacheError
 from ..towers.backbone import BackboneSpec
 from ..video.clips import ClipSpec
+from ..video.datasets import DATASETS, read_dataset
 from ..video.find import VideoList, find_videos, read_classes
 from ..video.pixels import SPATIAL_VIEWS
 from ..video.sampling import SAMPLING_MODES
@@ -30,6 +31,10 @@ class ExtractConfig:
     list: Path | None = option(None, "one list for the whole dataset, a CSV's split column giving each row's split "
                                      "(as --train-list)")
     data_root: Path | None = option(None, "folder the list paths are relative to [default: the list's folder]")
+    dataset: str | None = option(None, "an official dataset read as distributed under --root: its annotation files "
+                                       "and videos", choices=DATASETS)
+    root: Path | None = option(None, "the folder of --dataset, laid out as distributed (see data/README.md)")
+    fold: int | None = option(None, "--dataset ucf101 or hmdb51: which official split, 1, 2 or 3 [default: 1]")
     classes: Path | None = option(None, "class names: one per line, the authors' JSON mapping, or an id,name CSV")
     label_field: str | None = option(None, "tar shards: the field of each KEY.json holding the label, a class index "
                                            "or name [default: the KEY.cls member]")
@@ -89,6 +94,7 @@ def validate(config: ExtractConfig) -> None:
         raise EvlCacheError("--probe-mb must be 0 (no probe) or more")
     if config.list is not None and config.train_list is not None:
         raise EvlCacheError("--list is the same as --train-list: give one of them")
+    _check_inputs(config)
     encoding(config.storage)  # refuses fp8 where torch has no float8
     if config.compress != "none" and store_kind(config.out) == "h5":
         raise EvlCacheError("--compress zstd is for Zarr caches (HDF5 would need a zstd filter plugin); "
@@ -98,6 +104,18 @@ def validate(config: ExtractConfig) -> None:
     for name in ("mean", "std"):
         if getattr(config, name) is not None:
             channel_values(getattr(config, name), name)
+
+
+def _check_inputs(config: ExtractConfig) -> None:
+    """One input form at a time: --dataset with --root, or the videos, lists or shards of the others."""
+    others = [f"--{name.replace('_', '-')}" for name in ("videos", "train_list", "val_list", "list", "data_root")
+              if getattr(config, name) is not None]
+    if config.dataset is not None and others:
+        raise EvlCacheError(f"--dataset reads its own files under --root: leave out {', '.join(others)}")
+    if (config.dataset is None) != (config.root is None):
+        raise EvlCacheError("--dataset and --root go together: --dataset NAME --root FOLDER")
+    if config.fold is not None and config.dataset not in ("ucf101", "hmdb51"):
+        raise EvlCacheError("--fold picks the official split of --dataset ucf101 or hmdb51")
 
 
 def channel_values(text: str, name: str) -> tuple[float, float, float]:
@@ -131,7 +149,11 @@ def output_paths(config: ExtractConfig) -> list[Path]:
 
 
 def dataset_of(config: ExtractConfig) -> VideoList:
-    """The videos `config` names (a folder, tar shards, or list files), without the cache it writes."""
+    """The videos `config` names (an official dataset, a folder, tar shards, or list files), without the
+    cache it writes."""
+    if config.dataset is not None:
+        return read_dataset(config.dataset, config.root, config.fold,
+                            read_classes(config.classes) if config.classes else None)
     if config.videos is not None and is_tar_input(config.videos):
         if config.train_list or config.val_list or config.list:
             raise EvlCacheError("give either --videos or --train-list/--val-list/--list, not both")
@@ -181,6 +203,7 @@ def cache_identity(config: ExtractConfig, spec: BackboneSpec, clip_spec: ClipSpe
         "dtype": "float16",  # of the values as read (`storage` says how they are stored)
         "storage": {"encoding": config.storage, "compress": config.compress},
         "class_names": list(dataset.class_names),
+        **({"raw_class_names": list(dataset.raw_class_names)} if dataset.raw_class_names else {}),
         "dataset": {"root": str(dataset.root.resolve()), "fingerprint": dataset_fingerprint(dataset),
                     "videos": len(dataset.entries), "splits": dataset.count_by_split()},
         "shard_size": config.shard_size,

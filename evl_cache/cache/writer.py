@@ -56,7 +56,7 @@ def check_output(config: ExtractConfig) -> None:
     if is_url(out):
         return
     resolved = Path(out).resolve()
-    for name in ("videos", "data_root", "train_list", "val_list", "list", "classes"):
+    for name in ("videos", "root", "data_root", "train_list", "val_list", "list", "classes"):
         given = getattr(config, name)
         if given is not None and _inside(Path(given).resolve(), resolved):
             raise CacheError(f"--out is (or holds) the --{name.replace('_', '-')} {given}: the cache must be a "

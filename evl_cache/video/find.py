@@ -71,6 +71,7 @@ class VideoList:
     entries: list[VideoEntry]
     class_names: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)  # `folder: reason` for each folder that could not be read
+    raw_class_names: list[str] = field(default_factory=list)  # as the annotations write them, if made readable
 
     def count_by_split(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -95,7 +96,7 @@ class ClassNames:
         return cls(list(names), index)
 
 
-def _read_text(path: Path, what: str) -> str:
+def read_text(path: Path, what: str) -> str:
     """The text of a list, CSV or class-name file: in the encoding its byte-order mark names (UTF-8, UTF-16,
     UTF-32, as spreadsheets save), else UTF-8; any other bytes are a one-line error, never a guess."""
     try:
@@ -116,10 +117,10 @@ def _read_text(path: Path, what: str) -> str:
     return text
 
 
-def _read_table(path: Path, what: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+def read_table(path: Path, what: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """A CSV's header and its rows with their line numbers; tab-separated when its header is (a .tsv, or a
     spreadsheet's "text" export)."""
-    lines = _read_text(path, what).splitlines()
+    lines = read_text(path, what).splitlines()
     header = lines[0] if lines else ""
     reader = csv.DictReader(lines, delimiter="\t" if header.count("\t") > header.count(",") else ",")
     try:
@@ -237,7 +238,7 @@ def read_classes(path: str | Path) -> ClassNames:
     (ViFi-CLIP's and X-CLIP's label files; ids may repeat likewise)."""
     path = Path(path)
     if _is_table(path):
-        header, rows = _read_table(path, "class names")
+        header, rows = read_table(path, "class names")
         if not rows or not {"id", "name"} <= set(header):
             raise DatasetError("a class-name CSV needs an id,name header and a row per class", path)
         try:
@@ -245,7 +246,7 @@ def read_classes(path: str | Path) -> ClassNames:
         except (TypeError, ValueError):
             raise DatasetError("class ids in the CSV are not all integers", path) from None
         return _indexed(pairs, "class ids in the CSV are not 0..K-1", path)
-    text = _read_text(path, "class names")
+    text = read_text(path, "class names")
     if path.suffix.lower() != ".json":
         return ClassNames.of([line.strip() for line in text.splitlines() if line.strip()])
     mapping = _parse_json(text, path)
@@ -354,14 +355,14 @@ def _read_rows(path: Path, split: str) -> list[_ListRow]:
     """The entries of a CSV (`path,label[,split][,start,end]` header) or of a `path label` list, in file
     order."""
     if _is_table(path):
-        header, rows = _read_table(path, "list")
+        header, rows = read_table(path, "list")
         if "path" not in header or "label" not in header:
             raise DatasetError("CSV needs a header with 'path' and 'label' columns", path)
         if ("start" in header) != ("end" in header):
             raise DatasetError("a CSV with a start column needs an end column, and the other way round", path)
         found = [_csv_row(path, line, row, split) for line, row in rows]
     else:
-        lines = enumerate(_read_text(path, "list").splitlines(), start=1)
+        lines = enumerate(read_text(path, "list").splitlines(), start=1)
         found = [_ListRow(line_no, *_split_list_line(line), split) for line_no, line in lines
                  if line.strip() and not line.lstrip().startswith("#")]
     if not found:
@@ -467,10 +468,10 @@ def expand_video_inputs(inputs: list[str | Path]) -> list[Path | str]:
         elif item.is_dir():
             paths += _Scan().video_files(item)
         elif _is_table(item) and item.is_file():
-            _, rows = _read_table(item, "video list")
+            _, rows = read_table(item, "video list")
             paths += [_listed_input(item, row["path"]) for _, row in rows if (row.get("path") or "").strip()]
         elif item.suffix.lower() == ".txt" and item.is_file():
-            for line in _read_text(item, "video list").splitlines():
+            for line in read_text(item, "video list").splitlines():
                 if line.strip() and not line.lstrip().startswith("#"):
                     path, label = _split_list_line(line)
                     is_label = label and ("\t" in line.strip() or _is_integer(label))
