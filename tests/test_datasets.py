@@ -7,7 +7,12 @@ import logging
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from evl_cache import ExtractConfig, InfoConfig, extract, info
+from evl_cache.cache.info import format_info
+from evl_cache.cache.store import FeatureStore
+from evl_cache.cli import main
 from evl_cache.errors import DatasetError
 from evl_cache.video.datasets import NOT_ON_DISK, read_dataset
 from evl_cache.video.find import read_classes
@@ -233,3 +238,36 @@ def test_a_kinetics_split_without_its_folder_is_left_out_but_keeps_its_classes(t
     assert found.class_names == ["abseiling", "zumba"] and [(e.path, e.label) for e in found.entries] == [
         ("train/aaaaaaaaaaa_000000_000010.mp4", 1)]
     assert found.unreadable == [f"{root / 'val'}: no such folder; the 1 videos of val.csv are left out"]
+
+
+TINY = ["--model", "EVL-Tiny", "--pretrained", "none", "--frames", "4", "--stride", "2", "--blocks", "1",
+        "--workers", "0", "--shard-size", "2"]
+
+
+def test_extracting_ucf101_counts_the_videos_not_on_disk_apart(tmp_path, clips):
+    root = ucf101_tree(tmp_path / "ucf", clips)
+    out = tmp_path / "ucf101_s1.zarr"
+    result = CliRunner().invoke(main, ["extract", "--dataset", "ucf101", "--root", str(root), "--fold", "1",
+                                       "--out", str(out), *TINY])
+    assert result.exit_code == 0, result.output
+    assert "3 done, 3 failed (1 listed in the annotations, not on disk), 0 skipped" in result.output
+    described = info(InfoConfig(out))
+    assert described["not_on_disk"] == 1 and described["status"]["failed"] == 3
+    assert described["classes"] == ["Apply Eye Makeup", "Yo Yo"]
+    assert "missing:    1 failed videos are listed in the annotations, not on disk" in format_info(described)
+    with FeatureStore(out) as store:
+        assert store.attrs["raw_class_names"] == ["ApplyEyeMakeup", "YoYo"]
+        assert list(store.column("label")) == [0, 1, -1, 0, 1, -1] and list(store.column("split"))[3:] == ["val"] * 3
+    again = CliRunner().invoke(main, ["extract", "--dataset", "ucf101", "--root", str(root), "--out", str(out), *TINY])
+    assert again.exit_code == 0 and "0 done, 0 failed, 6 skipped" in again.output, again.output
+
+
+def test_a_raw_kinetics_download_is_sampled_in_its_segment(tmp_path, clips):
+    out = tmp_path / "k400.zarr"
+    summary = extract(ExtractConfig(out=out, dataset="kinetics400", root=kinetics_tree(tmp_path / "k400", clips),
+                                    model="EVL-Tiny", pretrained="none", frames=4, stride=2, blocks=1, workers=0))
+    assert (summary.done, summary.failed, summary.not_on_disk) == (4, 2, 1)
+    with FeatureStore(out) as store:
+        frames = dict(zip(store.column("path"), store.column("frames")))
+    assert frames["train/raw_dl_0001.mp4"] == 12  # 1-2 s at 12 fps, of 36 frames
+    assert frames["train/---QUuC4vJs_000003_000013.mp4"] == 36

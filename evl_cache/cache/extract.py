@@ -28,6 +28,7 @@ from ..errors import DatasetError, EvlCacheError
 from ..runtime import library_versions, resolve_device
 from ..towers.backbone import BackboneSpec, FrozenBackbone, load_clip
 from ..video.clips import ClipSpec, VideoClips, read_video_clips
+from ..video.datasets import NOT_ON_DISK
 from ..video.find import VideoList
 from .options import (
     ExtractConfig,
@@ -59,13 +60,15 @@ class ExtractSummary:
     bytes_written: int
     decoded_frames: int
     unreadable_folders: list[str] = dataclasses.field(default_factory=list)  # or tar shards: `path: reason`
+    not_on_disk: int = 0  # of the failed: listed in a dataset's annotations, not on disk
 
     @property
     def clips_per_second(self) -> float:
         return self.clips / self.seconds if self.seconds > 0 else 0.0
 
     def line(self) -> str:
-        return (f"extract: {self.done} done, {self.failed} failed, {self.skipped} skipped (already done) "
+        missing = f" ({self.not_on_disk} {NOT_ON_DISK})" if self.not_on_disk else ""
+        return (f"extract: {self.done} done, {self.failed} failed{missing}, {self.skipped} skipped (already done) "
                 f"of {self.videos} videos; {self.clips} clips in {self.seconds:.1f} s "
                 f"({self.clips_per_second:.2f} clips/s); {self.bytes_written / 1e6:.1f} MB written "
                 f"to {self.cache}" + (f"; {len(self.unreadable_folders)} {self._unreadable_kind()} could not be read, "
@@ -185,14 +188,15 @@ def _extract_videos(config: ExtractConfig, dataset: VideoList, todo: list[int], 
     return counts
 
 
-def _summarise(config: ExtractConfig, process: Process, layout: CacheLayout, counts: Counts, todo: int,
-               seconds: float, bytes_before: int) -> ExtractSummary:
+def _summarise(config: ExtractConfig, process: Process, dataset: VideoList, layout: CacheLayout, counts: Counts,
+               todo: list[int], seconds: float, bytes_before: int) -> ExtractSummary:
     """The whole job's summary (summed over processes); the main process also logs it to the JSONL."""
-    done, failed, clips, decoded, todo_count = (int(v) for v in sum_across(
-        process, [counts.done, counts.failed, counts.clips, counts.decoded_frames, todo]))
+    missing = sum(1 for i in todo if dataset.entries[i].error == NOT_ON_DISK)
+    done, failed, clips, decoded, todo_count, missing = (int(v) for v in sum_across(
+        process, [counts.done, counts.failed, counts.clips, counts.decoded_frames, len(todo), missing]))
     out = location(config.out)
     summary = ExtractSummary(out, layout.num_videos, done, failed, layout.num_videos - todo_count, clips, seconds,
-                             max(disk_usage(out) - bytes_before, 0), decoded)
+                             max(disk_usage(out) - bytes_before, 0), decoded, list(dataset.unreadable), missing)
     if process.is_main:
         record = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(summary).items()}
         with open(metrics_path(config), "a") as handle:
@@ -226,8 +230,7 @@ def extract(config: ExtractConfig) -> ExtractSummary | CachePlan:
                  "process r writes the files p with p %% %d == r", parts, process.world_size, process.world_size)
     started, bytes_before = time.perf_counter(), disk_usage(location(config.out))
     counts = _extract_videos(config, dataset, todo, tower, layout, process, device)
-    summary = _summarise(config, process, layout, counts, len(todo), time.perf_counter() - started, bytes_before)
-    summary.unreadable_folders = list(dataset.unreadable)
+    summary = _summarise(config, process, dataset, layout, counts, todo, time.perf_counter() - started, bytes_before)
     if process.is_main and summary.done == 0 and summary.skipped == 0:
         raise DatasetError(f"no video could be extracted ({summary.failed} failed); see the reasons above "
                            f"or with `evl-cache info {config.out} --failed`")

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..config import option
 from ..errors import EvlCacheError
-from .store import STATUS_NAMES, FeatureStore, cache_storage
+from ..video.datasets import NOT_ON_DISK
+from .store import FAILED, STATUS_NAMES, FeatureStore, cache_storage
 
 
 @dataclass
@@ -36,6 +37,7 @@ def info(config: InfoConfig) -> dict:
         for s, st in zip(split, status):
             by_split.setdefault(str(s), Counter())[STATUS_NAMES[int(st)]] += 1
         notes = store.column("note") if store.has("videos/note") else np.full(len(status), "", dtype=object)
+        errors = store.column("error")
         info = {
             "path": str(path),
             "format": store.kind,
@@ -49,6 +51,7 @@ def info(config: InfoConfig) -> dict:
             "storage": cache_storage(attrs),
             "videos": int(len(status)),
             "status": {name: counts.get(name, 0) for name in STATUS_NAMES.values()},
+            "not_on_disk": int(sum(1 for s, e in zip(status, errors) if s == FAILED and e == NOT_ON_DISK)),
             "splits": {s: dict(c) for s, c in sorted(by_split.items())},
             "noted": int(sum(1 for note in notes if note)),
             "classes": attrs["class_names"],
@@ -57,7 +60,7 @@ def info(config: InfoConfig) -> dict:
             "versions": attrs.get("versions"),
         }
         if failed:
-            paths, errors = store.column("path"), store.column("error")
+            paths = store.column("path")
             info["failed"] = [{"path": str(p), "error": str(e)}
                               for p, e, s in zip(paths, errors, status) if s == 2]
         if config.notes:
@@ -100,6 +103,8 @@ def format_info(info: dict) -> str:
     ]
     for split, counts in info["splits"].items():
         lines.append(f"  {split:<9} {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}")
+    if info["not_on_disk"]:
+        lines.append(f"missing:    {info['not_on_disk']} failed videos are {NOT_ON_DISK}")
     classes = info["classes"]
     shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
     lines.append(f"classes:    {len(classes)}: {shown}")
