@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -146,3 +149,27 @@ def test_extraction_from_shards_resumes_by_key(shards, tmp_path):
         assert store.column("error")[3].startswith("cannot open as a video")
     again = extract(config)
     assert (again.done, again.failed, again.skipped) == (0, 0, 6)
+
+
+@pytest.mark.slow  # starts a torchrun job
+def test_two_processes_under_torchrun_split_the_shards_videos(shards, tmp_path):
+    """Each process extracts the cache shards it owns (s % 2), reading their members from whichever tars
+    hold them; the cache equals one process's."""
+    args = ["extract", "--videos", shards["pattern"], "--label-field", "action", "--model", "EVL-Tiny",
+            "--pretrained", "none", "--frames", "4", "--stride", "2", "--blocks", "1", "--shard-size", "2",
+            "--workers", "1"]
+    one = tmp_path / "one.zarr"
+    extract(ExtractConfig(out=one, videos=Path(shards["pattern"]), label_field="action", workers=0, **TINY))
+    two = tmp_path / "two.zarr"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(29500 + os.getpid() % 1000), "-m", "evl_cache.cli", *args, "--out", str(two)]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = {json.loads(line)["rank"] for line in Path(f"{two}.extract.jsonl").read_text().splitlines()
+             if '"shard"' in line}
+    assert ranks == {0, 1} and "4 done, 2 failed" in result.stdout
+    with FeatureStore(one) as a, FeatureStore(two) as b:
+        for column in ("path", "label", "status", "frames", "error"):
+            assert list(a.column(column)) == list(b.column(column)), column
+        np.testing.assert_array_equal(np.asarray(a.array("embed")[...]), np.asarray(b.array("embed")[...]))
