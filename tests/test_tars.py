@@ -120,7 +120,9 @@ def test_members_decode_in_place_as_the_file_would(shards, tmp_path):
 
 def test_what_is_and_is_not_tar_input(shards, tmp_path):
     assert is_tar_input(shards["pattern"]) and is_tar_input(shards["root"]) and is_tar_input("a/b.tar")
-    assert not is_tar_input(tmp_path)
+    assert not is_tar_input(tmp_path) and not is_tar_input(tmp_path / "videos {2024}")
+    (tmp_path / "weird{1}.tar").write_bytes((shards["root"] / "000000.tar").read_bytes())
+    assert len(read_shards(tmp_path / "weird{1}.tar").entries) == 2  # a file is a file, braces or not
     (tmp_path / "mixed" / "run").mkdir(parents=True)
     _write_shard(tmp_path / "mixed" / "000000.tar", [("0.mp4", shards["videos"][0]), ("0.cls", b"0")])
     with pytest.raises(DatasetError, match="holds both .tar shards and folders"):

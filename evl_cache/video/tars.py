@@ -58,15 +58,15 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def is_tar_input(videos: str | Path) -> bool:
-    """Whether `--videos` names tar shards: a brace pattern, a `.tar` file, or a folder of `.tar` files."""
-    text = str(videos)
-    if "{" in text or text.lower().endswith(SHARD_SUFFIX):
-        return True
+    """Whether `--videos` names tar shards: a `.tar` file or a pattern of them (`{000..127}.tar`), or a
+    folder whose top level holds `.tar` files."""
     path = Path(videos)
     try:
-        return path.is_dir() and any(_is_shard_name(p.name) and p.is_file() for p in path.iterdir())
+        if path.is_dir():
+            return any(_is_shard_name(p.name) and p.is_file() for p in path.iterdir())
     except OSError:
         return False  # the folder scan reports it
+    return str(videos).lower().endswith(SHARD_SUFFIX)
 
 
 def _is_shard_name(name: str) -> bool:
@@ -77,7 +77,9 @@ def shard_paths(videos: str | Path) -> list[Path]:
     """The shards `--videos` names, in order; a folder holding class folders beside its shards is
     refused, as either reading would leave videos out."""
     path = Path(videos)
-    if "{" not in str(videos) and path.is_dir():
+    if path.is_file():
+        return [path]
+    if path.is_dir():
         entries = sorted(path.iterdir())
         folders = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
         if folders:
