@@ -35,7 +35,8 @@ class ExtractConfig:
                                        "and videos", choices=DATASETS)
     root: Path | None = option(None, "the folder of --dataset, laid out as distributed (see data/README.md)")
     fold: int | None = option(None, "--dataset ucf101 or hmdb51: which official split, 1, 2 or 3 [default: 1]")
-    classes: Path | None = option(None, "class names: one per line, the authors' JSON mapping, or an id,name CSV")
+    classes: Path | None = option(None, "class names: one per line, a JSON list or mapping name -> index, or an "
+                                        "id,name CSV (with --dataset: replaces the dataset's class order)")
     label_field: str | None = option(None, "tar shards: the field of each KEY.json holding the label, a class index "
                                            "or name [default: the KEY.cls member]")
     model: str = option("ViT-B-16", "open_clip model name, or a path to an open_clip model-config JSON")
