@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..config import to_dict
 from ..distributed import Process, init_process, raise_together, sum_across
 from ..errors import DatasetError, EvlCacheError
-from ..runtime import library_versions, resolve_device
+from ..runtime import bind_device, library_versions, resolve_device
 from ..towers.backbone import BackboneSpec, FrozenBackbone, load_clip
 from ..video.clips import ClipSpec, VideoClips, read_video_clips
 from ..video.find import VideoList
@@ -107,8 +107,9 @@ def _worker_init(_: int) -> None:
 
 
 def load_tower(config: ExtractConfig, device: torch.device) -> Tower:
-    """The open_clip image tower `config` names, frozen, capturing the last `--blocks` blocks."""
-    clip, spec = load_clip(config.model, config.pretrained, config.size, device, seed=config.seed)
+    """The open_clip image tower `config` names, frozen, capturing the last `--blocks` blocks, on `device`.
+    The CLIP model is built on the CPU and only its image tower moves: the text tower is left to be freed."""
+    clip, spec = load_clip(config.model, config.pretrained, config.size, "cpu", seed=config.seed)
     size = config.size or spec.image_size
     check_sizes(config, size)
     mean = channel_values(config.mean, "mean") if config.mean is not None else spec.mean
@@ -204,7 +205,7 @@ def extract(config: ExtractConfig) -> ExtractSummary | CachePlan:
     check_output(config)
     dataset = dataset_of(config)
     process = init_process(resolve_device(config.device))
-    device = process.device(resolve_device(config.device))
+    device = bind_device(process.device(resolve_device(config.device)))
     tower = load_tower(config, device)
     spec = tower.spec
     layout = cache_layout(config, dataset, spec.width, spec.layers, spec.patch_grid, spec.embed_dim)
