@@ -38,14 +38,15 @@ def bind_device(device: torch.device) -> torch.device:
 def deterministic_kernels(device: torch.device) -> Iterator[None]:
     """On CUDA, deterministic kernels (and cuBLAS's fixed workspaces) while the block runs: atomic-add
     reductions would give other sums on every run, so a resumed run could not reach the same weights.
-    The previous setting is restored after. On a CPU the kernels already are: nothing changes."""
+    An op with no deterministic kernel warns, naming itself, and runs as it is. The previous settings
+    are restored after. On a CPU the kernels already are: nothing changes."""
     if device.type != "cuda":
         yield
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, before a matmul
     was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     was_cudnn = torch.backends.cudnn.deterministic
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     try:
         yield

@@ -59,6 +59,7 @@ def test_cuda_runs_use_deterministic_kernels_while_they_run(monkeypatch):
         assert not torch.are_deterministic_algorithms_enabled()
     with deterministic_kernels(torch.device("cuda", 0)):
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert torch.is_deterministic_algorithms_warn_only_enabled()  # an op without one warns, and runs
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
 
