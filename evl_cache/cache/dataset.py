@@ -321,6 +321,9 @@ class CacheDataset(Dataset):
         return {name: unbatched(value) for name, value in self.batch([(video, view)], arrays).items()}
 
 
+PREFETCH = 2  # batches a CacheLoader reads ahead by default
+
+
 def _host_bytes(nbytes: int, pinned: bool) -> torch.Tensor:
     """`nbytes` uninitialised bytes of host memory, page-locked if `pinned`."""
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
@@ -385,7 +388,7 @@ class CacheLoader:
     """
 
     def __init__(self, dataset: CacheDataset, batches, workers: int = 0, pin_memory: bool = False,
-                 prefetch: int = 2):
+                 prefetch: int = PREFETCH):
         self.dataset, self.batches = dataset, batches
         self.workers, self.pin_memory, self.prefetch = workers, pin_memory, max(prefetch, 1)
 
