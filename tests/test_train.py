@@ -309,7 +309,8 @@ def test_cuda_generators_are_saved_and_restored(monkeypatch):
     cuda = torch.device("cuda", 1)
     calls = []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.full((4,), device.index, dtype=torch.uint8))
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", state.tolist(), device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: calls.append(("set", state.tolist(), device)))
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("seed", seed)))
     saved = train_module._rng_state(cuda)
     assert saved["cpu"].equal(torch.get_rng_state()) and saved["cuda"].tolist() == [1, 1, 1, 1]

@@ -7,8 +7,9 @@ the backward pass at its peak: for each layer, and about two layers' worth more 
 temporaries, `TOKEN_BYTES` per token value (T x L x C) and `MAP_BYTES` per map value ((T - 1) x P x P,
 both ways). Those coefficients come from following every tensor's bytes through the forward and
 backward of decoders of several shapes (B/16's among them) on a CPU, in float32 and under float16
-autocast as on a GPU; `tests/test_memory.py` holds the estimate to such a measurement. It remains an estimate of torch's allocations: `benchmarks/gpu.py` compares it with
-`torch.cuda.max_memory_allocated` on a GPU. A text head's text tower activations are not counted.
+autocast as on a GPU; `tests/test_memory.py` holds the estimate to such a measurement. It remains an
+estimate of torch's allocations: `benchmarks/gpu.py` compares it with `torch.cuda.max_memory_allocated`
+on a GPU. A text head's text tower activations are not counted.
 """
 from __future__ import annotations
 

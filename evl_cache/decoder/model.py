@@ -250,7 +250,8 @@ class Decoder(nn.Module):
         device_type = block_outputs[0].device.type
         # F in the model's dtype (float32), or under autocast in its dtype: a float32 copy of every cached
         # block would double the memory the features take, and autocast would cast it back for the conv
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.cls_token.dtype
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else self.cls_token.dtype
         for i, layer in enumerate(self.decoder_layers):
             features = self._local_temporal(i, block_outputs[i].to(dtype), maps_prev, maps_next)
             x = layer(x, features.flatten(1, 2))
