@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..config import to_dict
 from ..distributed import Process, init_process, raise_together, sum_across
 from ..errors import DatasetError, EvlCacheError
-from ..runtime import bind_device, library_versions, resolve_device
+from ..runtime import bind_device, deterministic_kernels, library_versions, resolve_device
 from ..towers.backbone import BackboneSpec, FrozenBackbone, load_clip
 from ..video.clips import ClipSpec, VideoClips, read_video_clips
 from ..video.find import VideoList
@@ -220,7 +220,8 @@ def extract(config: ExtractConfig) -> ExtractSummary | CachePlan:
         log.info("extract: the cache is %d HDF5 file(s), each written by one process: with %d process(es), "
                  "process r writes the files p with p %% %d == r", parts, process.world_size, process.world_size)
     started, bytes_before = time.perf_counter(), disk_usage(location(config.out))
-    counts = _extract_videos(config, dataset, todo, tower, layout, process, device)
+    with deterministic_kernels(device):  # a resumed extraction writes the bits an uninterrupted one would
+        counts = _extract_videos(config, dataset, todo, tower, layout, process, device)
     summary = _summarise(config, process, layout, counts, len(todo), time.perf_counter() - started, bytes_before)
     summary.unreadable_folders = list(dataset.unreadable)
     if process.is_main and summary.done == 0 and summary.skipped == 0:
