@@ -36,9 +36,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def gpu_model() -> str:
+    """The first GPU's name and memory, or 'none'."""
+    if not torch.cuda.is_available():
+        return "none"
+    properties = torch.cuda.get_device_properties(0)
+    return f"{properties.name} ({properties.total_memory / 2**30:.0f} GiB) x {torch.cuda.device_count()}"
+
+
 def machine() -> dict:
-    """The machine a figure is measured on: platform, CPU model, cores, python, torch and its threads."""
-    return {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(),
+    """The machine a figure is measured on: platform, CPU model, cores, GPU, python, torch and its threads."""
+    return {"platform": platform.platform(), "cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu_model(),
             "python": platform.python_version(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads()}
 
@@ -46,8 +54,8 @@ def machine() -> dict:
 def machine_line() -> str:
     """Platform, CPU model, cores, torch version and threads, load average now."""
     m, load = machine(), os.getloadavg()
-    return (f"machine: {m['platform']}, CPU {m['cpu']}, {m['cores']} cores, python {m['python']}, torch "
-            f"{m['torch']} with {m['threads']} threads (interop {m['interop_threads']}); load average "
+    return (f"machine: {m['platform']}, CPU {m['cpu']}, {m['cores']} cores, GPU {m['gpu']}, python {m['python']}, "
+            f"torch {m['torch']} with {m['threads']} threads (interop {m['interop_threads']}); load average "
             f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start")
 
 
@@ -58,16 +66,16 @@ def load_line(label: str = "after") -> str:
 
 def write_kinetics_like_videos(folder: Path, count: int, seconds: float = VIDEO_SECONDS,
                                fps: int = VIDEO_FPS, height: int = VIDEO_HEIGHT, width: int = VIDEO_WIDTH,
-                               keyframe_interval: int | None = None, split: str = "val") -> Path:
-    """`folder/<split>/<class>/<name>.mp4`, libx264, `count` videos over two classes (a moving square,
-    a still circle); returns `folder`. Videos already there (same name) are kept, so a `--video-dir`
-    can be reused between runs.
+                               keyframe_interval: int | None = None, split: str = "val", first: int = 0) -> Path:
+    """`folder/<split>/<class>/<name>.mp4`, libx264, `count` videos (numbered from `first`) over two
+    classes (a moving square, a still circle); returns `folder`. Videos already there (same name) are
+    kept, so a `--video-dir` can be reused between runs.
     """
     from evl_cache.video.synthetic import moving_shape_frames, write_video
 
     classes = (("slide_right", "square", (240, 200, 40), "right"), ("red_still", "circle", (220, 40, 40), "still"))
     frames = round(seconds * fps)
-    for i in range(count):
+    for i in range(first, first + count):
         name, shape, color, direction = classes[i % len(classes)]
         suffix = "" if keyframe_interval is None else f"_gop{keyframe_interval}"
         path = folder / split / name / f"{name}_{i:03d}_{width}x{height}_{frames}f{suffix}.mp4"

@@ -84,8 +84,8 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
 
 
 def machine_words(m: dict) -> str:
-    return (f"{m['platform']}, CPU {m['cpu']}, {m['cores']} cores, python {m['python']}, torch {m['torch']} "
-            f"with {m['threads']} threads")
+    return (f"{m['platform']}, CPU {m['cpu']}, {m['cores']} cores, GPU {m.get('gpu', 'none')}, python {m['python']}, "
+            f"torch {m['torch']} with {m['threads']} threads")
 
 
 def main() -> int:

@@ -1,7 +1,10 @@
 """Processes under `torchrun`: which one this is, and the few collective steps the stages need.
 
 Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op for one process, so the
-same command runs on one CPU, one GPU or many.
+same command runs on one CPU, one GPU or many. Under torchrun every process joins the job's process
+group, even a job of one, so that one process runs the same collectives as many. A collective's
+tensor lives where the group's backend takes it: on the CPU for gloo (or a group with a CPU backend),
+on this process's GPU for NCCL.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ class Process:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1  # processes on this node
+    joined: bool = False  # in a torchrun job's process group: the collectives run
 
     @property
     def is_main(self) -> bool:
@@ -32,7 +36,7 @@ class Process:
 
     def device(self, device: torch.device) -> torch.device:
         """One GPU per local process under torchrun."""
-        if device.type == "cuda" and self.world_size > 1:
+        if device.type == "cuda" and self.joined:
             return torch.device("cuda", self.local_rank)
         return device
 
@@ -44,8 +48,7 @@ def is_main_process() -> bool:
 
 def init_process(device: torch.device) -> Process:
     """Join the torchrun job if there is one (NCCL on CUDA, gloo otherwise)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if "WORLD_SIZE" not in os.environ:
         return Process()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -54,26 +57,48 @@ def init_process(device: torch.device) -> Process:
         # the main process evaluates alone between epochs: give the others time to wait for it
         dist.init_process_group(backend, timeout=timedelta(hours=2))
     return Process(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
-                   int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+                   int(os.environ.get("LOCAL_WORLD_SIZE", "1")), joined=True)
+
+
+def group_backends() -> dict[str, str]:
+    """Device type -> backend of the default process group: 'gloo' serves cpu and cuda, 'nccl' cuda
+    only, and a group made as 'cpu:gloo,cuda:nccl' names its own."""
+    config = dist.get_backend_config()
+    if ":" in config:
+        return dict(pair.split(":") for pair in config.split(","))
+    return {device: config for device in dist.Backend.backend_capability.get(config, ["cpu"])}
+
+
+def collective_device() -> torch.device:
+    """Where a collective's tensor must be for the default group: the CPU when a backend of the group
+    takes CPU tensors (no copy to a GPU and back), else this process's current GPU (NCCL)."""
+    backends = group_backends()
+    if "cpu" in backends:
+        return torch.device("cpu")
+    if "cuda" in backends:
+        return torch.device("cuda", torch.cuda.current_device())
+    raise RuntimeError(f"process group backends {backends} take neither CPU nor CUDA tensors")
 
 
 def barrier(process: Process) -> None:
-    if process.world_size > 1:
-        dist.barrier()
+    if process.joined:
+        device = collective_device()
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def sum_across(process: Process, values: list[float]) -> list[float]:
-    """Element-wise sum of `values` over all processes."""
-    if process.world_size == 1:
+    """Element-wise sum of `values` over all processes (in float64: exact for counts below 2**53)."""
+    if not process.joined:
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
 
 
 def gather_objects(process: Process, value: object) -> list:
-    """`value` from every process, in rank order."""
-    if process.world_size == 1:
+    """`value` from every process, in rank order (torch moves the pickles to this process's GPU for NCCL:
+    `init_process` made it the current device)."""
+    if not process.joined:
         return [value]
     values: list = [None] * process.world_size
     dist.all_gather_object(values, value)

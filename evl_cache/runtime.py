@@ -1,6 +1,10 @@
 """What every stage asks of the machine it runs on: the device, the library versions, free memory."""
 from __future__ import annotations
 
+import contextlib
+import os
+from typing import Iterator
+
 import torch
 
 from .errors import EvlCacheError
@@ -18,6 +22,37 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise EvlCacheError(f"--device {device!r}: not a device (cuda, cuda:N, cpu or auto)") from None
+
+
+def bind_device(device: torch.device) -> torch.device:
+    """`device` with its index; a CUDA device becomes this process's current device, so that the
+    streams, events and collectives that take the current device use the one the run computes on."""
+    if device.type != "cuda":
+        return device
+    index = torch.cuda.current_device() if device.index is None else device.index
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """On CUDA, deterministic kernels (and cuBLAS's fixed workspaces) while the block runs: atomic-add
+    reductions would give other sums on every run, so a resumed run could not reach the same weights.
+    An op with no deterministic kernel warns, naming itself, and runs as it is. The previous settings
+    are restored after. On a CPU the kernels already are: nothing changes."""
+    if device.type != "cuda":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, before a matmul
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    was_cudnn = torch.backends.cudnn.deterministic
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        torch.backends.cudnn.deterministic = was_cudnn
 
 
 def library_versions() -> dict[str, str]:
@@ -42,3 +77,11 @@ def memory_available() -> int | None:
     except OSError:
         pass
     return None
+
+
+def device_memory_available(device: torch.device) -> int | None:
+    """Bytes this process can have on `device` now: the GPU's free memory and what torch's allocator
+    holds there already, or this machine's available memory for a CPU (None where unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]) + int(torch.cuda.memory_reserved(device))
+    return memory_available()

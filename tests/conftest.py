@@ -1,4 +1,9 @@
-"""Shared fixtures: generated videos and tiny open_clip models, made once per test session."""
+"""Shared fixtures: generated videos and tiny open_clip models, made once per test session.
+
+The device is a parameter of the suite: `EVL_TEST_DEVICE=cuda python -m pytest` runs it on a GPU, where
+every command's default device ('auto') finds one. The default, `cpu`, hides any GPU from the tests
+and the processes they start, so the suite runs on the CPU wherever it runs.
+"""
 from __future__ import annotations
 
 import os
@@ -8,6 +13,16 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+DEVICE = os.environ.get("EVL_TEST_DEVICE", "cpu")
+ON_GPU = DEVICE == "cuda"
+if not ON_GPU:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for one
+else:  # read when cuBLAS starts: the exactness tests compare runs made before and after train() would set it
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# Where the code autocasts (extraction, training and prediction run in float16 on CUDA), what it computes
+# on the test device is held to float32 references within these bounds; maps are computed in float32.
+AUTOCAST_TOLERANCE = dict(rtol=1e-2, atol=1e-2) if ON_GPU else dict(rtol=2e-3, atol=2e-3)
+MAP_TOLERANCE = dict(rtol=1e-2, atol=1e-3) if ON_GPU else dict(rtol=2e-3, atol=1e-4)
 
 from evl_cache import ExtractConfig, extract  # noqa: E402
 from evl_cache.cache.store import DONE, PENDING, CacheLayout, FeatureStore  # noqa: E402
@@ -20,6 +35,23 @@ from evl_cache.video.synthetic import (  # noqa: E402
     write_text_file,
     write_video,
 )
+
+
+
+def pytest_configure(config) -> None:
+    if DEVICE not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"EVL_TEST_DEVICE={DEVICE}: cpu or cuda")
+    import torch
+    if ON_GPU and not torch.cuda.is_available():
+        raise pytest.UsageError("EVL_TEST_DEVICE=cuda, but CUDA is not available here")
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The device the suite runs on (EVL_TEST_DEVICE)."""
+    import torch
+    return torch.device(DEVICE)
+
 
 TINY = "EVL-Tiny"
 # The tiny caches' extraction: the shipped EVL-Tiny config with random weights, 4 frames, 2 blocks.

@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
+import evl_cache.towers.backbone as backbone_module
 from evl_cache.errors import BackboneError
-from evl_cache.towers.backbone import FrozenBackbone, load_clip
+from evl_cache.towers.backbone import FrozenBackbone, adjacent_maps, load_clip
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +145,42 @@ def test_missing_download_says_what_to_pass():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert "ERROR could not download open_clip weights 'openai'" in result.stdout
     assert "--pretrained /path/to/weights" in result.stdout and "--pretrained none" in result.stdout
+
+
+def test_maps_are_float32_under_autocast_and_do_not_overflow():
+    """Under float16 autocast (as extraction runs on CUDA) q . k stays in float32: the maps equal those
+    computed without autocast, and logits beyond float16's range give finite rows, not NaN."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 16, 2, 8, generator=g), torch.randn(2, 3, 16, 2, 8, generator=g)
+    reference = adjacent_maps(q, k)
+    with torch.autocast("cpu", dtype=torch.float16):
+        maps = adjacent_maps(q.half(), k.half())
+        large = adjacent_maps(300 * q.half(), 300 * k.half())  # |q . k| up to about 1e6: inf in float16
+    for got, want in zip(maps, reference):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-3)  # q and k rounded to float16, nothing else
+    for got in large:
+        assert torch.isfinite(got).all() and torch.allclose(got.sum(-1), torch.ones(()))
+
+
+def test_the_captured_queries_and_keys_are_float32_under_autocast(tiny, monkeypatch):
+    clip, spec = tiny
+    backbone = FrozenBackbone(clip.visual, 1, spec.mean, spec.std)
+    captured = []
+    monkeypatch.setattr(backbone_module, "adjacent_maps",
+                        lambda q, k: captured.append((q.dtype, k.dtype)) or adjacent_maps(q, k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = backbone(_pixels())
+    assert captured == [(torch.float32, torch.float32)] and out.maps_prev[0].dtype == torch.float32
+
+
+def test_building_a_model_leaves_the_cuda_generators_alone(monkeypatch):
+    """Random weights come from the CPU generator, seeded and then restored; re-seeding CUDA's (as
+    torch.manual_seed does) would take dropout on a GPU out of --seed's hands (the text heads build a
+    CLIP model after train seeds)."""
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append(seed))
+    before = torch.get_rng_state()
+    load_clip("EVL-Tiny", "none", seed=5)
+    assert seeded == [] and torch.get_rng_state().equal(before)

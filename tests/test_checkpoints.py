@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from evl_cache.decoder.checkpoints import (
     check_run_folder,
@@ -78,3 +79,26 @@ def test_metrics_keep_only_checkpointed_epochs(tmp_path):
                     + '{"event": "summary"}\n{"event": "epo')
     keep_finished_epochs(path, 1)
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1]
+
+
+class Note:
+    """Anything but tensors and plain values."""
+
+
+def test_a_state_saved_on_a_gpu_loads_onto_the_cpu_and_other_objects_are_refused(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    prepare_run_folder(run, {"train": {}, "cache": {"fingerprint": "a"}}, False, False, set())
+    model = EVLModel(DecoderConfig(width=16, grid=(2, 2), frames=2, num_classes=3, layers=1, heads=2))
+    state = {"epoch": 0, "step": 1, "best_top1": 0.5, "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}},
+             "rng": [{"cpu": torch.get_rng_state(), "cuda": torch.zeros(8, dtype=torch.uint8)}]}
+    on_gpu = [(0, lambda storage: "cuda:0", lambda storage, location: None)] + torch.serialization._package_registry
+    with monkeypatch.context() as patched:  # every tensor saved as cuda:0's, as a GPU run saves them
+        patched.setattr(torch.serialization, "_package_registry", on_gpu)
+        save_checkpoint(run, model, state)
+    loaded = latest_state(run)
+    assert loaded["optimizer"]["state"][0]["exp_avg"].device == torch.device("cpu")
+    assert loaded["rng"][0]["cuda"].device == torch.device("cpu") and loaded["step"] == 1
+    save_checkpoint(run, model, {**state, "epoch": 1, "note": Note()})
+    with pytest.raises(CheckpointError, match=r"epoch_0001/state.pt: holds objects other than tensors and plain "
+                                              r"values \(test_checkpoints.Note\): not loaded"):
+        latest_state(run)

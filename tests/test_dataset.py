@@ -1,13 +1,16 @@
 """The cache reader: direct shard reads equal zarr's, batches equal item-by-item reads, errors name the file."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import PENDING_VIDEOS, RANDOM_LAYOUT, random_cache
 
-from evl_cache.cache.dataset import CacheDataset, CacheLoader, EpochBatches, FeatureSelection
+import evl_cache.cache.dataset as dataset_module
+from evl_cache.cache.dataset import CacheDataset, CacheLoader, EpochBatches, FeatureSelection, model_inputs
 from evl_cache.cache.store import FeatureStore
 
 
@@ -91,3 +94,47 @@ def test_random_views_are_drawn_per_epoch_and_reproducible(cache: Path) -> None:
     assert draws[3] == [view for _, view in again.samples([(i, 3) for i in range(4)])]
     item = dataset[(2, 3)]  # one item, no batch axis
     assert item["tokens"][0].shape[:2] == (3, RANDOM_LAYOUT["tokens"]) and item["view"] == draws[3][2]
+
+
+def test_pinned_batches_live_in_a_fixed_ring_of_buffers(cache: Path, monkeypatch) -> None:
+    """With pin_memory (here ordinary memory standing in for pinned), an epoch of any length uses
+    prefetch + 2 buffers, each one allocation. A buffer is filled again only once the copies from its
+    last batch have run (the event `model_inputs` recorded, or the one its release recorded), and every
+    batch keeps its own values while the consumer holds it, though the readers run ahead meanwhile."""
+    allocated, events = [], []
+
+    def host_bytes(nbytes, pinned):
+        assert pinned
+        allocated.append(nbytes)
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    class Event:
+        def __init__(self, device):
+            self.device, self.waited = device, False
+            events.append(self)
+
+        def synchronize(self):
+            self.waited = True
+
+    monkeypatch.setattr(dataset_module, "_host_bytes", host_bytes)
+    monkeypatch.setattr(dataset_module, "_copy_event", lambda device=None: Event(device))
+    monkeypatch.setattr(dataset_module, "_moved_inputs", lambda batch, device: ())  # no GPU to copy to
+    done = np.array([v for v in range(RANDOM_LAYOUT["num_videos"]) if v not in PENDING_VIDEOS])
+    dataset = CacheDataset(cache, done, SELECTIONS[0], views="all")
+    loader = CacheLoader.sequential(dataset, 2, workers=2, pin_memory=True)
+    assert loader.prefetch == 2
+    for number, batch in enumerate(loader):
+        if number % 2:  # half the batches go through model_inputs, which records when its copies are queued
+            model_inputs(batch, torch.device("cuda", 0))
+        time.sleep(0.02)  # the readers fill the next buffers meanwhile
+        for row, item in enumerate(range(2 * number, min(2 * number + 2, len(dataset)))):
+            expected = dataset[item]
+            for key in ("tokens", "maps_prev", "maps_next"):
+                for got, want in zip(batch[key], expected[key], strict=True):
+                    assert got[row].equal(want), (number, key)
+    batches = number + 1
+    assert batches == len(loader) > 4 and len(allocated) == 4
+    assert len(events) == batches and sum(event.waited for event in events) == batches - 4
+    assert [event.device for event in events[1::2]] == [torch.device("cuda", 0)] * (batches // 2)
+    exact = 2 * dataset.bytes_per_item()
+    assert exact <= allocated[0] < exact + 64 * len(dataset.item_shapes)  # one allocation, 64-byte aligned views

@@ -1,7 +1,9 @@
-"""Several processes under torchrun (gloo, CPU): the same results as one process."""
+"""Processes under torchrun: several (gloo, CPU) and one alone (NCCL on a GPU suite) give the results of
+one process without torchrun; a collective's tensor is made where the group's backend takes it."""
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,20 +13,26 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import torch
+import torch.distributed as dist
+from conftest import DEVICE
+
+import evl_cache.distributed as distributed
 from evl_cache.cache.dataset import CacheDataset, CacheLoader, select_features, usable_videos
 from evl_cache.cache.store import DONE, PENDING, FeatureStore
 from evl_cache.cache.verify import VerifyConfig, verify
 from evl_cache.cli import main
+from evl_cache.distributed import Process, barrier, collective_device, gather_objects, init_process, sum_across
 
-pytestmark = pytest.mark.slow  # every test here starts torchrun jobs
+slow = pytest.mark.slow  # the tests that start torchrun jobs
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _extract_args(videos, out):
+def _extract_args(videos, out, device="cpu"):
     return ["extract", "--videos", str(videos), "--out", str(out), "--model", "EVL-Tiny", "--pretrained", "none",
             "--frames", "4", "--stride", "3", "--eval-views", "2", "--train-views", "2", "--blocks", "2",
-            "--shard-size", "2", "--workers", "0", "--batch-size", "2"]
+            "--shard-size", "2", "--workers", "0", "--batch-size", "2", "--device", device]
 
 
 def _torchrun(args, nproc=2):
@@ -32,9 +40,9 @@ def _torchrun(args, nproc=2):
             str(29500 + os.getpid() % 1000), "-m", "evl_cache.cli"] + args
 
 
-def _run_torchrun(args):
-    """Run `args` under torchrun on 2 processes; it must succeed."""
-    result = subprocess.run(_torchrun(args), env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+def _run_torchrun(args, nproc=2):
+    """Run `args` under torchrun on `nproc` processes; it must succeed."""
+    result = subprocess.run(_torchrun(args, nproc), env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -108,6 +116,7 @@ def reference_h5(sample_videos, tmp_path_factory):
     return out
 
 
+@slow
 def test_two_process_extraction_equals_one_process(sample_videos, reference_cache, tmp_path):
     out = tmp_path / "two.zarr"
     result = _run_torchrun(_extract_args(sample_videos, out))
@@ -118,6 +127,7 @@ def test_two_process_extraction_equals_one_process(sample_videos, reference_cach
     _assert_same_cache(out, reference_cache)
 
 
+@slow
 def test_killed_two_process_extraction_resumes(sample_videos, reference_cache, tmp_path):
     out = tmp_path / "killed.zarr"
     process = _start_torchrun_until(_extract_args(sample_videos, out), Path(str(out) + ".extract.jsonl"),
@@ -133,6 +143,7 @@ def test_killed_two_process_extraction_resumes(sample_videos, reference_cache, t
     _assert_same_cache(out, reference_cache)
 
 
+@slow
 def test_two_process_hdf5_extraction_is_one_cache_of_two_part_files(sample_videos, reference_h5, tmp_path):
     out = tmp_path / "two.h5"
     _run_torchrun(_extract_args(sample_videos, out))
@@ -170,6 +181,7 @@ def _rank_of(pid):
     return int(variables.get(b"RANK", b"-1"))
 
 
+@slow
 def test_hdf5_extraction_resumes_after_a_rank_died(sample_videos, reference_h5, tmp_path):
     """SIGKILL rank 1 once it wrote a shard (torchrun then stops rank 0); the same command finishes
     only what is missing; a copy of the killed cache resumed by one process (which then writes both
@@ -195,10 +207,10 @@ def test_hdf5_extraction_resumes_after_a_rank_died(sample_videos, reference_h5, 
     _assert_same_cache(copy / "killed.h5", reference_h5)
 
 
-def _train_args(cache, out):
+def _train_args(cache, out, device="cpu"):
     return ["train", "--features", str(cache), "--out", str(out), "--layers", "2", "--epochs", "3",
             "--batch-size", "8", "--lr", "3e-3", "--mlp-dropout", "0", "--head-dropout", "0", "--heads", "2",
-            "--workers", "0"]
+            "--workers", "0", "--device", device]
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +222,7 @@ def one_process_run(reference_cache, tmp_path_factory):
     return one
 
 
+@slow
 @pytest.mark.parametrize("in_memory", [False, True], ids=["from-disk", "in-shared-memory"])
 def test_two_process_training_equals_one_process(reference_cache, one_process_run, tmp_path, in_memory):
     from safetensors.torch import load_file
@@ -227,3 +240,92 @@ def test_two_process_training_equals_one_process(reference_cache, one_process_ru
         assert torch_close, (name, float((a[name] - b[name]).abs().max()))
     metrics = [line for line in (two / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line]
     assert len(metrics) == 3  # written once, by the main process
+
+
+@pytest.fixture
+def group(tmp_path):
+    """make(backend): a process group of this process alone, made as `backend` says; gone after the test."""
+    def make(backend: str) -> Process:
+        dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        return Process(joined=True)
+
+    yield make
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_collective_takes_the_device_its_backend_needs(group, monkeypatch):
+    process = group("cpu:gloo,cuda:gloo")
+    assert collective_device() == torch.device("cpu")
+    assert sum_across(process, [1.5, 2, 3]) == [1.5, 2.0, 3.0]
+    assert gather_objects(process, {"a": 1}) == [{"a": 1}]
+    barrier(process)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    for config, device in (("nccl", torch.device("cuda", 2)), ("cpu:gloo,cuda:nccl", torch.device("cpu")),
+                           ("gloo", torch.device("cpu")), ("cuda:nccl", torch.device("cuda", 2))):
+        monkeypatch.setattr(dist, "get_backend_config", lambda group=None, config=config: config)
+        assert collective_device() == device, config
+
+
+class Reached(Exception):
+    pass
+
+
+def test_sums_and_barriers_are_made_on_that_device(group, monkeypatch):
+    """NCCL takes CUDA tensors only: the tensor of a sum is made on the device `collective_device` names
+    (here a stand-in), and an NCCL barrier names its GPU."""
+    process = group("gloo")
+    seen = []
+    monkeypatch.setattr(distributed, "collective_device", lambda: torch.device("meta"))
+
+    def all_reduce(tensor):
+        seen.append(tensor.device)
+        raise Reached
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    with pytest.raises(Reached):
+        sum_across(process, [1.0, 2.0])
+    assert seen == [torch.device("meta")]
+    monkeypatch.setattr(distributed, "collective_device", lambda: torch.device("cuda", 3))
+    monkeypatch.setattr(dist, "barrier", lambda device_ids=None: seen.append(device_ids))
+    barrier(process)
+    assert seen[-1] == [3]
+    assert sum_across(Process(), [1.0]) == [1.0] and not Process().joined  # no job: no collective
+
+
+def test_one_process_under_torchrun_joins_the_job(monkeypatch):
+    """torchrun with one process: the same collectives as many (and NCCL's device rules on a GPU)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(name, value)
+    try:
+        process = init_process(torch.device("cpu"))
+        assert process.joined and process.world_size == 1 and dist.get_backend() == "gloo"
+        assert sum_across(process, [2.0]) == [2.0]
+    finally:
+        dist.destroy_process_group()
+    monkeypatch.delenv("WORLD_SIZE")
+    assert init_process(torch.device("cpu")) == Process()
+
+
+@slow
+def test_one_process_under_torchrun_extracts_and_trains_as_without_it(sample_videos, tmp_path):
+    """On the suite's device: NCCL on a GPU, the backend that takes CUDA tensors only."""
+    plain, joined = tmp_path / "plain.zarr", tmp_path / "joined.zarr"
+    for out, command in ((plain, [sys.executable, "-m", "evl_cache.cli"]), (joined, None)):
+        args = _extract_args(sample_videos, out, DEVICE)
+        if command is None:
+            _run_torchrun(args, nproc=1)
+        else:
+            subprocess.run(command + args, env=ONE_THREAD, check=True, capture_output=True, timeout=300)
+    _assert_same_cache(joined, plain)
+    subprocess.run([sys.executable, "-m", "evl_cache.cli"] + _train_args(plain, tmp_path / "one", DEVICE),
+                   env=ONE_THREAD, check=True, capture_output=True, timeout=300)
+    result = _run_torchrun(_train_args(plain, tmp_path / "torchrun", DEVICE), nproc=1)
+    assert "1 process(es)" in result.stderr and result.stdout.count("train: ") == 1
+    from safetensors.torch import load_file
+    a, b = load_file(tmp_path / "one" / "last.safetensors"), load_file(tmp_path / "torchrun" / "last.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)

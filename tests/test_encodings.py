@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import AUTOCAST_TOLERANCE
 from safetensors.torch import load_file
 
 from evl_cache.apps.predict import PredictConfig, predict
@@ -189,6 +190,6 @@ def test_an_encoded_cache_trains_evaluates_and_predicts_alike(caches, sample_vid
     cached = average_views(*predict_views(model.eval(), loader, torch.device("cpu"), False))
     predictions = predict(PredictConfig(videos=[str(sample_videos / paths[v]) for v in cached["videos"]], run=run))
     for i, prediction in enumerate(predictions):
-        np.testing.assert_allclose(prediction.logits, cached["logits"][i], atol=2e-3, rtol=2e-3)
+        np.testing.assert_allclose(prediction.logits, cached["logits"][i], **AUTOCAST_TOLERANCE)
     top1 = np.mean([np.argmax(p.probabilities) == cached["labels"][i] for i, p in enumerate(predictions)])
     assert metrics["top1"] == pytest.approx(top1)

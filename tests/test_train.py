@@ -14,9 +14,14 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from sigkill import kill_at_random_points, time_work
 
+import evl_cache.decoder.train as train_module
 from evl_cache.cache.store import FeatureStore
 from evl_cache.cli import main
+from evl_cache.decoder.memory import USABLE_SHARE, StepMemory
+from evl_cache.decoder.model import DecoderConfig, EVLModel
+from evl_cache.decoder.run import saved_weights
 from evl_cache.decoder.train import TrainConfig, train
+from evl_cache.distributed import Process
 from evl_cache.errors import CacheError, EvlCacheError
 
 FAST = dict(batch_size=8, lr=3e-3, mlp_dropout=0.0, head_dropout=0.0, workers=0, heads=2)
@@ -186,3 +191,131 @@ def test_in_memory_equals_reading_the_cache_and_is_refused_when_it_does_not_fit(
                                             r"memory available is 0\.00 GB"):
         train(TrainConfig(out=tmp_path / "refused", in_memory=True, **options))
     assert not (tmp_path / "refused").exists()  # refused before the run folder is made
+
+
+class Stop(Exception):
+    """Stands for a kill right after a checkpoint."""
+
+
+def _stopped_after_first_epoch(config: TrainConfig, monkeypatch) -> Path:
+    """Run `config` until epoch 0 is checkpointed, then stop it there; returns its state.pt."""
+    save = train_module.save_checkpoint
+
+    def save_then_stop(out, model, state):
+        save(out, model, state)
+        raise Stop
+
+    with monkeypatch.context() as patched:
+        patched.setattr(train_module, "save_checkpoint", save_then_stop)
+        with pytest.raises(Stop):
+            train(config)
+    return Path(config.out) / "checkpoints" / "epoch_0000" / "state.pt"
+
+
+def _assert_same_weights(run, reference):
+    a, b = load_file(run / "last.safetensors"), load_file(reference / "last.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def dropout_reference(learnable_cache, tmp_path_factory):
+    """Two uninterrupted epochs with dropout on the CPU (so that a resume must restore the generator)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    config = TrainConfig(features=learnable_cache, out=out, layers=1, epochs=2, device="cpu",
+                         **{**FAST, "mlp_dropout": 0.5})
+    train(config)
+    return config
+
+
+def test_a_run_checkpointed_on_a_gpu_resumes_on_a_cpu(dropout_reference, tmp_path, monkeypatch, caplog):
+    """Its state.pt names cuda:0 for every tensor, an enabled loss scaler and CUDA generators: loaded onto
+    the CPU, it resumes (here to the very weights, the values being a CPU run's), saying it is not exact."""
+    config = dataclasses.replace(dropout_reference, out=tmp_path / "run")
+    state_path = _stopped_after_first_epoch(config, monkeypatch)
+    state = torch.load(state_path, weights_only=True)
+    assert state["device"] == "cpu" and state["rng"][0]["cuda"] is None and state["scaler"] == {}
+    state.update(device="cuda", scaler=torch.amp.GradScaler("cpu").state_dict(),
+                 rng=[{**rng, "cuda": torch.zeros(16, dtype=torch.uint8)} for rng in state["rng"]])
+    on_gpu = [(0, lambda storage: "cuda:0", lambda storage, location: None)] + torch.serialization._package_registry
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.serialization, "_package_registry", on_gpu)
+        torch.save(state, state_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):  # as a load without map_location does here
+            torch.load(state_path, weights_only=True)
+    with caplog.at_level("WARNING"):
+        train(dataclasses.replace(config, resume=True))
+    assert "checkpointed on cuda on cpu: it continues, but not bit-exactly" in caplog.text
+    _assert_same_weights(config.out, dropout_reference.out)
+
+
+def test_a_run_checkpointed_by_earlier_versions_resumes_exactly(dropout_reference, tmp_path, monkeypatch):
+    """state.pt as evl-cache wrote it before it saved CUDA generators ("torch_rng", CPU states only)."""
+    config = dataclasses.replace(dropout_reference, out=tmp_path / "run")
+    state_path = _stopped_after_first_epoch(config, monkeypatch)
+    state = torch.load(state_path, weights_only=True)
+    old = {key: state[key] for key in ("epoch", "step", "best_top1", "optimizer", "schedule", "scaler")}
+    torch.save({**old, "torch_rng": [rng["cpu"] for rng in state["rng"]]}, state_path)
+    train(dataclasses.replace(config, resume=True))
+    _assert_same_weights(config.out, dropout_reference.out)
+
+
+def test_a_state_file_that_would_run_code_is_refused_in_one_line(dropout_reference, tmp_path, monkeypatch):
+    config = dataclasses.replace(dropout_reference, out=tmp_path / "run")
+    state_path = _stopped_after_first_epoch(config, monkeypatch)
+    state = torch.load(state_path, weights_only=True)
+    torch.save({**state, "note": Stop()}, state_path)
+    args = _train_args(config.features, config.out, epochs=2) + ["--layers", "1", "--device", "cpu", "--resume"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "state.pt: holds objects other than tensors and plain values (test_train.Stop): not loaded" in result.output
+
+
+def test_a_micro_batch_that_does_not_fit_is_split_and_a_resume_keeps_the_split(dropout_reference, tmp_path,
+                                                                               monkeypatch, caplog):
+    """With free memory for 4 clips of the batch of 8, train takes 2 micro-batches per step: the run of
+    --grad-accum 2 exactly. Resumed where memory is plenty, it keeps its 2."""
+    halves = dataclasses.replace(dropout_reference, out=tmp_path / "halves", grad_accum=2)
+    train(halves)
+    config = dataclasses.replace(dropout_reference, out=tmp_path / "run")
+    monkeypatch.setattr(train_module, "step_memory", lambda *args: StepMemory(fixed=0, per_clip=1000))
+    monkeypatch.setattr(train_module, "device_memory_available", lambda device: int(4 * 1000 / USABLE_SHARE) + 1)
+    with caplog.at_level("WARNING"):
+        _stopped_after_first_epoch(config, monkeypatch)
+    assert "a micro-batch of 8 clips per process would not fit cpu" in caplog.text
+    assert "2 micro-batches of 4 per step instead of 1" in caplog.text
+    monkeypatch.setattr(train_module, "device_memory_available", lambda device: 10**12)
+    train(dataclasses.replace(config, resume=True))
+    _assert_same_weights(config.out, halves.out)
+
+
+def test_a_cpu_run_resumed_on_cuda_starts_its_loss_scaler_afresh(tmp_path):
+    """A CPU run's disabled scaler saved {}: an enabled one (CUDA's, here the CPU's own) keeps its start."""
+    config = TrainConfig(features=tmp_path, out=tmp_path, batch_size=8)
+    model = EVLModel(DecoderConfig(width=16, grid=(2, 2), frames=2, num_classes=3, layers=1, heads=2))
+    opt = train_module._optimisation(config, model, 16, torch.device("cpu"), 1)
+    resumed = {"weights": saved_weights(model), "optimizer": opt.optimizer.state_dict(), "step": 2,
+               "schedule": opt.schedule.state_dict(), "scaler": opt.scaler.state_dict(), "epoch": 0,
+               "best_top1": 0.5, "rng": [{"cpu": torch.get_rng_state(), "cuda": None}], "device": "cpu"}
+    assert resumed["scaler"] == {}
+    enabled = dataclasses.replace(opt, scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    assert train_module._restore(resumed, tmp_path, model, enabled, Process(), torch.device("cpu"), 0) == (1, 2, 0.5)
+    assert enabled.scaler.get_scale() == 1024.0
+
+
+def test_cuda_generators_are_saved_and_restored(monkeypatch):
+    """Dropout on CUDA draws from the device's generator: a checkpoint holds it, a resume sets it, and a
+    checkpoint without one (a CPU run's) seeds it from (seed, epoch, rank)."""
+    cuda = torch.device("cuda", 1)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.full((4,), device.index, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: calls.append(("set", state.tolist(), device)))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("seed", seed)))
+    saved = train_module._rng_state(cuda)
+    assert saved["cpu"].equal(torch.get_rng_state()) and saved["cuda"].tolist() == [1, 1, 1, 1]
+    assert train_module._rng_state(torch.device("cpu"))["cuda"] is None
+    train_module._restore_rng(saved, cuda, 7, 3, 1)
+    train_module._restore_rng({"cpu": saved["cpu"], "cuda": None}, cuda, 7, 3, 1)
+    train_module._restore_rng(saved, torch.device("cpu"), 7, 3, 1)  # a GPU run resumed on a CPU: the CPU's only
+    assert calls == [("set", [1, 1, 1, 1], cuda), ("seed", 7 * 1_000_003 + 3 * 7_919 + 1)]

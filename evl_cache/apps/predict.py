@@ -19,7 +19,7 @@ from ..cache.store import cache_storage
 from ..config import option, shared
 from ..decoder.run import build_model, load_run, load_weights, run_class_names, run_head
 from ..errors import CheckpointError, EvlCacheError
-from ..runtime import resolve_device
+from ..runtime import bind_device, resolve_device
 from ..towers.backbone import FrozenBackbone, load_clip
 from ..video.clips import ClipSpec, read_video_clips
 from ..video.find import expand_video_inputs, read_class_names
@@ -66,9 +66,10 @@ class OnlineModel:
                                 "a linear head")
         cache = self.run_config["cache"]
         backbone = cache["backbone"]
-        self.device = resolve_device(device)
+        self.device = bind_device(resolve_device(device))
+        # built on the CPU: only the image tower goes to the device (the text heads build their own text tower)
         clip, spec = load_clip(backbone["model"], pretrained or backbone["pretrained"], cache["preprocessing"]["size"],
-                               self.device, seed=cache["sampling"]["seed"])
+                               "cpu", seed=cache["sampling"]["seed"])
         if spec.weights_sha256 != backbone["weights_sha256"]:
             raise CheckpointError(f"backbone weights sha256 {spec.weights_sha256[:12]} differ from the run's "
                                   f"{backbone['weights_sha256'][:12]}", pretrained or backbone["pretrained"])

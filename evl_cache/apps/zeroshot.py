@@ -24,7 +24,7 @@ from ..decoder.metrics import average_views, classification_metrics
 from ..decoder.model import TextHeadModel
 from ..decoder.run import predict_views
 from ..errors import EvlCacheError
-from ..runtime import resolve_device
+from ..runtime import bind_device, resolve_device
 from ..towers.text import BARE_NAME, ClassPrompts, load_text_tower, read_templates
 from ..towers.vificlip import learned_prompt, prompt_class_names
 from ..video.find import read_class_names
@@ -70,7 +70,7 @@ def zeroshot_scores(config: ZeroShotConfig) -> tuple[list[str], dict[str, np.nda
 
     if config.features is None:
         raise EvlCacheError("--features is required")
-    device = resolve_device(config.device)
+    device = bind_device(resolve_device(config.device))
     with FeatureStore(config.features) as store:
         attrs = store.check_version()
         splits = ("train", "val", "test", "none") if config.split == "all" else (config.split,)

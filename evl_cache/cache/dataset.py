@@ -260,14 +260,18 @@ class CacheDataset(Dataset):
         return chosen
 
     def empty_batch(self, size: int, pin_memory: bool = False) -> dict[str, torch.Tensor]:
-        """Uninitialised batch tensors, one per selected array: pinned for fast copies to a GPU, else
+        """Uninitialised batch tensors, one per selected array: views of one pinned allocation for fast
+        copies to a GPU (one, as the pinned allocator rounds each allocation up to a power of two), else
         numpy's memory (which asks the kernel for huge pages: a new batch's pages then fault in about
         a hundredth of the time torch's allocator takes here)."""
-        if pin_memory:
-            return {name: torch.empty((size,) + shape, dtype=_TORCH_DTYPES[dtype], pin_memory=True)
+        if not pin_memory:
+            return {name: torch.from_numpy(np.empty((size,) + shape, dtype))
                     for name, (dtype, shape) in self.item_shapes.items()}
-        return {name: torch.from_numpy(np.empty((size,) + shape, dtype))
-                for name, (dtype, shape) in self.item_shapes.items()}
+        sizes = {name: dtype.itemsize * size * int(np.prod(shape)) for name, (dtype, shape) in self.item_shapes.items()}
+        starts = np.cumsum([0] + [-(-n // 64) * 64 for n in sizes.values()])  # 64-byte aligned
+        flat = _host_bytes(int(starts[-1]), pinned=True)
+        return {name: flat[start:start + sizes[name]].view(_TORCH_DTYPES[dtype]).view((size,) + shape)
+                for (name, (dtype, shape)), start in zip(self.item_shapes.items(), starts)}
 
     def read_sample(self, arrays: dict[str, torch.Tensor], row: int, video: int, view: int) -> None:
         """Fill row `row` of the batch tensors with one (video, view), straight from the cache (or RAM)."""
@@ -317,6 +321,58 @@ class CacheDataset(Dataset):
         return {name: unbatched(value) for name, value in self.batch([(video, view)], arrays).items()}
 
 
+PREFETCH = 2  # batches a CacheLoader reads ahead by default
+
+
+def _host_bytes(nbytes: int, pinned: bool) -> torch.Tensor:
+    """`nbytes` uninitialised bytes of host memory, page-locked if `pinned`."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+
+
+def _copy_event(device: torch.device | None = None) -> torch.cuda.Event:
+    """An event on `device`'s current stream (the current device's by default): done once the work
+    queued on that stream so far, copies included, has run."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+class PinnedBatches:
+    """A fixed ring of `count` pinned batch buffers, reused in turn, so that the page-locked memory
+    stays `count` batches however long the run.
+
+    A batch's buffer is taken again only after the copies that were queued from it before it was
+    released have run: `model_inputs` records an event when it has queued them, and `release` records
+    one on the current stream for a batch that never went through it.
+    """
+
+    def __init__(self, dataset: "CacheDataset", count: int):
+        self.dataset = dataset
+        self.buffers: list[dict[str, torch.Tensor] | None] = [None] * count
+        self.copied: list[torch.cuda.Event | None] = [None] * count
+        self.next = 0
+
+    def take(self, size: int) -> tuple[int, dict[str, torch.Tensor]]:
+        """(slot, batch tensors of `size` rows): the oldest buffer, once its batch's copies have run."""
+        slot, self.next = self.next, (self.next + 1) % len(self.buffers)
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()
+            self.copied[slot] = None
+        buffer = self.buffers[slot]
+        if buffer is None or len(next(iter(buffer.values()), ())) < size:
+            buffer = self.buffers[slot] = self.dataset.empty_batch(size, pin_memory=True)
+        return slot, {name: values[:size] for name, values in buffer.items()}
+
+    def copies_queued(self, slot: int, event: torch.cuda.Event) -> None:
+        """The copies from `slot` are queued up to `event` (`model_inputs`)."""
+        self.copied[slot] = event
+
+    def release(self, slot: int) -> None:
+        """The consumer is done with `slot`'s batch (it asked for the next one)."""
+        if self.copied[slot] is None:
+            self.copied[slot] = _copy_event()
+
+
 class CacheLoader:
     """Batches of a CacheDataset in the order `batches` gives (lists of keys; `EpochBatches` for
     training, `sequential` for evaluation), read ahead by a pool of `workers` threads.
@@ -326,11 +382,13 @@ class CacheLoader:
     into the tensors training uses (pinned memory for a GPU). Worker processes would have to pass every
     batch through newly allocated shared memory, which on this machine cost several times the read.
     The next `prefetch` batches are read while the current one trains; `workers=0` reads each batch
-    when it is asked for, in the calling thread.
+    when it is asked for, in the calling thread. With `pin_memory` the batches live in a ring of
+    `prefetch + 2` pinned buffers (`PinnedBatches`): a batch's tensors are valid until the next batch
+    is asked for; a consumer that keeps them copies them.
     """
 
     def __init__(self, dataset: CacheDataset, batches, workers: int = 0, pin_memory: bool = False,
-                 prefetch: int = 2):
+                 prefetch: int = PREFETCH):
         self.dataset, self.batches = dataset, batches
         self.workers, self.pin_memory, self.prefetch = workers, pin_memory, max(prefetch, 1)
 
@@ -346,33 +404,51 @@ class CacheLoader:
         return len(self.batches)
 
     def __iter__(self):
+        pinned = PinnedBatches(self.dataset, self.prefetch + 2) if self.pin_memory else None
         if self.workers == 0:
             for keys in self.batches:
                 samples = self.dataset.samples(keys)
-                arrays = self.dataset.empty_batch(len(samples), self.pin_memory)
+                slot, arrays = self._empty(pinned, len(samples))
                 for row, (video, view) in enumerate(samples):
                     self.dataset.read_sample(arrays, row, video, view)
-                yield self.dataset.batch(samples, arrays)
+                yield self._batch(pinned, slot, samples, arrays)
+                if pinned is not None:
+                    pinned.release(slot)
             return
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="cache-reader")
-        ahead: deque = deque()  # (samples, arrays, one future per sample), oldest first
+        ahead: deque = deque()  # (slot, samples, arrays, one future per sample), oldest first
         try:
             for keys in self.batches:
                 samples = self.dataset.samples(keys)
-                arrays = self.dataset.empty_batch(len(samples), self.pin_memory)
-                ahead.append((samples, arrays, [pool.submit(self.dataset.read_sample, arrays, row, video, view)
-                                                for row, (video, view) in enumerate(samples)]))
+                slot, arrays = self._empty(pinned, len(samples))
+                ahead.append((slot, samples, arrays, [pool.submit(self.dataset.read_sample, arrays, row, video, view)
+                                                      for row, (video, view) in enumerate(samples)]))
                 if len(ahead) > self.prefetch:
-                    yield self._finished(*ahead.popleft())
+                    yield from self._finished(pinned, *ahead.popleft())
             while ahead:
-                yield self._finished(*ahead.popleft())
+                yield from self._finished(pinned, *ahead.popleft())
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _finished(self, samples: list[tuple[int, int]], arrays: dict, reads: list) -> dict:
+    def _empty(self, pinned: PinnedBatches | None, size: int) -> tuple[int, dict]:
+        """(slot of the pinned ring or -1, new batch tensors of `size` rows)."""
+        return pinned.take(size) if pinned is not None else (-1, self.dataset.empty_batch(size))
+
+    def _batch(self, pinned: PinnedBatches | None, slot: int, samples: list, arrays: dict) -> dict:
+        batch = self.dataset.batch(samples, arrays)
+        if pinned is not None:
+            batch["pinned"] = (pinned, slot)  # for model_inputs to say when its copies are queued
+        return batch
+
+    def _finished(self, pinned: PinnedBatches | None, slot: int, samples: list[tuple[int, int]], arrays: dict,
+                  reads: list):
+        """Yield the batch once its reads are done (a read's error is raised here, in the training loop);
+        release its pinned buffer when the consumer comes back for the next."""
         for read in reads:
-            read.result()  # a read's error is raised here, in the training loop
-        return self.dataset.batch(samples, arrays)
+            read.result()
+        yield self._batch(pinned, slot, samples, arrays)
+        if pinned is not None:
+            pinned.release(slot)
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -402,7 +478,17 @@ class EpochBatches(torch.utils.data.Sampler):
 def model_inputs(batch: dict, device: torch.device) -> tuple:
     """The model's arguments from a batch, on `device`: (block outputs, prev maps, next maps), maps None
     when not read; or (per-frame embeddings,) for a text-head run. An encoded cache's codes are moved
-    to `device` and decoded there (float16 values, as a float16 cache gives)."""
+    to `device` and decoded there (float16 values, as a float16 cache gives). A batch of pinned buffers
+    learns when its copies are queued, so that its buffer is reused only after they have run."""
+    inputs = _moved_inputs(batch, device)
+    if "pinned" in batch and device.type == "cuda":
+        pinned, slot = batch["pinned"]
+        pinned.copies_queued(slot, _copy_event(device))
+    return inputs
+
+
+def _moved_inputs(batch: dict, device: torch.device) -> tuple:
+    """`model_inputs` without the pinned-buffer bookkeeping."""
     if "embed" in batch and not batch["tokens"]:
         return (batch["embed"].to(device, non_blocking=True),)
     stored = batch.get("encoding")

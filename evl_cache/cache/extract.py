@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..config import to_dict
 from ..distributed import Process, init_process, raise_together, sum_across
 from ..errors import DatasetError, EvlCacheError
-from ..runtime import library_versions, resolve_device
+from ..runtime import bind_device, deterministic_kernels, library_versions, resolve_device
 from ..towers.backbone import BackboneSpec, FrozenBackbone, load_clip
 from ..video.clips import ClipSpec, VideoClips, read_video_clips
 from ..video.datasets import NOT_ON_DISK
@@ -116,8 +116,9 @@ def _worker_init(_: int) -> None:
 
 
 def load_tower(config: ExtractConfig, device: torch.device) -> Tower:
-    """The open_clip image tower `config` names, frozen, capturing the last `--blocks` blocks."""
-    clip, spec = load_clip(config.model, config.pretrained, config.size, device, seed=config.seed)
+    """The open_clip image tower `config` names, frozen, capturing the last `--blocks` blocks, on `device`.
+    The CLIP model is built on the CPU and only its image tower moves: the text tower is left to be freed."""
+    clip, spec = load_clip(config.model, config.pretrained, config.size, "cpu", seed=config.seed)
     size = config.size or spec.image_size
     check_sizes(config, size)
     mean = channel_values(config.mean, "mean") if config.mean is not None else spec.mean
@@ -214,7 +215,7 @@ def extract(config: ExtractConfig) -> ExtractSummary | CachePlan:
     check_output(config)
     dataset = dataset_of(config)
     process = init_process(resolve_device(config.device))
-    device = process.device(resolve_device(config.device))
+    device = bind_device(process.device(resolve_device(config.device)))
     tower = load_tower(config, device)
     spec = tower.spec
     layout = cache_layout(config, dataset, spec.width, spec.layers, spec.patch_grid, spec.embed_dim)
@@ -229,7 +230,8 @@ def extract(config: ExtractConfig) -> ExtractSummary | CachePlan:
         log.info("extract: the cache is %d HDF5 file(s), each written by one process: with %d process(es), "
                  "process r writes the files p with p %% %d == r", parts, process.world_size, process.world_size)
     started, bytes_before = time.perf_counter(), disk_usage(location(config.out))
-    counts = _extract_videos(config, dataset, todo, tower, layout, process, device)
+    with deterministic_kernels(device):  # a resumed extraction writes the bits an uninterrupted one would
+        counts = _extract_videos(config, dataset, todo, tower, layout, process, device)
     summary = _summarise(config, process, dataset, layout, counts, todo, time.perf_counter() - started, bytes_before)
     if process.is_main and summary.done == 0 and summary.skipped == 0:
         raise DatasetError(f"no video could be extracted ({summary.failed} failed); see the reasons above "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -102,13 +104,24 @@ def keep_finished_epochs(metrics_path: Path, last_epoch: int) -> None:
 
 
 def latest_state(out: Path) -> dict | None:
-    """The weights and training state of the last finished epoch, if any."""
+    """The weights and training state of the last finished epoch, if any, on the CPU (the optimizer
+    moves its state to its parameters' device when it loads it).
+
+    `state.pt` holds tensors and plain values only, and is read as such (`weights_only`): unpickling
+    anything else would run whatever code a run folder from elsewhere names. Run folders of earlier
+    versions of evl-cache hold the same kinds of values and resume too."""
     latest = out / "checkpoints" / "LATEST"
     if not latest.exists():
         return None
     state_dir = out / "checkpoints" / latest.read_text().strip()
-    return {"weights": load_file(state_dir / "weights.safetensors"),
-            **torch.load(state_dir / "state.pt", weights_only=False)}
+    try:
+        state = torch.load(state_dir / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f" ({named.group(1)})" if named else ""
+        raise CheckpointError(f"holds objects other than tensors and plain values{what}: not loaded, as unpickling "
+                              f"them could run any code", state_dir / "state.pt") from None
+    return {"weights": load_file(state_dir / "weights.safetensors"), **state}
 
 
 def save_checkpoint(out: Path, model: nn.Module, state: dict) -> None:

@@ -11,7 +11,7 @@ from ..cache.dataset import CacheDataset, CacheLoader, class_label_map, usable_v
 from ..cache.store import FeatureStore, location
 from ..config import option, shared
 from ..errors import CheckpointError, EvlCacheError
-from ..runtime import resolve_device
+from ..runtime import bind_device, resolve_device
 from ..video.find import read_class_names
 from .metrics import average_views, classification_metrics
 from .run import (
@@ -58,7 +58,7 @@ def evaluate(config: EvalConfig) -> dict:
     weights_path = Path(config.run) / f"{config.weights}.safetensors"
     if not weights_path.exists():
         raise CheckpointError(f"no {config.weights} weights in the run", weights_path)
-    device = resolve_device(config.device)
+    device = bind_device(resolve_device(config.device))
     head = run_head(run_config)
     if config.classes is not None and head["kind"] == "linear":
         raise EvlCacheError("only text and clip-text runs score another class list (--classes); this run has "

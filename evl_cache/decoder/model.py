@@ -247,9 +247,13 @@ class Decoder(nn.Module):
         self._check_inputs(block_outputs, maps_prev, maps_next)
         batch = block_outputs[0].shape[0]
         x = self.cls_token.expand(batch, -1)
+        device_type = block_outputs[0].device.type
+        # F in the model's dtype (float32), or under autocast in its dtype: a float32 copy of every cached
+        # block would double the memory the features take, and autocast would cast it back for the conv
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else self.cls_token.dtype
         for i, layer in enumerate(self.decoder_layers):
-            block_output = block_outputs[i].to(self.cls_token.dtype)  # F in the model's dtype (float32)
-            features = self._local_temporal(i, block_output, maps_prev, maps_next)
+            features = self._local_temporal(i, block_outputs[i].to(dtype), maps_prev, maps_next)
             x = layer(x, features.flatten(1, 2))
         return x
 
@@ -268,7 +272,7 @@ class Decoder(nn.Module):
             along_t = F.conv2d(block_output.permute(0, 3, 1, 2), kernel, conv.bias, padding=(1, 0), groups=width)
             out = along_t.permute(0, 2, 3, 1)
         if self.temporal_pos_embed is not None:
-            out = out + self.temporal_pos_embed[i].view(1, count, 1, width)
+            out = out + self.temporal_pos_embed[i].to(out.dtype).view(1, count, 1, width)
         if self.cross_attention is not None:
             prev_term, next_term = self.cross_attention[i](maps_prev[i], maps_next[i])
             # A_prev[t] feeds frames 1..T-1, A_next[t] frames 0..T-2; token 0 (CLS) gets nothing.

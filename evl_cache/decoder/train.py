@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..cache.dataset import (
+    PREFETCH,
     CacheDataset,
     CacheLoader,
     EpochBatches,
@@ -37,9 +38,25 @@ from ..cache.dataset import (
 )
 from ..cache.store import FeatureStore, cache_fingerprint, cache_storage, is_url
 from ..config import option, shared, to_dict
-from ..distributed import Process, barrier, gather_objects, init_process, on_main, raise_together, sum_across
+from ..distributed import (
+    Process,
+    barrier,
+    gather_objects,
+    init_process,
+    on_every,
+    on_main,
+    raise_together,
+    sum_across,
+)
 from ..errors import EvlCacheError
-from ..runtime import library_versions, memory_available, resolve_device
+from ..runtime import (
+    bind_device,
+    deterministic_kernels,
+    device_memory_available,
+    library_versions,
+    memory_available,
+    resolve_device,
+)
 from ..towers.text import BARE_NAME, read_templates
 from ..video.find import read_class_names
 from .checkpoints import (
@@ -50,6 +67,7 @@ from .checkpoints import (
     prepare_run_folder,
     save_checkpoint,
 )
+from .memory import fitting_grad_accum, step_memory
 from .metrics import average_views, classification_metrics, plot_curves
 from .model import DecoderConfig, EVLModel
 from .run import add_novel, build_model, load_weights, predict_views, saved_weights, write_evaluation
@@ -92,7 +110,8 @@ class TrainConfig:
     epochs: int = option(50, "training epochs (ignored when --steps is given)")
     steps: int | None = option(None, "optimizer steps in total (sets the cosine schedule's length)")
     batch_size: int = option(256, "clips per optimizer step")
-    grad_accum: int = option(1, "micro-batches per optimizer step (batch-size must divide by it)")
+    grad_accum: int = option(1, "micro-batches per optimizer step (batch-size must divide by it); raised when a "
+                                "micro-batch would not fit the device's free memory")
     lr: float = option(4e-4, "peak learning rate (AdamW)")
     weight_decay: float = option(0.05, "AdamW weight decay")
     warmup_steps: int = option(0, "linear warm-up steps before the cosine decay")
@@ -106,6 +125,8 @@ class TrainConfig:
     resume: bool = option(False, "continue a killed run in --out from its last finished epoch")
     overwrite: bool = option(False, "replace an existing run folder at --out (only ever a run folder)")
 
+
+PROGRESS_LOSS_EVERY = 50  # batches between the progress bar's loss readings (each waits for the device)
 
 # Options that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = {"resume", "overwrite", "workers", "device", "in_memory", "pretrained"}
@@ -151,6 +172,7 @@ class Optimisation:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
+    grad_accum: int
     micro_batch: int
     steps_per_epoch: int
     total_steps: int
@@ -257,33 +279,85 @@ def _distributed(model: torch.nn.Module, process: Process, device: torch.device,
     return net
 
 
-def _optimisation(config: TrainConfig, model: torch.nn.Module, train_size: int, device: torch.device) -> Optimisation:
+def _optimisation(config: TrainConfig, model: torch.nn.Module, train_size: int, device: torch.device,
+                  grad_accum: int) -> Optimisation:
     """AdamW over the trained parameters (a frozen text tower stays out), a cosine schedule over the run's
-    steps, and the fp16 loss scaler on CUDA."""
-    micro_batch = config.batch_size // config.grad_accum
-    steps_per_epoch = math.ceil(math.ceil(train_size / micro_batch) / config.grad_accum)
+    steps, and the fp16 loss scaler on CUDA; `grad_accum` micro-batches per step."""
+    micro_batch = config.batch_size // grad_accum
+    steps_per_epoch = math.ceil(math.ceil(train_size / micro_batch) / grad_accum)
     total_steps = config.steps or config.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_lr(step, total_steps, config.warmup_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    return Optimisation(optimizer, schedule, scaler, micro_batch, steps_per_epoch, total_steps,
+    return Optimisation(optimizer, schedule, scaler, grad_accum, micro_batch, steps_per_epoch, total_steps,
                         math.ceil(total_steps / steps_per_epoch))
 
 
+def _grad_accum(config: TrainConfig, process: Process, device: torch.device, model: torch.nn.Module,
+                data: TrainingData, resumed: dict | None) -> int:
+    """Micro-batches per step: --grad-accum (a resumed run's own, which may have been raised), or more
+    where a micro-batch would not fit the device's free memory (`step_memory`'s estimate). Every process
+    takes the largest any of them needs."""
+    wanted = resumed.get("grad_accum", config.grad_accum) if resumed else config.grad_accum
+    amp = device.type == "cuda"
+    loader_batches = 0 if amp else PREFETCH + 1  # a CPU's loader holds its batches in the same memory
+    memory = step_memory(model, data.train_set, amp, process.world_size, loader_batches)
+    available = device_memory_available(device)
+    chosen = max(gather_objects(process, on_every(process, lambda: fitting_grad_accum(
+        config.batch_size, wanted, process.world_size, memory, available))))
+    if chosen != wanted:
+        log.warning("train: a micro-batch of %d clips per process would not fit %s (%s; %.2f GB free): %d "
+                    "micro-batches of %d per step instead of %d (the same steps, other float sums)",
+                    config.batch_size // wanted // process.world_size, device, memory.describe(),
+                    (available or 0) / 1e9, chosen, config.batch_size // chosen, wanted)
+    return chosen
+
+
+def _rng_state(device: torch.device) -> dict:
+    """This process's random generators: the CPU's and, on CUDA, the device's, which dropout draws from."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _restore_rng(saved: dict, device: torch.device, seed: int, epoch: int, rank: int) -> None:
+    """Set the generators to a checkpoint's. A CUDA generator the checkpoint lacks (a CPU run resumed on
+    a GPU) is seeded from (seed, epoch, rank): a resumed run, not the same draws."""
+    torch.set_rng_state(saved["cpu"])
+    if device.type != "cuda":
+        return
+    if saved.get("cuda") is not None:
+        torch.cuda.set_rng_state(saved["cuda"], device)
+    else:
+        torch.cuda.manual_seed(seed * 1_000_003 + epoch * 7_919 + rank)
+
+
+def _saved_rng(resumed: dict, process: Process) -> dict:
+    """This process's generators in a checkpoint: its rank's (the first rank's when the number of
+    processes changed); a checkpoint of before CUDA generators were saved holds CPU states only."""
+    states = resumed["rng"] if "rng" in resumed else [{"cpu": state} for state in resumed["torch_rng"]]
+    return states[process.rank] if len(states) == process.world_size else states[0]
+
+
 def _restore(resumed: dict | None, out: Path, model: torch.nn.Module, opt: Optimisation,
-             process: Process) -> tuple[int, int, float]:
-    """(first epoch, step, best top-1): from the last finished epoch of a killed run, or from scratch."""
+             process: Process, device: torch.device, seed: int) -> tuple[int, int, float]:
+    """(first epoch, step, best top-1): from the last finished epoch of a killed run, or from scratch.
+    A run resumed on another kind of device continues from its weights and optimizer state, but not bit
+    for bit: other kernels, another random generator, and a float16 loss scale from its start."""
     if resumed is None:
         log.info("train: nothing to resume in %s; starting from the beginning", out)
         return 0, 0, -1.0
     load_weights(model, resumed["weights"], out)
-    opt.optimizer.load_state_dict(resumed["optimizer"])
+    opt.optimizer.load_state_dict(resumed["optimizer"])  # moves the state to the parameters' device
     opt.schedule.load_state_dict(resumed["schedule"])
-    opt.scaler.load_state_dict(resumed["scaler"])
-    rng_states = resumed["torch_rng"]
-    torch.set_rng_state(rng_states[process.rank] if len(rng_states) == process.world_size else rng_states[0])
+    if resumed["scaler"] and opt.scaler.is_enabled():  # a disabled (CPU) scaler saved {}
+        opt.scaler.load_state_dict(resumed["scaler"])
+    _restore_rng(_saved_rng(resumed, process), device, seed, resumed["epoch"] + 1, process.rank)
+    saved_device = resumed.get("device", "cpu")
+    if saved_device != device.type:
+        log.warning("train: resuming a run checkpointed on %s on %s: it continues, but not bit-exactly as it "
+                    "would have on %s", saved_device, device.type, saved_device)
     log.info("train: resuming %s after epoch %d (step %d)", out, resumed["epoch"], resumed["step"])
     return resumed["epoch"] + 1, resumed["step"], resumed["best_top1"]
 
@@ -294,22 +368,26 @@ def _train_epoch(net: torch.nn.Module, loader: CacheLoader, batches: EpochBatche
 
     The order and the drawn views depend only on (seed, epoch). Every process sees the same global
     batches and takes its share; a step's loss is the mean over the step's whole global batch, however
-    it is split over processes and micro-batches."""
+    it is split over processes and micro-batches. The loss and accuracy are summed on the device and
+    read once at the end (and for the progress bar every `PROGRESS_LOSS_EVERY` batches): reading them
+    every batch would wait for the device twice a step."""
     batches.set_epoch(epoch)
     sizes = [len(b) for b in batches.global_batches]
     net.train()
-    use_amp = device.type == "cuda"
+    use_amp, accum = device.type == "cuda", opt.grad_accum
     started = fetch_start = time.perf_counter()
-    wait, loss_sum, correct, seen = 0.0, 0.0, 0, 0
+    wait, seen = 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     progress = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{opt.epochs}", unit="batch", dynamic_ncols=True,
                     leave=False, disable=not process.is_main)
     for i, batch in enumerate(loader):
         wait += time.perf_counter() - fetch_start
         if step >= opt.total_steps:
             break
-        group = slice(i - i % config.grad_accum, i - i % config.grad_accum + config.grad_accum)
-        ends_step = (i + 1) % config.grad_accum == 0 or i + 1 == len(sizes)
-        labels = batch["label"].to(device)
+        group = slice(i - i % accum, i - i % accum + accum)
+        ends_step = (i + 1) % accum == 0 or i + 1 == len(sizes)
+        labels = batch["label"].to(device, non_blocking=True)
         sync = contextlib.nullcontext() if ends_step or process.world_size == 1 else net.no_sync()
         with sync:
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
@@ -323,16 +401,18 @@ def _train_epoch(net: torch.nn.Module, loader: CacheLoader, batches: EpochBatche
             opt.optimizer.zero_grad(set_to_none=True)
             opt.schedule.step()
             step += 1
-        loss_sum += float(loss.detach())
-        correct += int((logits.argmax(1) == labels).sum())
+        loss_sum += loss.detach().double()
+        correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
         progress.update(1)
-        progress.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}",
-                             clips_per_s=f"{seen / (time.perf_counter() - started):.1f}", refresh=False)
+        if process.is_main and i % PROGRESS_LOSS_EVERY == 0:
+            progress.set_postfix(loss=f"{float(loss_sum) / max(seen, 1):.4f}",
+                                 clips_per_s=f"{seen / (time.perf_counter() - started):.1f}", refresh=False)
         fetch_start = time.perf_counter()
     progress.close()
     seconds = time.perf_counter() - started
-    loss_sum, correct, seen, wait = sum_across(process, [loss_sum, correct, seen, wait / process.world_size])
+    loss_sum, correct, seen, wait = sum_across(process, [float(loss_sum), int(correct), seen,
+                                                         wait / process.world_size])
     return step, {"train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
                   "train_clips_per_s": seen / seconds, "data_wait_share": wait / seconds, "started": started}
 
@@ -357,9 +437,10 @@ def _end_epoch(out: Path, model: torch.nn.Module, evaluator: Evaluator, epoch: i
         best_top1 = evaluation["top1"]
         weights = saved_weights(model)
         atomic_save(lambda p: save_file(weights, p), out / "best.safetensors")
-    save_checkpoint(out, model, {"epoch": epoch, "step": step, "best_top1": best_top1,
-                                 "optimizer": opt.optimizer.state_dict(), "schedule": opt.schedule.state_dict(),
-                                 "scaler": opt.scaler.state_dict(), "torch_rng": rng_states})
+    save_checkpoint(out, model, {"epoch": epoch, "step": step, "best_top1": best_top1, "grad_accum": opt.grad_accum,
+                                 "device": evaluator.device.type, "optimizer": opt.optimizer.state_dict(),
+                                 "schedule": opt.schedule.state_dict(), "scaler": opt.scaler.state_dict(),
+                                 "rng": rng_states})
     return evaluation, best_top1
 
 
@@ -382,8 +463,14 @@ def _finish(out: Path, model: torch.nn.Module, evaluator: Evaluator, data: Train
 def train(config: TrainConfig) -> TrainSummary:
     """Train and evaluate the EVL decoder (or a text head) on a cache; see TrainConfig for the options."""
     process = init_process(resolve_device(config.device))
-    device = process.device(resolve_device(config.device))
+    device = bind_device(process.device(resolve_device(config.device)))
     _check_options(config, process)
+    with deterministic_kernels(device):
+        return _train(config, process, device)
+
+
+def _train(config: TrainConfig, process: Process, device: torch.device) -> TrainSummary:
+    """`train` in this process, on `device`: the run folder, the data, the model, then epoch by epoch."""
     out = Path(config.out)
     on_main(process, lambda: check_run_folder(out, [config.features], config.overwrite, config.resume))
     torch.manual_seed(config.seed)
@@ -396,8 +483,10 @@ def train(config: TrainConfig) -> TrainSummary:
     net = _distributed(model, process, device, config.seed)
     if config.in_memory:
         _hold_in_memory(process, data.datasets, shared_memory)
-    opt = _optimisation(config, model, len(data.train_set), device)
-    start_epoch, step, best_top1 = _restore(resumed, out, model, opt, process) if config.resume else (0, 0, -1.0)
+    opt = _optimisation(config, model, len(data.train_set), device,
+                        _grad_accum(config, process, device, model, data, resumed))
+    start_epoch, step, best_top1 = (_restore(resumed, out, model, opt, process, device, config.seed)
+                                    if config.resume else (0, 0, -1.0))
     if config.resume and process.is_main:
         keep_finished_epochs(out / "metrics.jsonl", start_epoch - 1)
     log.info("train: %d train / %d val videos, %d classes, %d trained parameters, %d steps (%d epochs of %d), "
@@ -416,7 +505,7 @@ def train(config: TrainConfig) -> TrainSummary:
     started, final = time.perf_counter(), {}
     for epoch in range(start_epoch, opt.epochs):
         step, stats = _train_epoch(net, loader, batches, epoch, step, opt, config, process, device)
-        rng_states = gather_objects(process, torch.get_rng_state())
+        rng_states = gather_objects(process, _rng_state(device))
         if process.is_main:  # the main process evaluates and writes; the others go on to the next epoch
             final, best_top1 = _end_epoch(out, model, evaluator, epoch, step, stats, best_top1, opt, rng_states)
     barrier(process)

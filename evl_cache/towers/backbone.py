@@ -140,8 +140,8 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
     if quick_gelu:
         kwargs["force_quick_gelu"] = True
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the model is built on the CPU: its generator alone, restored after
+        torch.default_generator.manual_seed(seed)  # (torch.manual_seed would re-seed every CUDA generator too)
         try:
             clip = open_clip.create_model(name, pretrained=weights, device="cpu", **kwargs)
         except RuntimeError as error:
@@ -189,12 +189,15 @@ def adjacent_maps(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch
 
     A_prev[:, t-1] = mean_h softmax(q_t . k_{t-1} / sqrt(D)) for t = 1..T-1;
     A_next[:, t]   = mean_h softmax(q_t . k_{t+1} / sqrt(D)) for t = 0..T-2.
+    Computed in float32 on every device, under autocast too: a float16 q . k loses about 1e-2 of the
+    maps and overflows to inf for large logits, which turns their rows into NaN.
     """
-    q = q.float().permute(0, 1, 3, 2, 4)  # [B, T, H, P, D]
-    k = k.float().permute(0, 1, 3, 2, 4)
-    scale = q.shape[-1] ** -0.5
-    prev = torch.softmax(q[:, 1:] @ k[:, :-1].transpose(-1, -2) * scale, dim=-1).mean(dim=2)
-    nxt = torch.softmax(q[:, :-1] @ k[:, 1:].transpose(-1, -2) * scale, dim=-1).mean(dim=2)
+    with torch.autocast(q.device.type, enabled=False):
+        q = q.float().permute(0, 1, 3, 2, 4)  # [B, T, H, P, D]
+        k = k.float().permute(0, 1, 3, 2, 4)
+        scale = q.shape[-1] ** -0.5
+        prev = torch.softmax(q[:, 1:] @ k[:, :-1].transpose(-1, -2) * scale, dim=-1).mean(dim=2)
+        nxt = torch.softmax(q[:, :-1] @ k[:, 1:].transpose(-1, -2) * scale, dim=-1).mean(dim=2)
     return prev, nxt
 
 
@@ -225,15 +228,18 @@ class FrozenBackbone(nn.Module):
     def _capture(self, key: str, attn: nn.MultiheadAttention | None):
         def hook(module, inputs, output):
             x = output if self.batch_first else output.transpose(0, 1)
-            if attn is not None:  # q and k: the in-projection of ln_1(x), without scaling
+            if attn is not None:  # q and k: the in-projection of ln_1(x), without scaling, in float32
                 width = attn.embed_dim
-                x = nn.functional.linear(x, attn.in_proj_weight[: 2 * width], attn.in_proj_bias[: 2 * width])
+                with torch.autocast(x.device.type, enabled=False):
+                    x = nn.functional.linear(x.float(), attn.in_proj_weight[: 2 * width].float(),
+                                             attn.in_proj_bias[: 2 * width].float())
             self._captured[key] = x
         return hook
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> BackboneOutput:
-        """pixels: uint8 [B, T, 3, S, S] -> BackboneOutput (float32 maps; features in compute dtype)."""
+        """pixels: uint8 [B, T, 3, S, S] -> BackboneOutput (maps from float32 q and k, float32 on every
+        device; features in the compute dtype)."""
         batch, frames = pixels.shape[:2]
         x = pixels.flatten(0, 1).float().div_(255).sub_(self.mean).div_(self.std)
         self._captured.clear()
