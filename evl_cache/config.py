@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import click
-import tomllib
 
 from .errors import EvlCacheError
 

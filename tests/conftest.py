@@ -37,7 +37,6 @@ from evl_cache.video.synthetic import (  # noqa: E402
 )
 
 
-
 def pytest_configure(config) -> None:
     if DEVICE not in ("cpu", "cuda"):
         raise pytest.UsageError(f"EVL_TEST_DEVICE={DEVICE}: cpu or cuda")

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
 import torch
 import torch.distributed as dist
+from click.testing import CliRunner
 from conftest import DEVICE
 
 import evl_cache.distributed as distributed

@@ -38,16 +38,7 @@ from ..cache.dataset import (
 )
 from ..cache.store import FeatureStore, cache_fingerprint, cache_storage, is_url
 from ..config import option, shared, to_dict
-from ..distributed import (
-    Process,
-    barrier,
-    gather_objects,
-    init_process,
-    on_every,
-    on_main,
-    raise_together,
-    sum_across,
-)
+from ..distributed import Process, barrier, gather_objects, init_process, on_every, on_main, raise_together, sum_across
 from ..errors import EvlCacheError
 from ..runtime import (
     bind_device,
