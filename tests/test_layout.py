@@ -28,8 +28,8 @@ PIPELINE = [
     "cache.encodings", "cache.zarr_shards", "cache.store", "cache.options", "cache.plan", "cache.writer",
     "cache.extract", "cache.verify", "cache.info", "cache.dataset",
     # the decoder, its runs and metrics
-    "decoder.model", "decoder.metrics", "decoder.run", "decoder.checkpoints", "decoder.train",
-    "decoder.evaluate", "decoder.evl_checkpoints",
+    "decoder.model", "decoder.metrics", "decoder.run", "decoder.checkpoints", "decoder.events",
+    "decoder.train", "decoder.evaluate", "decoder.evl_checkpoints",
     # what is built on both stages
     "apps.results", "apps.predict", "apps.zeroshot", "apps.study", "apps.demo",
     "cli",
