@@ -203,8 +203,11 @@ def run_command(config: StudyConfig) -> None:
 
 @command("compare", CompareConfig)
 def compare_command(config: CompareConfig) -> None:
-    """Print the results table (options that differ, top-1, top-5, ...) for finished runs."""
+    """Print the results table (options that differ, top-1, top-5, ...) for finished runs; with --out, also
+    write it with every run's curves and confusion matrix as results.html."""
     click.echo(markdown_table(compare(config)), nl=False)
+    if config.out is not None:
+        click.echo(f"compare: results.md, results.csv, results.png and results.html in {config.out}")
 
 
 @command("demo", DemoConfig)

@@ -31,7 +31,7 @@ PIPELINE = [
     "decoder.model", "decoder.metrics", "decoder.run", "decoder.checkpoints", "decoder.events",
     "decoder.train", "decoder.evaluate", "decoder.evl_checkpoints",
     # what is built on both stages
-    "apps.results", "apps.predict", "apps.zeroshot", "apps.study", "apps.demo",
+    "apps.pages", "apps.results", "apps.predict", "apps.zeroshot", "apps.study", "apps.demo",
     "cli",
 ]
 

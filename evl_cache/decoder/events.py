@@ -3,7 +3,8 @@
 The events are another view of metrics.jsonl: each epoch's record is written to both. A resumed run
 writes the folder again from the epochs metrics.jsonl kept (`keep_finished_epochs`), so an epoch that
 a killed run logged but never checkpointed is not there twice, and any reader (not only TensorBoard,
-which could purge it) sees each step once. Steps are the records' 0-based epochs, as in metrics.jsonl.
+which could purge it) sees each step once. A step is the number of epochs done (metrics.jsonl's
+0-based `epoch` + 1), as the log and the plots count them.
 """
 from __future__ import annotations
 
@@ -59,11 +60,11 @@ class EpochEvents:
         self.writer.flush()
 
     def add(self, record: dict, flush: bool = True) -> None:
-        """Write one metrics.jsonl epoch record's scalars at step `record["epoch"]` (flushed, so a kill
-        after its checkpoint loses nothing)."""
+        """Write one metrics.jsonl epoch record's scalars at step `record["epoch"] + 1` (flushed, so a
+        kill after its checkpoint loses nothing)."""
         for key, tag in SCALARS.items():
             if key in record:
-                self.writer.add_scalar(tag, record[key], record["epoch"], walltime=record.get("wall_time"))
+                self.writer.add_scalar(tag, record[key], record["epoch"] + 1, walltime=record.get("wall_time"))
         if flush:
             self.writer.flush()
 
