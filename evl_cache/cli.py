@@ -19,6 +19,7 @@ from . import (
     CompareConfig,
     DemoConfig,
     EvalConfig,
+    ExplainConfig,
     ExportConfig,
     ExtractConfig,
     ImportConfig,
@@ -31,6 +32,7 @@ from . import (
     ZeroShotConfig,
     compare,
     evaluate,
+    explain,
     export_evl,
     extract,
     import_evl,
@@ -169,6 +171,21 @@ def predict_command(config: PredictConfig, as_json: bool) -> None:
     if predictions and all(p.error for p in predictions):
         click.echo(f"error: no video could be predicted ({len(predictions)} failed)", err=True)
         sys.exit(1)
+
+
+@command("explain", ExplainConfig)
+def explain_command(config: ExplainConfig) -> None:
+    """Show what a run looks at: per video and view, the decoder's attention over each frame's patches (per
+    layer and their mean), the best matches in the adjacent frames, the top classes; as PNGs and one page per
+    video that works offline, with an index page. New videos run through the backbone; with --features, videos
+    of a cache are read from it."""
+    summary = explain(config)
+    for source, error in summary.errors.items():
+        click.echo(f"{source}: error: {error}", err=True)
+    if not summary.pages:
+        click.echo(f"error: no video could be explained ({len(summary.errors)} failed)", err=True)
+        sys.exit(1)
+    click.echo(summary.line())
 
 
 @command("import-evl", ImportConfig)

@@ -47,7 +47,7 @@ def check_offline_page(path: Path) -> tuple[list[bytes], list[str], str]:
         else:
             assert (path.parent / value.split("#")[0]).is_file(), f"{path}: {value} is not a file beside the page"
             links.append(value)
-    return images, links, " ".join(parser.text)
+    return images, links, " ".join(" ".join(parser.text).split())
 
 
 def test_a_page_embeds_its_pictures_and_escapes_its_text(tmp_path):
