@@ -51,7 +51,7 @@ def test_the_attention_picture_names_frames_layers_scales_and_classes():
     texts = _texts(figure)
     assert [f"frame {n}" for n in (20, 25, 30, 35)] == [t for t in texts if t.startswith("frame ")]
     assert {"layer 1\n(block 10)", "layer 2\n(block 11)", "mean of\nthe layers"} <= set(texts)
-    assert sum(t == "%" for t in texts) == LAYERS + 1  # a colour scale per row
+    assert sum(t == "% of attention" for t in texts) == LAYERS + 1  # a colour scale per row
     assert "clip.mp4: view 2 of 2\npredicted: bowling (50%); true class: bowling" in texts
     assert "50.0%" in texts and "cutting a very long..." in texts and "fencing" not in texts  # the top 5
     assert "top 5 classes (green: true class)" in texts and "its best match in the next frame (a dot: the same place)" \

@@ -186,10 +186,10 @@ def attention_figure(e: Explanation, view: int, arrows: int, topk: int):
     plt = _pyplot()
     labels, heat, shares = _attention_rows(e, view)
     rows, frames = heat.shape[:2]
-    height = 1.6 * rows + 2.4  # inches: 1 for the title, 1.4 for the notes and the legend
+    height = 1.6 * rows + 2.15  # inches: 1 for the title, 1.15 for the notes and the legend
     fig = plt.figure(figsize=(1.55 * frames + 5.2, height))
     grid = fig.add_gridspec(rows, frames + 3, width_ratios=[1] * frames + [0.07, 0.45, 2.6], left=0.06, right=0.98,
-                            top=1 - 1 / height, bottom=1.4 / height, wspace=0.05, hspace=0.12)
+                            top=1 - 1 / height, bottom=1.15 / height, wspace=0.05, hspace=0.12)
     for r in range(rows):
         vmax = max(float(heat[r].max()), 1e-6)
         for t in range(frames):
@@ -206,10 +206,10 @@ def attention_figure(e: Explanation, view: int, arrows: int, topk: int):
                 _draw_matches(ax, e, view, t, heat[r, t], arrows)
         bar = fig.colorbar(image, cax=fig.add_subplot(grid[r, frames]))
         bar.ax.tick_params(labelsize=7)
-        bar.set_label("%", fontsize=8)
+        bar.set_label("% of attention", fontsize=7)
     _top_classes(fig.add_subplot(grid[: min(rows, 3), frames + 2]), e, view, topk)
     fig.suptitle(_view_title(e, view), x=0.06, ha="left", fontsize=11)
-    _notes(fig, 1.25 / height, ATTENTION_NOTE, "" if e.frames is not None else e.frames_note or "frames not drawn")
+    _notes(fig, 0.95 / height, ATTENTION_NOTE, "" if e.frames is not None else e.frames_note or "frames not drawn")
     if e.matches is not None and arrows > 0:
         _arrow_legend(fig)
     return fig
