@@ -10,9 +10,10 @@ here that takes a config dataclass of the same options:
 
 The package reads as the pipeline: `video` (find, sample, decode) -> `towers` (the frozen CLIP
 towers) -> `cache` (the store, extraction, the dataset over it) -> `decoder` (the EVL decoder, train,
-evaluate) -> `apps` (predict, zero-shot, studies, the demo).
+evaluate) -> `apps` (predict, explain, zero-shot, studies and their pages, the demo).
 """
 from .apps.demo import DemoConfig, run_demo
+from .apps.explain import ExplainConfig, ExplainSummary, explain
 from .apps.predict import PredictConfig, Prediction, predict
 from .apps.results import CompareConfig, RunRow, compare
 from .apps.study import StudyConfig, run_study
@@ -33,8 +34,8 @@ from .towers.vificlip import VifiImportConfig, import_vificlip
 
 __all__ = [
     "CacheDataset", "CacheLoader", "CachePlan", "CompareConfig", "DemoConfig", "EvalConfig", "EvlCacheError",
-    "ExportConfig", "ExtractConfig", "ExtractSummary", "FeatureStore", "ImportConfig", "InfoConfig", "PredictConfig",
+    "ExplainConfig", "ExplainSummary", "ExportConfig", "ExtractConfig", "ExtractSummary", "FeatureStore", "ImportConfig", "InfoConfig", "PredictConfig",
     "Prediction", "RunRow", "StudyConfig", "TrainConfig", "TrainSummary", "VerifyConfig", "VerifyReport",
-    "VifiImportConfig", "ZeroShotConfig", "__version__", "compare", "evaluate", "export_evl", "extract", "import_evl",
+    "VifiImportConfig", "ZeroShotConfig", "__version__", "compare", "evaluate", "explain", "export_evl", "extract", "import_evl",
     "import_vificlip", "info", "plan", "predict", "run_demo", "run_study", "train", "verify", "zeroshot",
 ]

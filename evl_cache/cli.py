@@ -19,6 +19,7 @@ from . import (
     CompareConfig,
     DemoConfig,
     EvalConfig,
+    ExplainConfig,
     ExportConfig,
     ExtractConfig,
     ImportConfig,
@@ -31,6 +32,7 @@ from . import (
     ZeroShotConfig,
     compare,
     evaluate,
+    explain,
     export_evl,
     extract,
     import_evl,
@@ -171,6 +173,21 @@ def predict_command(config: PredictConfig, as_json: bool) -> None:
         sys.exit(1)
 
 
+@command("explain", ExplainConfig)
+def explain_command(config: ExplainConfig) -> None:
+    """Show what a run looks at: per video and view, the decoder's attention over each frame's patches (per
+    layer and their mean), the best matches in the adjacent frames, the top classes; as PNGs and one page per
+    video that works offline, with an index page. New videos run through the backbone; with --features, videos
+    of a cache are read from it."""
+    summary = explain(config)
+    for source, error in summary.errors.items():
+        click.echo(f"{source}: error: {error}", err=True)
+    if not summary.pages:
+        click.echo(f"error: no video could be explained ({len(summary.errors)} failed)", err=True)
+        sys.exit(1)
+    click.echo(summary.line())
+
+
 @command("import-evl", ImportConfig)
 def import_evl_command(config: ImportConfig) -> None:
     """Turn a checkpoint of the EVL authors' release into a run that eval and predict accept."""
@@ -203,8 +220,11 @@ def run_command(config: StudyConfig) -> None:
 
 @command("compare", CompareConfig)
 def compare_command(config: CompareConfig) -> None:
-    """Print the results table (options that differ, top-1, top-5, ...) for finished runs."""
+    """Print the results table (options that differ, top-1, top-5, ...) for finished runs; with --out, also
+    write it with every run's curves and confusion matrix as results.html."""
     click.echo(markdown_table(compare(config)), nl=False)
+    if config.out is not None:
+        click.echo(f"compare: results.md, results.csv, results.png and results.html in {config.out}")
 
 
 @command("demo", DemoConfig)

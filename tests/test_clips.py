@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from evl_cache.video.clips import ClipSpec, read_video_clips
+from evl_cache.video.clips import ClipSpec, planned_frame_numbers, read_video_clips
 from evl_cache.video.decode import decode_frames, probe_video
 from evl_cache.video.sampling import dense_eval_indices, plan_views
 from evl_cache.video.synthetic import (
@@ -95,3 +95,16 @@ def test_a_segment_is_sampled_alone(numbered_videos):
     assert (late.num_frames, late.note) == (4, "segment ends 1.04 s after the video")
     empty = read_video_clips(path, "val", 0, spec, segment=(5.0, 6.0))
     assert empty.clips is None and empty.error.startswith("segment 5-6 s holds no frame")
+
+
+def test_planned_frame_numbers_are_each_views_frames(numbered_videos):
+    path = numbered_videos["healthy"][0]
+    for split, spec in (("val", ClipSpec("vifi", 4, 1, 3, 1, 32, 0)), ("test", ClipSpec("dense", 4, 5, 2, 1, 32, 0)),
+                        ("train", ClipSpec("dense", 4, 3, 2, 1, 32, 0))):
+        clips = read_video_clips(path, split, 7, spec)
+        got = [tuple(read_frame_number(frame.permute(1, 2, 0).numpy()) for frame in view) for view in clips.clips]
+        assert planned_frame_numbers(clips.num_frames, split, 7, spec) == got, split
+    three_crops = ClipSpec("dense", 4, 3, 2, 3, 32, 0, spatial_views=3)  # view t * 3 + s: crops share frames
+    numbers = planned_frame_numbers(24, "val", 0, three_crops)
+    assert len(numbers) == 6 and numbers[0] == numbers[1] == numbers[2] != numbers[3] == numbers[5]
+    assert len(planned_frame_numbers(24, "train", 0, three_crops)) == 3  # one plain and two augmented views

@@ -18,7 +18,7 @@ COMMAND_CONFIGS = {"extract": evl_cache.ExtractConfig, "plan": evl_cache.Extract
                    "predict": evl_cache.PredictConfig, "import-evl": evl_cache.ImportConfig,
                    "import-vificlip": evl_cache.VifiImportConfig, "export-evl": evl_cache.ExportConfig,
                    "run": evl_cache.StudyConfig, "compare": evl_cache.CompareConfig, "demo": evl_cache.DemoConfig,
-                   "info": evl_cache.InfoConfig, "verify": evl_cache.VerifyConfig}
+                   "info": evl_cache.InfoConfig, "verify": evl_cache.VerifyConfig, "explain": evl_cache.ExplainConfig}
 
 
 def test_every_command_has_its_config_and_nothing_else():

@@ -28,10 +28,11 @@ PIPELINE = [
     "cache.encodings", "cache.zarr_shards", "cache.store", "cache.options", "cache.plan", "cache.writer",
     "cache.extract", "cache.verify", "cache.info", "cache.dataset",
     # the decoder, its runs and metrics
-    "decoder.model", "decoder.memory", "decoder.metrics", "decoder.run", "decoder.checkpoints", "decoder.train",
-    "decoder.evaluate", "decoder.evl_checkpoints",
+    "decoder.model", "decoder.memory", "decoder.metrics", "decoder.run", "decoder.checkpoints", "decoder.events",
+    "decoder.train", "decoder.evaluate", "decoder.evl_checkpoints",
     # what is built on both stages
-    "apps.results", "apps.predict", "apps.zeroshot", "apps.study", "apps.demo",
+    "apps.pages", "apps.results", "apps.predict", "apps.explain_pictures", "apps.explain", "apps.zeroshot",
+    "apps.study", "apps.demo",
     "cli",
 ]
 
@@ -94,6 +95,7 @@ def test_the_public_api_has_every_command_with_its_config():
                              ("info", "InfoConfig"), ("train", "TrainConfig"), ("evaluate", "EvalConfig"),
                              ("predict", "PredictConfig"), ("zeroshot", "ZeroShotConfig"), ("run_study", "StudyConfig"),
                              ("compare", "CompareConfig"), ("import_evl", "ImportConfig"), ("export_evl", "ExportConfig"),
-                             ("import_vificlip", "VifiImportConfig"), ("run_demo", "DemoConfig")):
+                             ("import_vificlip", "VifiImportConfig"), ("run_demo", "DemoConfig"),
+                             ("explain", "ExplainConfig")):
         assert callable(getattr(evl_cache, function)), function
         assert dataclasses.is_dataclass(getattr(evl_cache, config)), config

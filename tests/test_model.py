@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from evl_cache.decoder.model import DecoderConfig, EVLModel
+from evl_cache.decoder.model import DecoderConfig, EVLModel, recording_attention
 
 WIDTH, HEADS, LAYERS = 16, 4, 2
 
@@ -68,7 +68,8 @@ def naive_linear(x, params, name):
     return x @ params[f"{name}.weight"].T + params[f"{name}.bias"]
 
 
-def naive_forward(model: EVLModel, block_outputs, maps_prev, maps_next, features_only=False):
+def naive_forward(model: EVLModel, block_outputs, maps_prev, maps_next, features_only=False, attentions=None):
+    """The model written from the spec; each layer's attention weights [B, H, T*L] go to `attentions`."""
     config = model.config
     params = dict(model.named_parameters())
     h, w = config.grid
@@ -110,6 +111,8 @@ def naive_forward(model: EVLModel, block_outputs, maps_prev, maps_next, features
         k = k.view(batch, -1, heads, head_dim).transpose(1, 2)
         v = v.view(batch, -1, heads, head_dim).transpose(1, 2)
         attention = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(head_dim), dim=-1)
+        if attentions is not None:
+            attentions.append(attention[:, :, 0])
         x = x + naive_linear((attention @ v).reshape(batch, config.qkv_dim), params, f"{layer}.attn.out_proj")
         hidden = naive_linear(naive_layer_norm(x, params, f"{layer}.norm2"), params, f"{layer}.mlp.fc1")
         x = x + naive_linear(hidden * torch.sigmoid(1.702 * hidden), params, f"{layer}.mlp.fc2")
@@ -142,6 +145,23 @@ def test_matches_naive_decoder(grid, frames):
         torch.testing.assert_close(model(*inputs), naive_forward(model, *inputs), rtol=0, atol=1e-5)
         torch.testing.assert_close(model.features(*inputs), naive_forward(model, *inputs, features_only=True),
                                    rtol=0, atol=1e-5)
+
+
+def test_recorded_attention_is_the_spec_attention_and_leaves_the_logits_bit_identical():
+    model = make_model((2, 3), 3)
+    inputs = make_inputs(model)
+    expected = []
+    with torch.no_grad():
+        plain = model(*inputs)
+        naive_forward(model, *inputs, attentions=expected)
+        with recording_attention(model) as recorded:
+            logits = model(*inputs)
+        model(*inputs)  # the hooks are gone after the block
+    assert torch.equal(logits, plain)
+    assert len(recorded) == LAYERS and recorded[0].shape == (2, HEADS, 3 * 7)
+    for weights, naive in zip(recorded, expected):
+        torch.testing.assert_close(weights, naive, rtol=0, atol=1e-6)
+    torch.testing.assert_close(recorded[1].sum(-1), torch.ones(2, HEADS))
 
 
 @pytest.mark.parametrize("flags", list(itertools.product([True, False], repeat=3)))

@@ -3,6 +3,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from test_pages import check_offline_page
 
 from evl_cache.apps.results import read_run
 from evl_cache.apps.study import StudyConfig, load_study, run_study
@@ -72,6 +73,9 @@ def test_study_runs_resumes_and_reports(recipe, tmp_path):
     table = (study / "results.md").read_text()
     assert "too_deep" in table and "failed: " in table and "--layers 3 needs 3 cached blocks" in table
     assert (study / "results.png").exists()
+    images, _, text = check_offline_page(study / "results.html")
+    assert len(images) == 2 + 3 * 2  # top-1 per run, all curves; each finished run's curves and confusion
+    assert "--layers 3 needs 3 cached blocks" in text
     csv_rows = (study / "results.csv").read_text().splitlines()
     header = csv_rows[0].split(",")
     assert header[:3] == ["run", "layers", "temporal_cross_attention"]

@@ -92,8 +92,10 @@ class OnlineModel:
         self.encoding = encoding(cache_storage(cache)["encoding"])
 
     @torch.no_grad()
-    def logits(self, clips: torch.Tensor) -> torch.Tensor:
-        """uint8 clips [V, T, 3, S, S] -> logits [V, classes]."""
+    def model_inputs(self, clips: torch.Tensor, maps: bool | None = None) -> tuple:
+        """The model's arguments for uint8 clips [V, T, 3, S, S], as the run's cache would give them:
+        (block outputs, prev maps, next maps), or (frame embeddings,) for a text head. `maps` True gives
+        the adjacent-frame maps even to a run that does not read them (None: as the run reads)."""
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
             output = self.backbone(clips.to(self.device))
         frames = self.selection.frame_indices
@@ -103,13 +105,19 @@ class OnlineModel:
             return as_stored(tensor, self.encoding, signed).float()
 
         if self.selection.embed:  # the embeddings are float16 in every cache
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-                return self.model(output.embeddings[:, frames].to(torch.float16).float()).float().cpu()
+            return (output.embeddings[:, frames].to(torch.float16).float(),)
         tokens = [as_cached(t[:, frames], signed=True) for t in output.block_outputs]
-        prev = [as_cached(m[:, pairs], signed=False) for m in output.maps_prev] if self.selection.maps else None
-        nxt = [as_cached(m[:, pairs], signed=False) for m in output.maps_next] if self.selection.maps else None
+        if not (self.selection.maps if maps is None else maps):
+            return tokens, None, None
+        return (tokens, [as_cached(m[:, pairs], signed=False) for m in output.maps_prev],
+                [as_cached(m[:, pairs], signed=False) for m in output.maps_next])
+
+    @torch.no_grad()
+    def logits(self, clips: torch.Tensor) -> torch.Tensor:
+        """uint8 clips [V, T, 3, S, S] -> logits [V, classes]."""
+        inputs = self.model_inputs(clips)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-            return self.model(tokens, prev, nxt).float().cpu()
+            return self.model(*inputs).float().cpu()
 
     def predict(self, path: str | Path, timeout: float | None = None) -> Prediction:
         """Views of the video per the run's sampling; softmax and logits averaged over them. A video

@@ -10,7 +10,7 @@ current folder, as on the command line.
 The study extracts once (resuming an incomplete cache), then trains and evaluates each run in
 `<out>/runs/NAME`, skipping runs already finished with the same options and resuming killed ones. A
 run that fails is reported in the table with its error and the others go on. Results go to
-`<out>/results.md`, `results.csv` and `results.png`.
+`<out>/results.md`, `results.csv`, `results.png` and `results.html`.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def run_study(config: StudyConfig) -> list[RunRow] | str:
     return describe(study) if config.dry_run else run(study, config.only or None)
 
 
-RESULT_FILES = ("results.md", "results.csv", "results.png")
+RESULT_FILES = ("results.md", "results.csv", "results.png", "results.html")
 
 
 def _check_study_folder(out: Path) -> None:
@@ -199,6 +199,6 @@ def run(study: Study, only: list[str] | None = None) -> list[RunRow]:
         if name in errors:
             row.status, row.error = "failed", errors[name]
         rows.append(row)
-    write_results(study.out, rows)
+    write_results(study.out, rows, f"Study {study.name}")
     log.info("study: results in %s\n%s", study.out / "results.md", markdown_table(rows))
     return rows

@@ -24,7 +24,7 @@ from .run import saved_weights
 
 # What a run folder holds; --overwrite removes a folder only when it holds nothing else.
 RUN_FILES = ("config.json", "metrics.jsonl", "best.safetensors", "last.safetensors", "curve.png", "checkpoints",
-             "eval_*.json", "per_class_*.csv", "confusion_*.png", "*.partial")
+             "eval_*.json", "per_class_*.csv", "confusion_*.png", "*.partial", "tensorboard")
 
 
 def atomic_save(write: Callable[[Path], None], path: Path) -> None:

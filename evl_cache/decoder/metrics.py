@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -53,44 +54,56 @@ def write_per_class_csv(path: Path, metrics: dict, class_names: list[str]) -> No
 
 
 def plot_confusion(path: Path, confusion: np.ndarray, class_names: list[str]) -> None:
+    """The confusion matrix, each row normalised over its true class's videos, with a colour scale and
+    (up to 30 classes) each cell's video count."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size = min(4 + 0.25 * len(class_names), 40)
-    fig, ax = plt.subplots(figsize=(size, size))
+    count = len(class_names)
+    size = min(4.5 + 0.25 * count, 40)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
     normalised = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
-    ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-    if len(class_names) <= 60:
-        ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion (row-normalised)")
+    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class's videos")
+    if count <= 60:
+        fontsize = 9 if count <= 20 else 7
+        ax.set_xticks(range(count), class_names, rotation=90, fontsize=fontsize)
+        ax.set_yticks(range(count), class_names, fontsize=fontsize)
+    if count <= 30:
+        for (true, predicted), videos in np.ndenumerate(confusion):
+            if videos:
+                ax.text(predicted, true, str(videos), ha="center", va="center", fontsize=8,
+                        color="white" if normalised[true, predicted] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("confusion matrix" + (" (numbers: videos)" if count <= 30 else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_curves(path: Path, metrics_jsonl: Path) -> None:
-    """Training loss and validation top-1 per epoch, from the run's metrics.jsonl."""
+def plot_curves(path: Path | BinaryIO, metrics_jsonl: Path) -> None:
+    """Training loss and validation accuracy per epoch (counted from 1, as the log does), from the run's
+    metrics.jsonl, to a file or a buffer."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
-    epochs = [r for r in rows if r.get("event") == "epoch"]
+    epochs = [r for r in rows if r.get("event") == "epoch" and "train_loss" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot([r["epoch"] for r in epochs], [r["train_loss"] for r in epochs], marker="o")
-    left.set_xlabel("epoch")
-    left.set_ylabel("training loss")
+    left.plot([r["epoch"] + 1 for r in epochs], [r["train_loss"] for r in epochs], marker="o")
+    left.set(xlabel="epoch", ylabel="training loss", title="training loss")
     val = [r for r in epochs if "val_top1" in r]
-    right.plot([r["epoch"] for r in val], [r["val_top1"] for r in val], marker="o", label="top-1")
-    right.plot([r["epoch"] for r in val], [r["val_top5"] for r in val], marker="o", label="top-5")
-    right.set_xlabel("epoch")
-    right.set_ylabel("validation accuracy")
-    right.set_ylim(0, 1)
+    right.plot([r["epoch"] + 1 for r in val], [r["val_top1"] for r in val], marker="o", label="top-1")
+    right.plot([r["epoch"] + 1 for r in val], [r["val_top5"] for r in val], marker="o", label="top-5")
+    right.set(xlabel="epoch", ylabel="validation accuracy", title="validation accuracy", ylim=(0, 1.05))
     right.legend()
+    for axes in (left, right):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

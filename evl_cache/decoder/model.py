@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -91,8 +93,8 @@ class Attention(nn.Module):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, query: Tensor, tokens: Tensor) -> Tensor:
-        """query [B, C] attends to tokens [B, J, C] (both already normalised); returns [B, C]."""
+    def weights(self, query: Tensor, tokens: Tensor) -> Tensor:
+        """The softmax weights [B, H, J] of query [B, C] over tokens [B, J, C] (both already normalised)."""
         batch, width = query.shape
         heads = self.heads
         head_dim = self.q_proj.out_features // heads
@@ -102,11 +104,38 @@ class Attention(nn.Module):
         # stays in the graph through a term that is exactly zero, so its gradient is exactly zero (not
         # None, for DDP; and not rounding noise, which AdamW would blow up into full-size random steps).
         logits = q_through_k @ tokens.transpose(1, 2) / math.sqrt(head_dim) + 0.0 * self.k_proj.bias.sum()
-        weights = torch.softmax(logits, dim=-1)  # [B, H, J]
-        mixed = weights @ tokens  # [B, H, C]
+        return torch.softmax(logits, dim=-1)
+
+    def forward(self, query: Tensor, tokens: Tensor) -> Tensor:
+        """query [B, C] attends to tokens [B, J, C] (both already normalised); returns [B, C]."""
+        batch, width = query.shape
+        heads = self.heads
+        head_dim = self.q_proj.out_features // heads
+        mixed = self.weights(query, tokens) @ tokens  # [B, H, C]
         values = torch.einsum("bhc,hdc->bhd", mixed, self.v_proj.weight.view(heads, head_dim, width))
         values = values + self.v_proj.bias.view(heads, head_dim)
         return self.out_proj(values.reshape(batch, heads * head_dim))
+
+
+@contextmanager
+def recording_attention(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Inside the block, every decoder layer's forward appends its query's attention weights [B, H, T*L]
+    (tokens in frame-major order, CLS first in each frame) to the yielded list, in layer order.
+
+    A forward hook recomputes the weights from the layer's own inputs with `Attention.weights`, so the
+    model's outputs are exactly those it gives without recording.
+    """
+    recorded: list[Tensor] = []
+
+    def record(module: Attention, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        recorded.append(module.weights(*inputs).detach())
+
+    handles = [module.register_forward_hook(record) for module in model.modules() if isinstance(module, Attention)]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class DecoderLayer(nn.Module):

@@ -58,6 +58,7 @@ from .checkpoints import (
     prepare_run_folder,
     save_checkpoint,
 )
+from .events import EpochEvents, check_tensorboard
 from .memory import fitting_grad_accum, step_memory
 from .metrics import average_views, classification_metrics, plot_curves
 from .model import DecoderConfig, EVLModel
@@ -113,6 +114,9 @@ class TrainConfig:
     workers: int = option(2, "threads that read the cache ahead of training (0: read in the training loop)")
     in_memory: bool = option(False, "hold the selected features in RAM before the first epoch (one copy per node "
                                     "under torchrun); refused with the size it needs when it does not fit")
+    tensorboard: bool = option(False, "also write each epoch's scalars (loss, accuracies, learning rate, clips/s, "
+                                      "data-wait share) as TensorBoard event files in the run folder's "
+                                      "tensorboard/ (needs pip install 'evl-cache[tensorboard]')")
     resume: bool = option(False, "continue a killed run in --out from its last finished epoch")
     overwrite: bool = option(False, "replace an existing run folder at --out (only ever a run folder)")
 
@@ -120,7 +124,7 @@ class TrainConfig:
 PROGRESS_LOSS_EVERY = 50  # batches between the progress bar's loss readings (each waits for the device)
 
 # Options that may change between a run and its resumption (they do not change the result).
-RESUMABLE_CHANGES = {"resume", "overwrite", "workers", "device", "in_memory", "pretrained"}
+RESUMABLE_CHANGES = {"resume", "overwrite", "workers", "device", "in_memory", "pretrained", "tensorboard"}
 
 
 @dataclass
@@ -203,6 +207,8 @@ def _check_options(config: TrainConfig, process: Process) -> None:
     if (config.batch_size // config.grad_accum) % process.world_size:
         raise EvlCacheError(f"--batch-size {config.batch_size} / --grad-accum {config.grad_accum} does not split "
                             f"evenly over {process.world_size} processes")
+    if config.tensorboard:
+        check_tensorboard()
 
 
 def open_training_data(config: TrainConfig) -> TrainingData:
@@ -409,17 +415,20 @@ def _train_epoch(net: torch.nn.Module, loader: CacheLoader, batches: EpochBatche
 
 
 def _end_epoch(out: Path, model: torch.nn.Module, evaluator: Evaluator, epoch: int, step: int, stats: dict,
-               best_top1: float, opt: Optimisation, rng_states: list) -> tuple[dict, float]:
-    """On the main process: evaluate, log the epoch to metrics.jsonl, keep the best weights, checkpoint.
-    Returns (the evaluation, the best top-1 so far)."""
+               best_top1: float, opt: Optimisation, rng_states: list,
+               events: EpochEvents | None) -> tuple[dict, float]:
+    """On the main process: evaluate, log the epoch to metrics.jsonl (and TensorBoard), keep the best
+    weights, checkpoint. Returns (the evaluation, the best top-1 so far)."""
     evaluation = evaluator(model)
     started = stats.pop("started")
     record = {"event": "epoch", "epoch": epoch, "step": step, "lr": opt.schedule.get_last_lr()[0], **stats,
               "epoch_seconds": time.perf_counter() - started, "val_top1": evaluation["top1"],
               "val_top5": evaluation["top5"], "val_mean_class_accuracy": evaluation["mean_class_accuracy"],
-              **_novel_record(evaluation)}
+              **_novel_record(evaluation), "wall_time": time.time()}
     with open(out / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps(record) + "\n")
+    if events is not None:
+        events.add(record)
     log.info("epoch %d/%d: loss %.4f, train top-1 %.3f, val top-1 %.3f top-5 %.3f, lr %.2e, %.1f clips/s, "
              "data wait %.1f%%", epoch + 1, opt.epochs, record["train_loss"], record["train_top1"],
              record["val_top1"], record["val_top5"], record["lr"], record["train_clips_per_s"],
@@ -480,6 +489,7 @@ def _train(config: TrainConfig, process: Process, device: torch.device) -> Train
                                     if config.resume else (0, 0, -1.0))
     if config.resume and process.is_main:
         keep_finished_epochs(out / "metrics.jsonl", start_epoch - 1)
+    events = EpochEvents(out) if config.tensorboard and process.is_main else None  # the kept epochs, once each
     log.info("train: %d train / %d val videos, %d classes, %d trained parameters, %d steps (%d epochs of %d), "
              "device %s, %d process(es), reading blocks %s%s", len(data.train_set.videos), len(data.val_set.videos),
              len(data.head.get("class_names", data.attrs["class_names"])),
@@ -498,7 +508,10 @@ def _train(config: TrainConfig, process: Process, device: torch.device) -> Train
         step, stats = _train_epoch(net, loader, batches, epoch, step, opt, config, process, device)
         rng_states = gather_objects(process, _rng_state(device))
         if process.is_main:  # the main process evaluates and writes; the others go on to the next epoch
-            final, best_top1 = _end_epoch(out, model, evaluator, epoch, step, stats, best_top1, opt, rng_states)
+            final, best_top1 = _end_epoch(out, model, evaluator, epoch, step, stats, best_top1, opt, rng_states,
+                                          events)
+    if events is not None:
+        events.close()
     barrier(process)
     summary = TrainSummary(out, opt.epochs, step, time.perf_counter() - started, best_top1, final)
     return _finish(out, model, evaluator, data, final, summary) if process.is_main else summary

@@ -119,6 +119,15 @@ def _load(path: Path, split: str, index: int, spec: ClipSpec, segment: tuple[flo
                       probe.decoded_frames + decoded.decoded_count, "; ".join(notes))
 
 
+def planned_frame_numbers(num_frames: int, split: str, index: int, spec: ClipSpec) -> list[tuple[int, ...]]:
+    """For each view `read_video_clips` gives (in view order), the numbers of its frames in a video of
+    `num_frames` frames: what a picture of a view calls its frames."""
+    plans = plan_views(num_frames, split, spec.mode, spec.frames, spec.stride, spec.eval_views, spec.train_views,
+                       spec.seed, index)
+    crops = 1 if split == "train" else spec.spatial_views
+    return [plan.frame_indices for plan in plans for _ in range(crops)]
+
+
 @contextmanager
 def _time_limit(seconds: float | None) -> Iterator[dict]:
     """Interrupt the block with an exception after `seconds` (SIGALRM; a blocking read returns EINTR).
