@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..errors import BackboneError, DownloadError
 from .block_prompts import attach_image_prompts, attach_text_prompts, read_block_prompts
+from .statistics import add_clip_statistics, split_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +127,18 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
     if image_size is not None:
         kwargs["force_image_size"] = image_size
     tag_cfg = {}
-    if pretrained.lower() == "none":
+    base, statistics = split_pretrained(pretrained)  # `+outliers`: CLIP's statistics added (towers/statistics.py)
+    if base.lower() == "none":
         weights = None
-    elif os.path.isfile(pretrained):
-        weights = pretrained
+    elif os.path.isfile(base):
+        weights = base
     else:
-        tag_cfg = get_pretrained_cfg(name, pretrained)
+        tag_cfg = get_pretrained_cfg(name, base)
         if not tag_cfg:
             tags = open_clip.list_pretrained_tags_by_model(name)
             raise BackboneError(f"--pretrained {pretrained!r} is neither a file nor an open_clip tag of "
                                 f"{name} (tags: {', '.join(tags) or 'none'}; or pass a weights file, or none)")
-        weights = pretrained
+        weights = base
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
     if quick_gelu:
         kwargs["force_quick_gelu"] = True
@@ -151,7 +153,9 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
                     f"pass --pretrained /path/to/weights (a local file) or --pretrained none "
                     f"(random weights, for tests)") from None
             raise BackboneError(f"cannot load weights {weights}: {error}") from None
-    if weights is None:
+    if statistics:
+        add_clip_statistics(clip.visual, seed=seed)
+    if weights is None or statistics:
         sha = _sha256_state(clip)
     elif os.path.isfile(weights):
         sha = sha256_file(weights)
