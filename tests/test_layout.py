@@ -26,7 +26,7 @@ PIPELINE = [
     "towers.block_prompts", "towers.checkpoint_files", "towers.statistics", "towers.backbone", "towers.text",
     "towers.vificlip",
     # the cache, and the dataset over it
-    "cache.encodings", "cache.zarr_shards", "cache.store", "cache.options", "cache.plan",
+    "cache.encodings", "cache.calibration", "cache.zarr_shards", "cache.store", "cache.options", "cache.plan",
     "cache.writer", "cache.extract", "cache.verify", "cache.info", "cache.dataset",
     # the decoder, its runs and metrics
     "decoder.model", "decoder.memory", "decoder.metrics", "decoder.run", "decoder.checkpoints", "decoder.events",
