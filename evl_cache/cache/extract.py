@@ -161,21 +161,22 @@ def _calibration_outputs(config: ExtractConfig, dataset: VideoList, tower: Tower
                          device: torch.device) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], int]:
     """(tokens per cached block, prev maps per block, videos used): the first view of the first
     --calibration-videos videos of the dataset's order that decode, through the backbone."""
-    tokens, maps, used = [], [], 0
+    outputs = []  # per video: (tokens per block, maps per block)
     for index, entry in enumerate(dataset.entries):
-        if used == config.calibration_videos:
+        if len(outputs) == config.calibration_videos:
             break
-        item = ClipSource(dataset, [index], tower.clip_spec, config.decode_timeout)[0] if not entry.error else None
+        item = None if entry.error else ClipSource(dataset, [index], tower.clip_spec, config.decode_timeout)[0]
         if item is None or item.clips is None:
             continue
         with torch.no_grad():
             output = _backbone(tower, device, item.clips[:1])
-        tokens.append([t.to(torch.float16).cpu() for t in output.block_outputs])
-        maps.append([m.float().cpu() for m in output.maps_prev])
-        used += 1
+        outputs.append(([t.to(torch.float16).cpu() for t in output.block_outputs],
+                        [m.float().cpu() for m in output.maps_prev]))
+    if not outputs:
+        return {}, [], 0
     blocks = tower.backbone.block_indices
-    return ({b: torch.cat([t[i] for t in tokens]).float() for i, b in enumerate(blocks)} if used else {},
-            [torch.cat([m[i] for m in maps]) for i in range(len(blocks))] if used else [], used)
+    tokens = {b: torch.cat([video[0][i] for video in outputs]).float() for i, b in enumerate(blocks)}
+    return tokens, [torch.cat([video[1][i] for video in outputs]) for i in range(len(blocks))], len(outputs)
 
 
 def calibrate(config: ExtractConfig, dataset: VideoList, tower: Tower, layout: CacheLayout,
