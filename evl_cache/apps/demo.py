@@ -104,13 +104,12 @@ def run_demo(config: DemoConfig) -> DemoResults:
     cache = out / "feats.zarr"
     extract(ExtractConfig(out=cache, videos=videos, model=config.model, pretrained="none", workers=config.workers,
                           device=config.device, **SAMPLING))
-    metrics, class_names = {}, []
+    metrics = {}
     for name, ablation in ABLATIONS.items():
-        run = out / "runs" / name
-        summary = train(TrainConfig(features=cache, out=run, epochs=config.epochs, workers=config.workers,
-                                    device=config.device, resume=True, **RECIPE, **ablation))
+        summary = train(TrainConfig(features=cache, out=out / "runs" / name, epochs=config.epochs,
+                                    workers=config.workers, device=config.device, resume=True, **RECIPE, **ablation))
         metrics[name] = summary.final
-        class_names = load_run(run)["cache"]["class_names"]
+    class_names = load_run(summary.run)["cache"]["class_names"]  # the order of the confusion matrices' rows
     results = _score(metrics, class_names)
     for line in results.table():
         log.info("demo: %s", line)
