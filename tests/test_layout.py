@@ -23,7 +23,8 @@ PIPELINE = [
     "video.find", "video.tars", "video.datasets", "video.sampling", "video.decode", "video.pixels", "video.clips",
     "video.synthetic",
     # the frozen towers
-    "towers.block_prompts", "towers.checkpoint_files", "towers.backbone", "towers.text", "towers.vificlip",
+    "towers.block_prompts", "towers.checkpoint_files", "towers.tiny_trunks", "towers.families",
+    "towers.backbone", "towers.text", "towers.vificlip",
     # the cache, and the dataset over it
     "cache.encodings", "cache.zarr_shards", "cache.store", "cache.options", "cache.plan", "cache.writer",
     "cache.extract", "cache.verify", "cache.info", "cache.dataset",

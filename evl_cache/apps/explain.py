@@ -33,6 +33,7 @@ from ..decoder.model import TextHeadModel, recording_attention
 from ..decoder.run import build_model, check_cache_serves_run, load_run, load_weights, run_class_names, run_selection
 from ..errors import CheckpointError, EvlCacheError
 from ..runtime import resolve_device
+from ..towers.backbone import prefix_tokens
 from ..video.clips import ClipSpec, planned_frame_numbers, read_video_clips
 from ..video.find import expand_video_inputs
 from ..video.tars import tar_member
@@ -126,7 +127,8 @@ def new_videos(config: ExplainConfig) -> Iterator[Explanation]:
     selection = online.selection
     grid = tuple(online.run_config["cache"]["backbone"]["patch_grid"])
     for path in expand_video_inputs(config.videos):
-        explanation = Explanation(Path(str(path)).name, str(path), online.class_names, grid, list(selection.blocks))
+        explanation = Explanation(Path(str(path)).name, str(path), online.class_names, grid, list(selection.blocks),
+                                  prefix_tokens(online.run_config["cache"]["backbone"]))
         if "://" in str(path):
             yield dataclasses.replace(explanation, error="URLs are not read: download the video and pass the file")
             continue
@@ -187,6 +189,7 @@ def _cached_explanation(config: ExplainConfig, attrs: dict, columns: dict, row: 
     path, label = str(columns["path"][row]), int(columns["label"][row])
     explanation = Explanation(Path(path).name, f"{config.features} row {row}: {path}", class_names,
                               tuple(attrs["backbone"]["patch_grid"]), list(selection.blocks),
+                              prefix_tokens(attrs["backbone"]),
                               label=attrs["class_names"][label] if label >= 0 else None)
     if columns["status"][row] != DONE:
         explanation.error = f"not in the cache ({STATUS_NAMES[int(columns['status'][row])]})"

@@ -79,7 +79,8 @@ class OnlineModel:
         # A text-head run needs only the per-frame embeddings: capture one block, use none.
         blocks = max(len(self.selection.blocks), 1)
         preprocessing = cache["preprocessing"]  # the cache's normalisation, which may not be the model's
-        self.backbone = FrozenBackbone(clip.visual, blocks, preprocessing["mean"], preprocessing["std"]).to(self.device)
+        self.backbone = FrozenBackbone(clip.visual, blocks, preprocessing["mean"], preprocessing["std"],
+                                       backbone["model"]).to(self.device)
         if not self.selection.embed and self.backbone.block_indices != list(self.selection.blocks):
             raise CheckpointError("the run's blocks are not the backbone's last blocks", run)
         self.class_names: list[str] = list(classes) if classes is not None else run_class_names(self.run_config)

@@ -51,7 +51,7 @@ def step_memory(model: nn.Module, dataset: CacheDataset, amp: bool, world_size: 
     config = getattr(model, "config", None)  # the decoder's; a text head has none
     if config is not None:
         patches = config.grid[0] * config.grid[1]
-        token_values = config.frames * (1 + patches) * config.width
+        token_values = config.frames * (config.prefix_tokens + patches) * config.width
         map_values = 2 * (config.frames - 1) * patches * patches if config.temporal_cross_attention else 0
         if dataset.encoding.scaled:  # decoded to float16 on the device, beside the codes
             per_clip += 2 * config.layers * (token_values + map_values)

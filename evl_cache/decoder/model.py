@@ -1,7 +1,9 @@
 """The EVL decoder and classification head (docs: evl-model.md, sections 3, 4, 7 and 8).
 
-The model reads what the cache holds: the outputs of the last N backbone blocks, [B, T, L, C] each,
-and for each of them the adjacent-frame attention maps, [B, T-1, P, P]. Parameter names are the
+The model reads what the cache holds: the outputs of the last N backbone blocks, [B, T, L, C] each
+(L = the tower's prefix tokens, 0, 1 or a class token and registers, then its P patch tokens), and for
+each of them the adjacent-frame attention maps, [B, T-1, P, P]. The temporal cross-attention adds to the
+patch tokens only; the query attends to every token. Parameter names are the
 authors' checkpoint names without DataParallel's `module.` prefix, so their checkpoints load as they
 are. When a temporal part is switched off its parameters are absent, so the state dict shows the
 ablation.
@@ -48,6 +50,7 @@ class DecoderConfig:
     temporal_conv: bool = True
     temporal_pos_embed: bool = True
     temporal_cross_attention: bool = True
+    prefix_tokens: int = 1  # tokens before the patches in each frame (class, registers); runs before it: 1
 
     def __post_init__(self) -> None:
         self.grid = (int(self.grid[0]), int(self.grid[1]))
@@ -55,7 +58,7 @@ class DecoderConfig:
             self.qkv_dim = self.width
         if self.qkv_dim % self.heads:
             raise ValueError(f"qkv_dim {self.qkv_dim} is not divisible by heads {self.heads}")
-        if min(self.width, *self.grid, self.frames, self.num_classes, self.layers) < 1:
+        if min(self.width, *self.grid, self.frames, self.num_classes, self.layers) < 1 or self.prefix_tokens < 0:
             raise ValueError(f"sizes must be positive: {self}")
 
 
@@ -304,8 +307,9 @@ class Decoder(nn.Module):
             out = out + self.temporal_pos_embed[i].to(out.dtype).view(1, count, 1, width)
         if self.cross_attention is not None:
             prev_term, next_term = self.cross_attention[i](maps_prev[i], maps_next[i])
-            # A_prev[t] feeds frames 1..T-1, A_next[t] frames 0..T-2; token 0 (CLS) gets nothing.
-            out = out + F.pad(prev_term, (0, 0, 1, 0, 1, 0)) + F.pad(next_term, (0, 0, 1, 0, 0, 1))
+            # A_prev[t] feeds frames 1..T-1, A_next[t] frames 0..T-2; the prefix tokens get nothing.
+            prefix = self.config.prefix_tokens
+            out = out + F.pad(prev_term, (0, 0, prefix, 0, 1, 0)) + F.pad(next_term, (0, 0, prefix, 0, 0, 1))
         return out
 
     def _check_inputs(self, block_outputs: list[Tensor], maps_prev: list[Tensor] | None,
@@ -314,7 +318,7 @@ class Decoder(nn.Module):
         if len(block_outputs) != config.layers:
             raise ValueError(f"expected {config.layers} block outputs, got {len(block_outputs)}")
         batch, patches = block_outputs[0].shape[0], config.grid[0] * config.grid[1]
-        expected = (batch, config.frames, 1 + patches, config.width)
+        expected = (batch, config.frames, config.prefix_tokens + patches, config.width)
         for block_output in block_outputs:
             if tuple(block_output.shape) != expected:
                 raise ValueError(f"block output of shape {tuple(block_output.shape)}, expected [B, T, L, C] "

@@ -48,6 +48,7 @@ from ..runtime import (
     memory_available,
     resolve_device,
 )
+from ..towers.backbone import prefix_tokens
 from ..towers.text import BARE_NAME, read_templates
 from ..video.find import read_class_names
 from .checkpoints import (
@@ -251,7 +252,8 @@ def run_record(config: TrainConfig, data: TrainingData) -> dict:
         num_classes=len(data.head.get("class_names", attrs["class_names"])), layers=config.layers,
         heads=config.heads or backbone["heads"], qkv_dim=config.qkv_dim, mlp_factor=config.mlp_factor,
         mlp_dropout=config.mlp_dropout, head_dropout=config.head_dropout, temporal_conv=config.temporal_conv,
-        temporal_pos_embed=config.temporal_pos_embed, temporal_cross_attention=config.temporal_cross_attention)
+        temporal_pos_embed=config.temporal_pos_embed, temporal_cross_attention=config.temporal_cross_attention,
+        prefix_tokens=prefix_tokens(backbone))
     return {
         "train": to_dict(config), "head": data.head,
         "decoder": None if config.head == "text" else asdict(decoder), "selection": asdict(data.selection),
