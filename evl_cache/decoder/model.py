@@ -372,7 +372,8 @@ class TextHeadModel(nn.Module):
 
     The video embedding is the per-frame CLIP embeddings [B, T, E] averaged over frames and
     L2-normalised; `text` gives the L2-normalised class embeddings [K, E] (learned prompts, a tuned
-    text tower, or both) and CLIP's logit scale; logits = exp(logit_scale) * cosine similarity.
+    text tower, or both) and the model's own logits: exp(logit_scale) * cosine similarity, plus the logit
+    bias of a model that has one (SigLIP's; it moves every class alike, so softmax scores do not change).
     """
 
     def __init__(self, text: nn.Module):
@@ -387,15 +388,15 @@ class TextHeadModel(nn.Module):
     def forward(self, embeddings: Tensor) -> Tensor:
         """Class logits [B, K] of cached per-frame embeddings [B, T, E] (any float dtype)."""
         video = F.normalize(embeddings.float().mean(1), dim=-1)
-        return self.text.tower.logit_scale.exp() * video @ self.text().t()
+        return self.text.tower.logits(video @ self.text().t())
 
 
 class ClipTextModel(nn.Module):
     """EVL's decoder with a CLIP-text head (`--head clip-text`): open-vocabulary video recognition.
 
     The decoder output x goes through LayerNorm, dropout and a Linear(C, E) into CLIP's joint space,
-    is L2-normalised, and is scored against the class embeddings of `text` by CLIP's logit scale
-    times the cosine similarity. The classes are names, not rows of a weight matrix, so the trained
+    is L2-normalised, and is scored against the class embeddings of `text` with the model's own logits
+    (`TextTower.logits`). The classes are names, not rows of a weight matrix, so the trained
     model scores any class list (`text.set_classes`).
     """
 
@@ -418,4 +419,4 @@ class ClipTextModel(nn.Module):
                 maps_next: list[Tensor] | None = None) -> Tensor:
         """Class logits [B, K]; arguments as in `EVLModel.forward`."""
         video = F.normalize(self.proj(self.decoder(block_outputs, maps_prev, maps_next)).float(), dim=-1)
-        return self.text.tower.logit_scale.exp() * video @ self.text().t()
+        return self.text.tower.logits(video @ self.text().t())
