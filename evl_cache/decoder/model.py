@@ -77,12 +77,12 @@ class QuickGELU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention of a single query over many tokens (evl-model.md section 8).
+    """Multi-head attention of one query (or a few) over many tokens (evl-model.md section 8).
 
     Exactly the attention of separate q/k/v/out projections, reordered so that the tokens are never
     projected: per head h the logits are ((W_k,h^T q_h) . y_j + q_h . b_k,h) / sqrt(d) (the key-bias
     term is the same for every token), and the output is W_v,h (sum_j a_hj y_j) + b_v,h (the weights
-    sum to one, so the value bias passes through).
+    sum to one, so the value bias passes through). Queries are [B, C] (EVL's one) or [B, Q, C].
     """
 
     def __init__(self, width: int, qkv_dim: int, heads: int):
@@ -97,33 +97,42 @@ class Attention(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def weights(self, query: Tensor, tokens: Tensor) -> Tensor:
-        """The softmax weights [B, H, J] of query [B, C] over tokens [B, J, C] (both already normalised)."""
-        batch, width = query.shape
+        """The softmax weights [B, H, J] (queries [B, Q, C]: [B, Q, H, J]) of the queries over tokens
+        [B, J, C] (both already normalised)."""
+        queries = query if query.dim() == 3 else query.unsqueeze(1)
+        batch, count, width = queries.shape
         heads = self.heads
         head_dim = self.q_proj.out_features // heads
-        q = self.q_proj(query).view(batch, heads, head_dim)
+        q = self.q_proj(queries).reshape(batch * count, heads, head_dim)
         q_through_k = torch.einsum("bhd,hdc->bhc", q, self.k_proj.weight.view(heads, head_dim, width))
+        q_through_k = q_through_k.reshape(batch, count * heads, width)
         # q_h . b_k,h is the same for every token, so the softmax cancels it: it is left out. The key bias
         # stays in the graph through a term that is exactly zero, so its gradient is exactly zero (not
         # None, for DDP; and not rounding noise, which AdamW would blow up into full-size random steps).
         logits = q_through_k @ tokens.transpose(1, 2) / math.sqrt(head_dim) + 0.0 * self.k_proj.bias.sum()
-        return torch.softmax(logits, dim=-1)
+        weights = torch.softmax(logits, dim=-1).view(batch, count, heads, -1)
+        return weights if query.dim() == 3 else weights[:, 0]
 
     def forward(self, query: Tensor, tokens: Tensor) -> Tensor:
-        """query [B, C] attends to tokens [B, J, C] (both already normalised); returns [B, C]."""
-        batch, width = query.shape
+        """queries [B, C] or [B, Q, C] attend to tokens [B, J, C] (both already normalised); returns the
+        queries' shape."""
+        queries = query if query.dim() == 3 else query.unsqueeze(1)
+        batch, count, width = queries.shape
         heads = self.heads
         head_dim = self.q_proj.out_features // heads
-        mixed = self.weights(query, tokens) @ tokens  # [B, H, C]
+        weights = self.weights(queries, tokens).view(batch, count * heads, -1)
+        mixed = (weights @ tokens).reshape(batch * count, heads, width)  # [B*Q, H, C]
         values = torch.einsum("bhc,hdc->bhd", mixed, self.v_proj.weight.view(heads, head_dim, width))
         values = values + self.v_proj.bias.view(heads, head_dim)
-        return self.out_proj(values.reshape(batch, heads * head_dim))
+        out = self.out_proj(values.reshape(batch, count, heads * head_dim))
+        return out if query.dim() == 3 else out[:, 0]
 
 
 @contextmanager
 def recording_attention(model: nn.Module) -> Iterator[list[Tensor]]:
     """Inside the block, every decoder layer's forward appends its query's attention weights [B, H, T*L]
-    (tokens in frame-major order, CLS first in each frame) to the yielded list, in layer order.
+    (tokens in frame-major order, the prefix tokens first in each frame; several queries: averaged over
+    them) to the yielded list, in layer order.
 
     A forward hook recomputes the weights from the layer's own inputs with `Attention.weights`, so the
     model's outputs are exactly those it gives without recording.
@@ -131,7 +140,8 @@ def recording_attention(model: nn.Module) -> Iterator[list[Tensor]]:
     recorded: list[Tensor] = []
 
     def record(module: Attention, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
-        recorded.append(module.weights(*inputs).detach())
+        weights = module.weights(*inputs).detach()
+        recorded.append(weights.mean(1) if weights.dim() == 4 else weights)
 
     handles = [module.register_forward_hook(record) for module in model.modules() if isinstance(module, Attention)]
     try:
