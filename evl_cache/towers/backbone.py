@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..errors import BackboneError, DownloadError
 from .block_prompts import attach_image_prompts, attach_text_prompts, read_block_prompts
-from .families import QueryKeyTap, TowerLayout, tower_layout
+from .families import QueryKeyTap, tower_layout
 from .tiny_trunks import register_tiny_trunks
 
 log = logging.getLogger(__name__)
