@@ -103,6 +103,65 @@ def test_study_runs_resumes_and_reports(recipe, tmp_path):
     assert f"{read_run(study / 'runs' / 'one_layer').top1:.4f}" in compare.stdout
 
 
+TOWERS_RECIPE = """
+[study]
+out = "{out}"
+sample_videos = true
+
+[extract.siglip2]
+videos = "{out}/videos"
+out = "{out}/siglip2.zarr"
+model = "EVL-Tiny-SL2"
+pretrained = "none"
+frames = 4
+stride = 3
+eval_views = 2
+blocks = 1
+workers = 0
+
+[extract.pe]
+videos = "{out}/videos"
+out = "{out}/pe.zarr"
+model = "EVL-Tiny-PE"
+pretrained = "none"
+frames = 4
+stride = 3
+eval_views = 1
+blocks = 1
+workers = 0
+
+[train]
+epochs = 1
+batch_size = 16
+layers = 1
+workers = 0
+
+[runs.siglip2_evl]
+cache = "siglip2"
+
+[runs.siglip2_probe]
+cache = "siglip2"
+head = "attentive-probe"
+
+[runs.pe_linear_probe]
+cache = "pe"
+head = "linear-probe"
+"""
+
+
+def test_a_study_compares_towers_and_heads(tmp_path):
+    """Caches of two tower families and runs of three heads in one study: the table names each run's tower
+    and head."""
+    recipe = tmp_path / "towers.toml"
+    recipe.write_text(TOWERS_RECIPE.format(out=tmp_path / "study"))
+    rows = run_study(StudyConfig(recipe))
+    assert [r.status for r in rows] == ["finished"] * 3
+    header = (tmp_path / "study" / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[:3] == ["run", "backbone", "head"]
+    table = (tmp_path / "study" / "results.md").read_text()
+    assert '"EVL-Tiny-SL2 (none)" | "attentive-probe"' in table and '"EVL-Tiny-PE (none)" | "linear-probe"' in table
+
+
 def test_recipe_errors_name_the_table(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[extract]\nout = "x.zarr"\n[runs.a]\nlayrs = 2\n')
@@ -115,7 +174,8 @@ def test_recipe_errors_name_the_table(tmp_path):
 
 def test_shipped_recipes_parse():
     recipes = sorted(PIPELINES.glob("*.toml"))
-    assert {p.stem for p in recipes} >= {"sample", "k400_vitb16_8f", "k400_ablations", "ucf101_hmdb51", "ssv2"}
+    assert {p.stem for p in recipes} >= {"sample", "k400_vitb16_8f", "k400_ablations", "ucf101_hmdb51", "ssv2",
+                                        "backbones", "k400_backbones"}
     for path in recipes:
         study = load_study(path)
         assert study.runs, path
