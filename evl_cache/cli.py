@@ -231,7 +231,7 @@ def compare_command(config: CompareConfig) -> None:
 def demo_command(config: DemoConfig) -> None:
     """Make a sample video dataset, extract it, train EVL and a no-temporal ablation, and evaluate."""
     results = run_demo(config)
-    click.echo("demo: " + ", ".join(f"{name} val top-1 {top1:.3f}" for name, top1 in results.items()))
+    click.echo("\n".join(f"demo: {line}" for line in results.table()))
 
 
 @command("info", InfoConfig, json_output=True)

@@ -168,7 +168,7 @@ def test_the_captured_queries_and_keys_are_float32_under_autocast(tiny, monkeypa
     backbone = FrozenBackbone(clip.visual, 1, spec.mean, spec.std)
     captured = []
     monkeypatch.setattr(backbone_module, "adjacent_maps",
-                        lambda q, k: captured.append((q.dtype, k.dtype)) or adjacent_maps(q, k))
+                        lambda q, k, scale: captured.append((q.dtype, k.dtype)) or adjacent_maps(q, k, scale))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = backbone(_pixels())
     assert captured == [(torch.float32, torch.float32)] and out.maps_prev[0].dtype == torch.float32

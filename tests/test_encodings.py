@@ -308,14 +308,15 @@ def test_an_encoded_cache_trains_evaluates_and_predicts_alike(caches, sample_vid
 
 
 def test_an_older_cache_reads_and_resumes_with_its_own_codes(caches, sample_videos, tmp_path, monkeypatch):
-    """A format-2 int8 cache (per-token and linear codes, no calibration) is read with those codes, and a
-    resume writes them again: the same bytes as the uninterrupted older extraction, the same record."""
+    """A format-3 int8 cache (per-token and linear codes, no calibration, as in formats 2 and 3) is read
+    with those codes, and a resume writes them again: the same bytes as the uninterrupted older extraction,
+    the same record."""
     older = tmp_path / "older.zarr"
     with monkeypatch.context() as old_code:  # evl-cache before format 4: the int8 of then, recorded as then
         old_code.setitem(encodings_module.ENCODINGS, "int8", encoding("int8-legacy"))
         extract(ExtractConfig(out=older, videos=sample_videos, storage="int8", **TINY))
     with FeatureStore(older, mode="r+") as store:
-        store.set_attrs({**store.attrs, "format_version": 2, "storage": {"encoding": "int8", "compress": "none"}})
+        store.set_attrs({**store.attrs, "format_version": 3, "storage": {"encoding": "int8", "compress": "none"}})
     reference, decoded = _decoded_features(caches["fp16"]), _decoded_features(older)
     enc = encoding("int8-legacy")
     for key, arrays in decoded.items():
@@ -332,7 +333,7 @@ def test_an_older_cache_reads_and_resumes_with_its_own_codes(caches, sample_vide
     summary = extract(ExtractConfig(out=resumed, videos=sample_videos, storage="int8", **TINY))
     assert summary.done == 8 and summary.skipped == 12
     with FeatureStore(older) as a, FeatureStore(resumed) as b:
-        assert b.attrs["storage"] == {"encoding": "int8", "compress": "none"} and b.attrs["format_version"] == 2
+        assert b.attrs["storage"] == {"encoding": "int8", "compress": "none"} and b.attrs["format_version"] == 3
         for name in CacheLayout(**{**_layout_of(a), "encoding": "int8-legacy"}).feature_arrays():
             np.testing.assert_array_equal(a.array(name)[:], b.array(name)[:], err_msg=name)
     assert verify(VerifyConfig(resumed)).ok

@@ -13,6 +13,7 @@ from test_pages import check_offline_page
 from evl_cache import ExplainConfig, explain
 from evl_cache.apps.explain import best_matches, cached_frames, cached_videos, new_videos
 from evl_cache.cache.dataset import CacheDataset, CacheLoader, usable_videos
+from evl_cache.cache.extract import ExtractConfig, extract
 from evl_cache.cache.store import FeatureStore
 from evl_cache.cli import main
 from evl_cache.decoder.run import build_model, load_run, load_weights, predict_views, run_selection
@@ -30,7 +31,8 @@ def runs(tiny_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("explain_runs")
     made = {"evl": dict(layers=2), "no_temporal": dict(layers=1, temporal_conv=False, temporal_pos_embed=False,
                                                        temporal_cross_attention=False),
-            "text": dict(head="text", prompt_tokens=2)}
+            "text": dict(head="text", prompt_tokens=2), "probe": dict(head="attentive-probe", probe_queries=2),
+            "linear_probe": dict(head="linear-probe")}
     for name, options in made.items():
         train(TrainConfig(features=tiny_cache, out=root / name, **TINY_RUN, **options))
     return {name: root / name for name in made}
@@ -54,7 +56,7 @@ def _model_probabilities(run, cache, row):
     return predict_views(model, CacheLoader.sequential(dataset, 8), torch.device("cpu"), False)[0].numpy()
 
 
-@pytest.mark.parametrize("name", ["evl", "no_temporal"])
+@pytest.mark.parametrize("name", ["evl", "no_temporal", "probe"])
 def test_a_cached_video_and_its_file_give_the_same_explanation(runs, tiny_cache, sample_videos, val_rows, name):
     rows = list(val_rows)
     config = ExplainConfig(run=runs[name], out=None, features=tiny_cache, cached=[str(r) for r in rows])
@@ -73,6 +75,19 @@ def test_a_cached_video_and_its_file_give_the_same_explanation(runs, tiny_cache,
         assert from_cache.matches is not None  # maps read for the arrows even when the run does not use them
         agree = [np.mean(a == b) for a, b in zip(from_file.matches, from_cache.matches)]
         assert min(agree) > 0.95, agree
+
+
+def test_a_tower_without_a_class_token_is_drawn_from_its_patches(sample_videos, val_rows, tmp_path):
+    """EVL-Tiny-SL2 has no prefix token: every token of a frame is a patch, and the pictures are made."""
+    cache = tmp_path / "sl2.zarr"
+    extract(ExtractConfig(out=cache, videos=sample_videos, model="EVL-Tiny-SL2", pretrained="none", frames=4,
+                          stride=3, eval_views=2, blocks=2, workers=0))
+    train(TrainConfig(features=cache, out=tmp_path / "run", layers=2, **TINY_RUN))
+    row = min(val_rows)
+    summary = explain(ExplainConfig(run=tmp_path / "run", out=tmp_path / "out", features=cache, cached=[str(row)]))
+    explanation = next(cached_videos(ExplainConfig(run=tmp_path / "run", features=cache, cached=[str(row)])))
+    assert explanation.prefix_tokens == 0 and explanation.attention.shape == (2, 2, 4, 16)
+    assert len(summary.pages) == 1 and not summary.errors
 
 
 def test_best_matches_follow_the_maps_averaged_over_blocks():
@@ -171,3 +186,5 @@ def test_what_cannot_work_is_refused_in_one_line(runs, tiny_cache, tmp_path, val
     assert next(cached_videos(by_path)).source.endswith(f"row {min(val_rows)}: {val_rows[min(val_rows)]}")
     with pytest.raises(EvlCacheError, match="--topk must be at least 1"):
         explain(dataclasses.replace(by_path, out=tmp_path, topk=0))
+    with pytest.raises(EvlCacheError, match="a linear-probe run attends to nothing"):
+        explain(dataclasses.replace(by_path, run=runs["linear_probe"], out=tmp_path))

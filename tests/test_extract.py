@@ -324,3 +324,45 @@ def test_extraction_moves_only_the_image_tower_to_its_device(sample_videos, tmp_
     gc.collect()
     assert built[0][0] == "cpu" and built[0][1]() is None
     assert {p.device.type for p in tower.backbone.parameters()} == {device.type}
+
+
+@pytest.mark.parametrize("model, family, prefix", [("EVL-Tiny-SL2", "timm-vit", 0), ("EVL-Tiny-Reg", "timm-vit", 5),
+                                                   ("EVL-Tiny-PE", "timm-eva", 1)])
+def test_every_family_is_cached_with_its_prefix_tokens(sample_videos, tmp_path, model, family, prefix):
+    """The cache records the tower's family and prefix tokens (from format 3; it writes 4) and holds
+    L = prefix + P tokens per frame, equal to the backbone's on the same frames; verify reads the layout back."""
+    out = tmp_path / "feats.zarr"
+    extract(ExtractConfig(out=out, videos=sample_videos, **{**TINY, "model": model}))
+    with FeatureStore(out) as store:
+        attrs, tokens = store.attrs, store.array("tokens/block_3")
+        assert attrs["format_version"] == 4 and tokens.shape[3:] == (prefix + 16, 64)
+        index = list(store.column("path")).index("val/slide_left/slide_left_000.mp4")
+        cached = np.asarray(tokens[index])
+    assert (attrs["backbone"]["family"], attrs["backbone"]["prefix_tokens"]) == (family, prefix)
+    path = sample_videos / "val" / "slide_left" / "slide_left_000.mp4"
+    probe = probe_video(path)
+    clips = torch.stack([centre_crop(decode_frames(path, v, 32, probe).frames, 32)
+                         for v in dense_eval_indices(probe.num_frames, 4, 3, 3)])
+    clip, spec = load_clip(model, "none")
+    output = FrozenBackbone(clip.visual, 1, spec.mean, spec.std, model)(clips)
+    np.testing.assert_allclose(cached, output.block_outputs[0].numpy(), **AUTOCAST_TOLERANCE)
+    assert verify(VerifyConfig(cache=out)).ok
+
+
+def test_a_cache_of_format_2_reads_resumes_and_trains_as_an_open_clip_vit(sample_videos, tmp_path):
+    """Caches made before format 3 have no family or prefix count in their backbone record: they are of an
+    open_clip ViT with one class token, and read, resume and train as such."""
+    out = tmp_path / "feats.zarr"
+    options = dict(out=out, videos=sample_videos, **TINY)
+    extract(ExtractConfig(**options))
+    with FeatureStore(out, mode="r+") as store:
+        attrs = store.attrs
+        for key in ("family", "prefix_tokens"):
+            del attrs["backbone"][key]
+        store.set_attrs({**attrs, "format_version": 2})
+        store.write_rows("status", 0, np.where(np.arange(store.num_videos) == 0, PENDING, DONE).astype(np.uint8))
+    summary = extract(ExtractConfig(**options))  # the same options resume it: the same identity
+    assert summary.done == 1 and verify(VerifyConfig(cache=out)).ok
+    result = train(TrainConfig(features=out, out=tmp_path / "run", layers=2, epochs=1, batch_size=4, workers=0))
+    run_config = (tmp_path / "run" / "config.json").read_text()
+    assert result.steps > 0 and '"prefix_tokens": 1' in run_config

@@ -23,14 +23,14 @@ PIPELINE = [
     "video.find", "video.tars", "video.datasets", "video.sampling", "video.decode", "video.pixels", "video.clips",
     "video.synthetic",
     # the frozen towers
-    "towers.block_prompts", "towers.checkpoint_files", "towers.statistics", "towers.backbone", "towers.text",
-    "towers.vificlip",
+    "towers.block_prompts", "towers.checkpoint_files", "towers.statistics", "towers.tiny_trunks",
+    "towers.families", "towers.backbone", "towers.text", "towers.vificlip",
     # the cache, and the dataset over it
     "cache.encodings", "cache.calibration", "cache.zarr_shards", "cache.store", "cache.options", "cache.plan",
     "cache.writer", "cache.extract", "cache.verify", "cache.info", "cache.dataset",
     # the decoder, its runs and metrics
-    "decoder.model", "decoder.memory", "decoder.metrics", "decoder.run", "decoder.checkpoints", "decoder.events",
-    "decoder.train", "decoder.evaluate", "decoder.evl_checkpoints",
+    "decoder.model", "decoder.probes", "decoder.memory", "decoder.metrics", "decoder.run", "decoder.checkpoints",
+    "decoder.events", "decoder.train", "decoder.evaluate", "decoder.evl_checkpoints",
     # what is built on both stages
     "apps.pages", "apps.results", "apps.predict", "apps.explain_pictures", "apps.explain", "apps.zeroshot",
     "apps.study", "apps.demo",

@@ -44,7 +44,8 @@ def make_inputs(model: EVLModel, batch=2, seed=1, dtype=torch.float32):
     config = model.config
     patches = config.grid[0] * config.grid[1]
     generator = torch.Generator().manual_seed(seed)
-    block_outputs = [torch.randn(batch, config.frames, 1 + patches, WIDTH, generator=generator, dtype=dtype)
+    block_outputs = [torch.randn(batch, config.frames, config.prefix_tokens + patches, WIDTH, generator=generator,
+                                 dtype=dtype)
                      for _ in range(LAYERS)]
     maps_prev, maps_next = ([torch.randn(batch, config.frames - 1, patches, patches, generator=generator,
                                          dtype=dtype).mul(2).softmax(-1) for _ in range(LAYERS)]
@@ -99,7 +100,7 @@ def naive_forward(model: EVLModel, block_outputs, maps_prev, maps_next, features
                                         for p in range(patches)])  # [P, P, C]
                 for t in frame_range:
                     term = torch.einsum("bpk,pkc->bpc", maps[:, map_index(t)].to(x.dtype), unrolled)
-                    f_new[:, t, 1:] = f_new[:, t, 1:] + term
+                    f_new[:, t, config.prefix_tokens:] = f_new[:, t, config.prefix_tokens:] + term
         tokens = naive_layer_norm(f_new.flatten(1, 2), params, f"{layer}.norm3")
         # plain multi-head attention: every token through W_k and W_v
         heads = config.heads
@@ -135,6 +136,23 @@ def captured_frame_features(model: EVLModel, *inputs) -> list[torch.Tensor]:
 
 
 # ---------------------------------------------------------------- agreement with the naive decoder
+
+@pytest.mark.parametrize("prefix", [0, 5])
+def test_matches_naive_decoder_with_any_number_of_prefix_tokens(prefix):
+    """Towers without a class token (SigLIP) or with a class token and registers: the temporal
+    cross-attention adds to the patch tokens alone, the query attends to every token."""
+    model = make_model((2, 3), 3, prefix_tokens=prefix)
+    inputs = make_inputs(model)
+    attentions = []
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs), naive_forward(model, *inputs, attentions=attentions),
+                                   rtol=0, atol=1e-5)
+        with recording_attention(model) as recorded:
+            model(*inputs)
+    assert recorded[0].shape == attentions[0].shape == (2, HEADS, 3 * (prefix + 6))
+    with pytest.raises(ValueError, match="expected"):  # a block of another prefix count is refused
+        model([torch.zeros(2, 3, 1 + 6, WIDTH)] * LAYERS, *inputs[1:])
+
 
 @pytest.mark.parametrize("grid", [(2, 3), (3, 2), (4, 4)])
 @pytest.mark.parametrize("frames", [2, 3, 8])
@@ -205,9 +223,10 @@ def test_training_mode_backward_reaches_every_parameter():
 
 # ---------------------------------------------------------------- where each temporal term goes
 
-def test_each_map_feeds_its_own_frame_and_only_patch_tokens():
+@pytest.mark.parametrize("prefix", [0, 1, 5])
+def test_each_map_feeds_its_own_frame_and_only_patch_tokens(prefix):
     frames = 4
-    model = make_model((2, 3), frames, temporal_conv=False, temporal_pos_embed=False)
+    model = make_model((2, 3), frames, temporal_conv=False, temporal_pos_embed=False, prefix_tokens=prefix)
     block_outputs, maps_prev, maps_next = make_inputs(model)
     base = captured_frame_features(model, block_outputs, maps_prev, maps_next)[0]
     for t in range(frames - 1):
@@ -218,8 +237,8 @@ def test_each_map_feeds_its_own_frame_and_only_patch_tokens():
         for changed, frame in ((captured_frame_features(model, block_outputs, changed_prev, maps_next)[0], t + 1),
                                (captured_frame_features(model, block_outputs, maps_prev, changed_next)[0], t)):
             moved = (changed - base).abs().amax(dim=(0, 3))  # [T, L]
-            assert moved[frame, 1:].min() > 0
-            assert moved[frame, 0] == 0  # CLS
+            assert moved[frame, prefix:].min() > 0
+            assert moved[frame, :prefix].sum() == 0  # the class and register tokens
             assert moved[[f for f in range(frames) if f != frame]].max() == 0
 
 

@@ -175,3 +175,40 @@ def test_a_video_that_hangs_the_decoder_fails_alone_after_the_timeout(cache_and_
     assert any(line.startswith(f"{video}: ") and "error" not in line for line in result.output.splitlines())
     result = CliRunner().invoke(main, ["predict", str(video), "--run", str(run), "--decode-timeout", "-1"])
     assert result.exit_code == 1 and "--decode-timeout must be 0 (no limit) or more" in result.output
+
+
+@pytest.fixture(scope="module")
+def family_caches(sample_videos, tmp_path_factory):
+    """The sample videos cached by a tiny tower of each timm family (made on first use)."""
+    root, caches = tmp_path_factory.mktemp("families"), {}
+
+    def cache_of(model):
+        if model not in caches:
+            caches[model] = root / f"{model}.zarr"
+            extract(ExtractConfig(out=caches[model], videos=sample_videos, model=model, pretrained="none", frames=4,
+                                  stride=3, eval_views=2, blocks=2, workers=0))
+        return caches[model]
+    return cache_of
+
+
+@pytest.mark.parametrize("model, head", [
+    ("EVL-Tiny-SL2", "linear"), ("EVL-Tiny-SL2", "attentive-probe"), ("EVL-Tiny-SL2", "clip-text"),
+    ("EVL-Tiny-Reg", "linear"), ("EVL-Tiny-Reg", "linear-probe"), ("EVL-Tiny-PE", "attentive-probe"),
+    ("EVL-Tiny-EVA02", "linear")])
+def test_every_family_and_head_predicts_what_it_evaluates(family_caches, sample_videos, tmp_path, model, head):
+    """A run on any tower and head gives the same probabilities for new videos (its backbone online) as for
+    the same videos evaluated from its cache."""
+    cache = family_caches(model)
+    run = tmp_path / "run"
+    train(TrainConfig(features=cache, out=run, head=head, layers=2, epochs=1, batch_size=4, workers=0, heads=2))
+    run_config = load_run(run)
+    model_ = build_model(run_config)
+    load_weights(model_, load_file(run / "best.safetensors"), run)
+    with FeatureStore(cache) as store:
+        attrs, videos, paths = store.attrs, usable_videos(store, ("val",)), store.column("path")
+    loader = CacheLoader.sequential(CacheDataset(cache, videos, run_selection(attrs, run_config)), 4)
+    cached = average_views(*predict_views(model_, loader, torch.device("cpu"), False))
+    predictions = predict(PredictConfig(videos=[str(sample_videos / paths[v]) for v in cached["videos"]], run=run))
+    for i, prediction in enumerate(predictions):
+        assert not prediction.error
+        np.testing.assert_allclose(prediction.probabilities, cached["probabilities"][i], atol=2e-4)

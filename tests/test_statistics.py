@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from evl_cache.errors import BackboneError
 from evl_cache.towers.backbone import FrozenBackbone, load_clip
 from evl_cache.towers.statistics import HIGH_NORM_RATIO, add_clip_statistics, split_pretrained, tower_statistics
 from evl_cache.video.synthetic import moving_shape_frames
@@ -87,3 +88,8 @@ def test_split_pretrained(tmp_path):
     named = tmp_path / "weights+outliers"
     named.write_bytes(b"")
     assert split_pretrained(str(named)) == (str(named), False)  # a file of that name is a file
+
+
+def test_the_statistics_are_refused_on_a_timm_tower():
+    with pytest.raises(BackboneError, match="EVL-Tiny-SL2 is a timm-vit tower"):
+        load_clip("EVL-Tiny-SL2", "none+outliers")

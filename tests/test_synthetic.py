@@ -1,6 +1,6 @@
-"""Tests for evl_cache/synthetic.py's action datasets: the harder MOTION_CLASSES set is deterministic,
-its squares move as their class says, and where a square starts does not give its direction away;
-and its hostile copies of a video change only what they say."""
+"""Tests for evl_cache/video/synthetic.py: the MOTION_CLASSES set is deterministic, its squares move as
+their class says and their first frame does not give the direction away; SAMPLE_CLASSES' frame order
+twins show the same frames in opposite orders; the hostile copies of a video change only what they say."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +12,10 @@ import pytest
 
 from evl_cache.video.synthetic import (
     MOTION_CLASSES,
+    SAMPLE_CLASSES,
+    ShapeClass,
     cut_head,
+    frame_order_twins,
     garble_head,
     make_sample_dataset,
     moving_shape_frames,
@@ -32,8 +35,8 @@ def _digest(root: Path) -> str:
     return digest.hexdigest()
 
 
-def _frames(name: str, seed: int, num_frames: int = 6) -> np.ndarray:
-    spec = MOTION_CLASSES[name]
+def _frames(name: str, seed: int, num_frames: int = 6, classes=MOTION_CLASSES) -> np.ndarray:
+    spec = classes[name]
     return moving_shape_frames(num_frames, *SIZE, spec.shape, spec.color, spec.direction,
                                np.random.default_rng(seed), spec.travel_range, spec.side_range,
                                spec.unbiased_start)
@@ -99,3 +102,32 @@ def test_hostile_copies_change_only_what_they_say(tmp_path: Path) -> None:
         first = [bytes(next(c.demux(c.streams.video[0]))) for c in (garbled, original)]
     assert first[0] != first[1]
     assert _packets(cut_head(source, tmp_path / "cut.mkv", count=3)) == packets[3:]
+
+
+def test_frame_order_twins_show_the_same_positions_in_reverse_order() -> None:
+    assert frame_order_twins(SAMPLE_CLASSES) == [("slide_left", "slide_right")]
+    color = SAMPLE_CLASSES["slide_left"].color
+    for seed in range(3):
+        left, right = (_frames(name, seed, 8, SAMPLE_CLASSES) for name in ("slide_left", "slide_right"))
+        left_path = np.array([_centre(frame, color) for frame in left])
+        right_path = np.array([_centre(frame, color) for frame in right])
+        np.testing.assert_allclose(left_path, right_path[::-1])
+        assert left_path[-1, 1] < left_path[0, 1]
+
+
+def test_motion_classes_have_no_frame_order_twins() -> None:
+    # Starts drawn alike put a right-mover's path right of a left-mover's: the frames as a set tell them apart.
+    assert frame_order_twins(MOTION_CLASSES) == []
+    color = MOTION_CLASSES["left_fast"].color
+    mean_x = {name: np.mean([_centre(frame, color)[1] for seed in range(20) for frame in _frames(name, seed)])
+              for name in ("left_fast", "right_fast")}
+    assert mean_x["right_fast"] - mean_x["left_fast"] > 5
+
+
+def test_frame_order_twins_are_one_look_on_one_axis_in_opposite_directions() -> None:
+    color = (240, 200, 40)
+    classes = {"left": ShapeClass("square", color, "left"), "right": ShapeClass("square", color, "right"),
+               "up": ShapeClass("square", color, "up"), "other_down": ShapeClass("square", (1, 2, 3), "down"),
+               "down": ShapeClass("square", color, "down"), "round_left": ShapeClass("circle", color, "left"),
+               "still": ShapeClass("square", color, "still")}
+    assert frame_order_twins(classes) == [("left", "right"), ("up", "down")]

@@ -18,6 +18,7 @@ from evl_cache.cli import main
 from evl_cache.decoder.evaluate import EvalConfig, evaluate
 from evl_cache.decoder.evl_checkpoints import ExportConfig, export_evl
 from evl_cache.decoder.metrics import average_views
+from evl_cache.decoder.model import TextHeadModel
 from evl_cache.decoder.run import build_model, harmonic_mean, load_run, load_weights, predict_views, run_selection
 from evl_cache.decoder.train import TrainConfig, train
 from evl_cache.errors import CheckpointError, EvlCacheError
@@ -78,6 +79,24 @@ def test_text_tower_equals_open_clip_and_learned_prompts_are_token_embeddings():
     with torch.no_grad():
         each = [clip.encode_text(tokenizer([t.format(n) for n in names]), normalize=True) for t in templates]
         torch.testing.assert_close(ensemble(), torch.nn.functional.normalize(each[0] + each[1], dim=-1))
+
+
+@pytest.mark.parametrize("model", ["EVL-Tiny-SL2", "EVL-Tiny-PE", "EVL-Tiny-EVA02", "EVL-Tiny-Reg"])
+def test_every_familys_text_tower_and_logits_are_the_models_own(model):
+    """The text transformer of a CustomTextCLIP (SigLIP's: no causal mask, last-token pooling, a biased
+    projection) equals encode_text, and a text head's logits are the model's own get_logits: its logit
+    scale, and SigLIP's logit bias."""
+    clip, _ = load_clip(model, "none", seed=3)
+    tokenizer = open_clip.get_tokenizer(model)
+    names = ["dog", "riding a bike", "cat"]
+    tower = TextTower(clip)
+    assert (tower.logit_bias is not None) == (model == "EVL-Tiny-SL2")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(tower(tokenizer(names)), clip.encode_text(tokenizer(names)), atol=1e-5, rtol=1e-5)
+        expected, _ = clip.get_logits(images, tokenizer(names))
+        head = TextHeadModel(ClassPrompts(tower, tokenizer, names))
+        torch.testing.assert_close(head(clip.encode_image(images)[:, None]), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_text_tower_must_match_the_cached_weights(cache):

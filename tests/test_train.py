@@ -319,3 +319,51 @@ def test_cuda_generators_are_saved_and_restored(monkeypatch):
     train_module._restore_rng({"cpu": saved["cpu"], "cuda": None}, cuda, 7, 3, 1)
     train_module._restore_rng(saved, torch.device("cpu"), 7, 3, 1)  # a GPU run resumed on a CPU: the CPU's only
     assert calls == [("set", [1, 1, 1, 1], cuda), ("seed", 7 * 1_000_003 + 3 * 7_919 + 1)]
+
+
+@pytest.mark.parametrize("head, reads", [("attentive-probe", {"tokens/block_3"}), ("linear-probe", {"embed"})])
+def test_probe_heads_read_only_what_they_need_learn_and_evaluate(learnable_cache, tmp_path, monkeypatch, head, reads):
+    """The attentive probe reads the final cached block (no maps), the linear probe the frame embeddings;
+    both learn (chance is 0.25) and their run folders evaluate like any run's."""
+    opened = set()
+    original = FeatureStore.array
+    monkeypatch.setattr(FeatureStore, "array", lambda self, name: opened.add(name) or original(self, name))
+    out = tmp_path / head
+    summary = train(TrainConfig(features=learnable_cache, out=out, head=head, epochs=20, **FAST))
+    assert {n for n in opened if not n.startswith("videos/")} == reads
+    assert summary.final["top1"] >= 0.5
+    config = json.loads((out / "config.json").read_text())
+    assert config["head"] == {"kind": head} and config["decoder"] is None
+    if head == "attentive-probe":
+        assert config["probe"] == {"width": 64, "tokens": 17, "frames": 4, "num_classes": 4, "heads": 2,
+                                   "queries": 1, "depth": 1, "mlp_factor": 4.0}
+    result = CliRunner().invoke(main, ["eval", "--run", str(out), "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["top1"] == pytest.approx(summary.best_top1)
+
+
+def test_an_attentive_probe_resumes_to_the_same_weights(learnable_cache, tmp_path, monkeypatch):
+    options = dict(features=learnable_cache, head="attentive-probe", probe_queries=2, probe_depth=2, epochs=2,
+                   **FAST)
+    reference = TrainConfig(out=tmp_path / "reference", **options)
+    train(reference)
+    config = TrainConfig(out=tmp_path / "run", **options)
+    _stopped_after_first_epoch(config, monkeypatch)
+    train(dataclasses.replace(config, resume=True))
+    _assert_same_weights(config.out, reference.out)
+
+
+def test_probes_take_a_frame_subset_and_refuse_what_does_not_fit(learnable_cache, tmp_path):
+    out = tmp_path / "subset"
+    train(TrainConfig(features=learnable_cache, out=out, head="attentive-probe", frames=2, frame_step=3, epochs=1,
+                      **FAST))
+    selection = json.loads((out / "config.json").read_text())["selection"]
+    assert (selection["blocks"], selection["frame_start"], selection["frames"], selection["maps"]) == ([3], 0, 2,
+                                                                                                      False)
+    with pytest.raises(EvlCacheError, match="--probe-queries and --probe-depth: only for --head attentive-probe"):
+        train(TrainConfig(features=learnable_cache, out=tmp_path / "a", probe_depth=2, **FAST))
+    with pytest.raises(EvlCacheError, match="--prompt-tokens: only for --head text or --head clip-text"):
+        train(TrainConfig(features=learnable_cache, out=tmp_path / "b", head="linear-probe", prompt_tokens=4, **FAST))
+    with pytest.raises(EvlCacheError, match="--probe-queries must be at least 1"):
+        train(TrainConfig(features=learnable_cache, out=tmp_path / "c", head="attentive-probe", probe_queries=0,
+                          **FAST))

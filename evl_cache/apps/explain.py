@@ -3,8 +3,9 @@
 Per video and view: the frames the run samples, with each decoder layer's query attention over every
 frame's patches drawn on them (heads averaged) and the mean over the layers; for the most-attended
 patches of each frame, arrows to their best match in the previous and the next frame (the backbone's
-adjacent-frame attention maps, averaged over the decoder's blocks); and the top classes. A text-head
-run has no decoder: each frame's cosine similarity with the top classes' prompts is shown instead.
+adjacent-frame attention maps, averaged over the decoder's blocks); and the top classes. An attentive
+probe's queries are drawn as one layer. A text-head run has no decoder: each frame's cosine similarity
+with the top classes' prompts is shown instead. A linear probe is refused: it attends to nothing.
 
 New videos run through the run's backbone as `predict` does (`OnlineModel`). Videos of a cache are read
 from it with no backbone; their frames are decoded again only to draw them, when the file is still at
@@ -30,9 +31,18 @@ from ..cache.dataset import CacheDataset, CacheLoader, FeatureSelection, model_i
 from ..cache.store import DONE, STATUS_NAMES, FeatureStore, location
 from ..config import option, shared
 from ..decoder.model import TextHeadModel, recording_attention
-from ..decoder.run import build_model, check_cache_serves_run, load_run, load_weights, run_class_names, run_selection
+from ..decoder.run import (
+    build_model,
+    check_cache_serves_run,
+    load_run,
+    load_weights,
+    run_class_names,
+    run_head,
+    run_selection,
+)
 from ..errors import CheckpointError, EvlCacheError
 from ..runtime import resolve_device
+from ..towers.backbone import prefix_tokens
 from ..video.clips import ClipSpec, planned_frame_numbers, read_video_clips
 from ..video.find import expand_video_inputs
 from ..video.tars import tar_member
@@ -126,7 +136,8 @@ def new_videos(config: ExplainConfig) -> Iterator[Explanation]:
     selection = online.selection
     grid = tuple(online.run_config["cache"]["backbone"]["patch_grid"])
     for path in expand_video_inputs(config.videos):
-        explanation = Explanation(Path(str(path)).name, str(path), online.class_names, grid, list(selection.blocks))
+        explanation = Explanation(Path(str(path)).name, str(path), online.class_names, grid, list(selection.blocks),
+                                  prefix_tokens(online.run_config["cache"]["backbone"]))
         if "://" in str(path):
             yield dataclasses.replace(explanation, error="URLs are not read: download the video and pass the file")
             continue
@@ -187,6 +198,7 @@ def _cached_explanation(config: ExplainConfig, attrs: dict, columns: dict, row: 
     path, label = str(columns["path"][row]), int(columns["label"][row])
     explanation = Explanation(Path(path).name, f"{config.features} row {row}: {path}", class_names,
                               tuple(attrs["backbone"]["patch_grid"]), list(selection.blocks),
+                              prefix_tokens(attrs["backbone"]),
                               label=attrs["class_names"][label] if label >= 0 else None)
     if columns["status"][row] != DONE:
         explanation.error = f"not in the cache ({STATUS_NAMES[int(columns['status'][row])]})"
@@ -239,7 +251,9 @@ READING = ("<p class=note>Each picture shows one view: the frames the run sample
            "heads averaged), on one scale per row; the number in a frame's corner is that frame's share of the "
            "row's attention. In the last row, white rings mark the most-attended patches of each frame, and "
            "arrows point to where the backbone's attention finds that patch in the previous frame (blue) and "
-           "the next frame (green); a dot means the same place. On the right: the view's top classes.</p>")
+           "the next frame (green); a dot means the same place. On the right: the view's top classes. An "
+           "attentive-probe run has one row: its queries' attention (averaged over the queries), over the final "
+           "cached block's tokens.</p>")
 READING_TEXT = ("<p class=note>A text-head run has no decoder to attend: each picture shows, for one view, each "
                 "sampled frame's cosine similarity with the prompts of the view's top classes (the video's score "
                 "is the similarity of the frames' mean embedding), and the top classes.</p>")
@@ -315,6 +329,10 @@ def explain(config: ExplainConfig) -> ExplainSummary:
     """Pictures (PNG), a page per video and an index page in `config.out` for every video asked for; a
     video that fails is listed on the index with its error."""
     _check(config)
+    if run_head(load_run(config.run))["kind"] == "linear-probe":
+        raise EvlCacheError("a linear-probe run attends to nothing and scores no prompts: explain shows the "
+                            "decoder's and the attentive probe's attention and the text heads' similarities",
+                            config.run)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     entries, pages, errors = [], [], {}

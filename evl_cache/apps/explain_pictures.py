@@ -25,6 +25,7 @@ class Explanation:
     class_names: list[str]
     grid: tuple[int, int]  # (h, w) patches
     blocks: list[int]  # the backbone block each decoder layer reads
+    prefix_tokens: int = 1  # the tower's tokens before the patches in each frame (class, registers)
     probabilities: np.ndarray | None = None  # [V, K]
     frame_numbers: list[list[int]] | None = None  # [V][T] in the video, counted from 0
     attention: np.ndarray | None = None  # [V, N, T, L] each decoder layer's query attention, heads averaged
@@ -142,7 +143,7 @@ def _attention_rows(e: Explanation, view: int) -> tuple[list[str], np.ndarray, n
     a row per decoder layer, then their mean."""
     attention = e.attention[view]  # [N, T, L]
     layers, frames = attention.shape[:2]
-    patches = 100 * attention[:, :, 1:].reshape(layers, frames, *e.grid)
+    patches = 100 * attention[:, :, e.prefix_tokens:].reshape(layers, frames, *e.grid)
     heat = np.concatenate([patches, patches.mean(0, keepdims=True)])
     shares = attention.sum(-1)
     shares = np.concatenate([shares, shares.mean(0, keepdims=True)])

@@ -18,7 +18,7 @@ from ..cache.calibration import block_channels
 from ..cache.encodings import as_stored, stored_encoding
 from ..cache.store import cache_storage
 from ..config import option, shared
-from ..decoder.run import build_model, load_run, load_weights, run_class_names, run_head
+from ..decoder.run import build_model, check_fixed_classes, load_run, load_weights, run_class_names, run_head
 from ..errors import CheckpointError, EvlCacheError
 from ..runtime import bind_device, resolve_device
 from ..towers.backbone import FrozenBackbone, load_clip
@@ -62,9 +62,7 @@ class OnlineModel:
     def __init__(self, run: str | Path, weights: str = "best", pretrained: str | None = None,
                  device: str = "auto", classes: list[str] | None = None):
         self.run_config = load_run(run)
-        if classes is not None and run_head(self.run_config)["kind"] == "linear":
-            raise EvlCacheError("only text and clip-text runs score another class list (--classes); this run has "
-                                "a linear head")
+        check_fixed_classes(run_head(self.run_config), classes)
         cache = self.run_config["cache"]
         backbone = cache["backbone"]
         self.device = bind_device(resolve_device(device))
@@ -80,7 +78,8 @@ class OnlineModel:
         # A text-head run needs only the per-frame embeddings: capture one block, use none.
         blocks = max(len(self.selection.blocks), 1)
         preprocessing = cache["preprocessing"]  # the cache's normalisation, which may not be the model's
-        self.backbone = FrozenBackbone(clip.visual, blocks, preprocessing["mean"], preprocessing["std"]).to(self.device)
+        self.backbone = FrozenBackbone(clip.visual, blocks, preprocessing["mean"], preprocessing["std"],
+                                       backbone["model"]).to(self.device)
         if not self.selection.embed and self.backbone.block_indices != list(self.selection.blocks):
             raise CheckpointError("the run's blocks are not the backbone's last blocks", run)
         self.class_names: list[str] = list(classes) if classes is not None else run_class_names(self.run_config)

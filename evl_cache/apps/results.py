@@ -59,6 +59,9 @@ def read_run(path: str | Path, name: str | None = None) -> RunRow:
         return row
     config = json.loads(config_path.read_text())
     row.options = dict(config.get("train") or {})
+    backbone = (config.get("cache") or {}).get("backbone")
+    if row.options and backbone:  # the tower, shown when runs of a study read different towers' caches
+        row.options["backbone"] = f"{backbone['model']} ({backbone['pretrained']})"
     metrics = path / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     epochs = [r for r in records if r.get("event") == "epoch"]

@@ -69,6 +69,14 @@ def select_features(attrs: dict, layers: int, frames: int | None, frame_step: in
                             frame_step, cross_attention)
 
 
+def select_final_block(attrs: dict, frames: int | None, frame_step: int) -> FeatureSelection:
+    """What an attentive probe needs: the final cached block's tokens (no maps, so any frame step)."""
+    if not attrs["blocks"]:
+        raise CacheError("the attentive probe reads the final cached block; this cache holds only embeddings "
+                         "(extracted with --blocks 0): re-extract with --blocks 1 or more")
+    return select_features(attrs, 1, frames, frame_step, cross_attention=False)
+
+
 def select_embeddings(attrs: dict, frames: int | None, frame_step: int) -> FeatureSelection:
     """What a text-head run needs: the per-frame CLIP embeddings only (no blocks, no maps)."""
     if "embed" not in attrs.get("stored", ["embed"]):

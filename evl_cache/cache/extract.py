@@ -125,7 +125,7 @@ def load_tower(config: ExtractConfig, device: torch.device) -> Tower:
     check_sizes(config, size)
     mean = channel_values(config.mean, "mean") if config.mean is not None else spec.mean
     std = channel_values(config.std, "std") if config.std is not None else spec.std
-    backbone = FrozenBackbone(clip.visual, config.blocks, mean, std).to(device)
+    backbone = FrozenBackbone(clip.visual, config.blocks, mean, std, config.model).to(device)
     return Tower(backbone, spec, clip_spec_of(config, size), (mean, std))
 
 
@@ -273,7 +273,7 @@ def extract(config: ExtractConfig) -> ExtractSummary | CachePlan:
     device = bind_device(process.device(resolve_device(config.device)))
     tower = load_tower(config, device)
     spec = tower.spec
-    layout = cache_layout(config, dataset, spec.width, spec.layers, spec.patch_grid, spec.embed_dim)
+    layout = cache_layout(config, dataset, spec.width, spec.layers, spec.patch_grid, spec.embed_dim, spec.prefix_tokens)
     identity = cache_identity(config, spec, tower.clip_spec, layout, dataset, tower.normalisation)
     status, shards, parts, storage = open_together(process, config, identity, layout, dataset,
                                                    partial(calibrate, config, dataset, tower, layout, device))

@@ -12,6 +12,7 @@ import torch
 
 from ..config import option
 from ..errors import EvlCacheError
+from ..towers.backbone import BackboneSpec
 from ..towers.statistics import HIGH_NORM_RATIO, OUTLIER_RATIO, tower_statistics
 from ..video.datasets import NOT_ON_DISK
 from .calibration import block_channels
@@ -130,6 +131,7 @@ def _storage_line(storage: dict) -> str:
 def format_info(info: dict) -> str:
     """The plain-text form of `info`."""
     backbone = info["backbone"]
+    tower = BackboneSpec.from_dict(backbone)
     sampling, preprocessing = info["sampling"], info["preprocessing"]
     crops = 3 if preprocessing.get("crop") == "three" else 1
     eval_views = f"{sampling['eval_views']}" + (f" x {crops} spatial" if crops > 1 else "")
@@ -141,7 +143,8 @@ def format_info(info: dict) -> str:
         f"cache:      {info['path']} ({info['format']}{parts}, format v{info['format_version']})",
         f"storage:    {_storage_line(info['storage'])}",
         f"backbone:   {backbone['model']} pretrained={backbone['pretrained']} sha256={backbone['weights_sha256'][:16]}",
-        f"            {backbone['image_size']} px, grid {backbone['patch_grid'][0]}x{backbone['patch_grid'][1]}, "
+        f"            {tower.family} ViT, {tower.prefix_tokens} prefix token(s) and "
+        f"{backbone['patch_grid'][0]}x{backbone['patch_grid'][1]} patches per frame, {backbone['image_size']} px, "
         f"width {backbone['width']}, {backbone['heads']} heads, {backbone['layers']} blocks, embed {backbone['embed_dim']}",
         f"blocks:     {info['blocks']}",
         f"sampling:   {sampling['mode']} {sampling['frames']} frames"

@@ -177,12 +177,13 @@ def clip_spec_of(config: ExtractConfig, size: int) -> ClipSpec:
 
 
 def cache_layout(config: ExtractConfig, dataset: VideoList, width: int, layers: int, grid: tuple[int, int],
-                 embed_dim: int) -> CacheLayout:
-    """The shapes a cache of `dataset` will have: views per video are the most any split needs."""
+                 embed_dim: int, prefix_tokens: int = 1) -> CacheLayout:
+    """The shapes a cache of `dataset` will have: L = prefix_tokens + patches tokens per frame; views per
+    video are the most any split needs."""
     spec = clip_spec_of(config, 1)  # views do not depend on the size
     views = max(spec.views(split) for split in {e.split for e in dataset.entries})
     return CacheLayout(num_videos=len(dataset.entries), views=views, frames=config.frames,
-                       tokens=1 + grid[0] * grid[1], width=width, grid=tuple(grid), embed_dim=embed_dim,
+                       tokens=prefix_tokens + grid[0] * grid[1], width=width, grid=tuple(grid), embed_dim=embed_dim,
                        blocks=tuple(range(layers - config.blocks, layers)), shard_size=config.shard_size,
                        encoding=config.storage, compress=config.compress)
 

@@ -69,7 +69,7 @@ def plan(config: ExtractConfig) -> CachePlan:
     splits = np.array([e.split for e in dataset.entries])
     layouts = {name: dataclasses.replace(
         cache_layout(config, dataset, geometry["width"], geometry["layers"], geometry["patch_grid"],
-                     geometry["embed_dim"]), encoding=name, compress="none") for name in ENCODINGS}
+                     geometry["embed_dim"], geometry["prefix_tokens"]), encoding=name, compress="none") for name in ENCODINGS}
     result = CachePlan(videos={}, views={}, bytes_per_view={}, read_per_view={}, split_bytes={}, total_bytes={},
                        epoch_read_bytes={}, shapes=_shapes(layouts["fp16"]), chosen=config.storage, probe=None,
                        memory_available=memory_available())

@@ -1,6 +1,7 @@
 """The feature cache on disk: one Zarr v3 group (`*.zarr`) or one HDF5 file (`*.h5`), same layout.
 
-Layout (N videos, V views, T frames, L = 1 + P tokens, C width, E embedding width):
+Layout (N videos, V views, T frames, L = prefix + P tokens, C width, E embedding width; the backbone
+record says the tower's prefix tokens: 0, 1, or a class token and registers):
 - `videos/{path,label,split,frames,views,status,error,checksum}`: one row per video;
 - `tokens/block_{b}`: [N, V, T, L, C] float16, one chunk per (video, view), one array per block;
 - `maps/block_{b}/prev`, `maps/block_{b}/next`: [N, V, T-1, P, P] float16;
@@ -35,8 +36,13 @@ import numpy as np
 
 from ..errors import CacheError
 
-FORMAT_VERSION = 4  # 4: int8/int4 codes calibrated per channel (tokens) and log-coded (maps), `storage` says so
-READABLE_VERSIONS = (1, 2, 4)  # 2: storage encodings and compression; 1: float16, uncompressed
+# 2: storage encodings and compression (`storage`); a version-1 cache is float16, uncompressed.
+# 3: towers of every family: the backbone record's `family` and `prefix_tokens` (L = prefix_tokens + P); a
+#    cache of versions 1 and 2 is of an open_clip ViT with one class token.
+# 4: int8/int4 codes calibrated per channel (tokens) and log-coded (maps), `storage` says so (its code kinds
+#    and calibration); a cache of versions 2 and 3 holds the per-token and per-row codes (`encodings.LEGACY`).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 ATTR = "evl_cache"
 PARTS_ATTR = "evl_cache_parts"  # in a joined HDF5 cache's main file: its part files, in part order
 PART_ATTR = "evl_cache_part"  # in each part file of a joined HDF5 cache: its main file and part number

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..config import option
 from ..errors import CacheError, EvlCacheError
+from ..towers.backbone import prefix_tokens
 from ..video.clips import ClipSpec
 from .encodings import stored_encoding
 from .store import DONE, FAILED, PENDING, STATUS_NAMES, CacheLayout, FeatureStore, cache_storage, video_checksum
@@ -82,7 +83,7 @@ def cache_layout_of(store: FeatureStore, attrs: dict) -> CacheLayout:
         backbone, sampling = attrs["backbone"], attrs["sampling"]
         grid = tuple(backbone["patch_grid"])
         return CacheLayout(num_videos=store.num_videos, views=sampling["views"], frames=sampling["frames"],
-                           tokens=1 + grid[0] * grid[1], width=backbone["width"], grid=grid,
+                           tokens=prefix_tokens(backbone) + grid[0] * grid[1], width=backbone["width"], grid=grid,
                            embed_dim=backbone["embed_dim"], blocks=tuple(attrs["blocks"]),
                            shard_size=attrs["shard_size"], encoding=stored_encoding(cache_storage(attrs)).key,
                            compress=cache_storage(attrs)["compress"])

@@ -9,6 +9,7 @@ and writes each shard when the next one starts.
 from __future__ import annotations
 
 import errno
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..config import to_dict
 from ..distributed import Process, on_every, on_main
 from ..errors import CacheError
 from ..runtime import library_versions
+from ..towers.backbone import BackboneSpec
 from ..video.clips import VideoClips
 from ..video.find import VideoList
 from .calibration import block_channels
@@ -83,6 +85,8 @@ def checked_store(out: str | Path, identity: dict, mode: str = "r") -> FeatureSt
     store = FeatureStore(out, mode=mode)
     attrs = store.check_version()
     attrs["storage"] = storage_choice(attrs)  # a version-1 cache: fp16, uncompressed; codes follow the cache
+    if "backbone" in attrs:  # a cache of versions 1 and 2: an open_clip ViT, one class token
+        attrs["backbone"] = json.loads(json.dumps(BackboneSpec.from_dict(attrs["backbone"]).to_dict()))
     diffs = _differences({k: attrs.get(k) for k in identity}, identity)
     if diffs:
         store.close()

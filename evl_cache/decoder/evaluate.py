@@ -15,9 +15,11 @@ from ..runtime import bind_device, resolve_device
 from ..video.find import read_class_names
 from .metrics import average_views, classification_metrics
 from .run import (
+    TEXT_HEADS,
     add_novel,
     build_model,
     check_cache_serves_run,
+    check_fixed_classes,
     load_run,
     load_weights,
     predict_views,
@@ -60,9 +62,7 @@ def evaluate(config: EvalConfig) -> dict:
         raise CheckpointError(f"no {config.weights} weights in the run", weights_path)
     device = bind_device(resolve_device(config.device))
     head = run_head(run_config)
-    if config.classes is not None and head["kind"] == "linear":
-        raise EvlCacheError("only text and clip-text runs score another class list (--classes); this run has "
-                            "a linear head")
+    check_fixed_classes(head, [] if config.classes is not None else None)
     with FeatureStore(features) as store:
         attrs = store.check_version()
         check_cache_serves_run(attrs, run_config, features)
@@ -79,7 +79,7 @@ def evaluate(config: EvalConfig) -> dict:
         if head.get("novel_classes"):
             class_lists["novel"] = head["novel_classes"]
     selection = run_selection(attrs, run_config)
-    model = build_model(run_config, class_lists[""] if head["kind"] != "linear" else None, config.pretrained)
+    model = build_model(run_config, class_lists[""] if head["kind"] in TEXT_HEADS else None, config.pretrained)
     model = model.to(device)
     load_weights(model, load_file(weights_path), weights_path)
     results = {}
@@ -91,7 +91,7 @@ def evaluate(config: EvalConfig) -> dict:
         if len(scored) < len(videos):
             log.info("eval: %d of %d videos belong to the %s classes (%d)", len(scored), len(videos),
                      part or "scored", len(names))
-        if head["kind"] != "linear":
+        if head["kind"] in TEXT_HEADS:
             model.text.set_classes(names)
         loader = CacheLoader.sequential(CacheDataset(features, scored, selection, views="all", label_map=label_map),
                                         config.batch_size, config.workers, device.type == "cuda")

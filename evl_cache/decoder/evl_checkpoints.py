@@ -86,6 +86,9 @@ def import_evl(config: ImportConfig) -> Path:
         raise EvlCacheError("a CHECKPOINT and --out are required")
     state = read_evl_state(config.checkpoint)
     _, spec = load_clip(config.model, config.pretrained, config.size)
+    if spec.family != "openclip":
+        raise CheckpointError(f"the authors' decoders read OpenAI CLIP towers (open_clip ViTs, a class token); "
+                              f"{config.model} is a {spec.family} tower", config.checkpoint)
     decoder = infer_decoder(state, spec.patch_grid, config.heads or spec.heads, config.checkpoint)
     if decoder.width != spec.width:
         raise CheckpointError(f"decoder width {decoder.width} does not match {config.model}'s width {spec.width}",
@@ -143,9 +146,14 @@ def export_evl(config: ExportConfig) -> Path:
     run, out, weights = config.run, config.out, config.weights
     if run is None or out is None:
         raise EvlCacheError("a run folder and --out are required")
-    head = (load_run(run).get("head") or {"kind": "linear"})["kind"]
+    run_config = load_run(run)
+    head = (run_config.get("head") or {"kind": "linear"})["kind"]
     if head != "linear":
         raise CheckpointError(f"a {head} run has no EVL linear head: the authors' format cannot hold it", run)
+    prefix = run_config["decoder"].get("prefix_tokens", DecoderConfig.prefix_tokens)
+    if prefix != 1:
+        raise CheckpointError(f"the authors' decoder reads one class token per frame; this run's tower has {prefix} "
+                              f"prefix tokens", run)
     path = Path(run) / f"{weights}.safetensors"
     if not path.exists():
         raise CheckpointError(f"no {weights} weights in the run", path)

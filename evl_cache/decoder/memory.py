@@ -9,7 +9,9 @@ both ways). Those coefficients come from following every tensor's bytes through 
 backward of decoders of several shapes (B/16's among them) on a CPU, in float32 and under float16
 autocast as on a GPU; `tests/test_memory.py` holds the estimate to such a measurement. It remains an
 estimate of torch's allocations: `benchmarks/gpu.py` compares it with `torch.cuda.max_memory_allocated`
-on a GPU. A text head's text tower activations are not counted.
+on a GPU. A text head's text tower activations are not counted. An attentive probe is counted as one
+decoder layer on its block without maps (its cross-attention block is one); a linear probe keeps nothing
+per clip but its batch.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from torch import nn
 
 from ..cache.dataset import CacheDataset
 from ..errors import EvlCacheError
+from .model import DecoderConfig
+from .probes import AttentiveProbeConfig
 
 TOKEN_BYTES = {True: 4.8, False: 8.5}  # autocast (float16 activations) or float32 -> bytes per token value
 MAP_BYTES = {True: 0.5, False: 4.0}  # ... per map value
@@ -48,16 +52,25 @@ def step_memory(model: nn.Module, dataset: CacheDataset, amp: bool, world_size: 
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     fixed = 4 * frozen + 16 * trained + (2 * (trained + frozen) if amp else 0) + (4 * trained if world_size > 1 else 0)
     per_clip = (1 + loader_batches) * dataset.bytes_per_item()
-    config = getattr(model, "config", None)  # the decoder's; a text head has none
-    if config is not None:
-        patches = config.grid[0] * config.grid[1]
-        token_values = config.frames * (1 + patches) * config.width
-        map_values = 2 * (config.frames - 1) * patches * patches if config.temporal_cross_attention else 0
-        if dataset.encoding.scaled:  # decoded to float16 on the device, beside the codes
-            per_clip += 2 * config.layers * (token_values + map_values)
-        layers = config.layers + BACKWARD_LAYERS
-        per_clip += math.ceil(layers * (TOKEN_BYTES[amp] * token_values + MAP_BYTES[amp] * map_values))
+    token_values, map_values, layers = _per_layer_values(getattr(model, "config", None))
+    if dataset.encoding.scaled:  # decoded to float16 on the device, beside the codes
+        per_clip += 2 * layers * (token_values + map_values)
+    if layers:
+        per_clip += math.ceil((layers + BACKWARD_LAYERS) * (TOKEN_BYTES[amp] * token_values
+                                                            + MAP_BYTES[amp] * map_values))
     return StepMemory(fixed, per_clip)
+
+
+def _per_layer_values(config: object) -> tuple[int, int, int]:
+    """(token values, map values, layers) a model reads per clip: the decoder's, an attentive probe's (one
+    layer, no maps), or none (the text head and the linear probe read embeddings)."""
+    if isinstance(config, DecoderConfig):
+        patches = config.grid[0] * config.grid[1]
+        maps = 2 * (config.frames - 1) * patches * patches if config.temporal_cross_attention else 0
+        return config.frames * (config.prefix_tokens + patches) * config.width, maps, config.layers
+    if isinstance(config, AttentiveProbeConfig):
+        return config.frames * config.tokens * config.width, 0, 1
+    return 0, 0, 0
 
 
 def fitting_grad_accum(batch_size: int, grad_accum: int, world_size: int, memory: StepMemory,

@@ -1,7 +1,9 @@
 """The EVL decoder and classification head (docs: evl-model.md, sections 3, 4, 7 and 8).
 
-The model reads what the cache holds: the outputs of the last N backbone blocks, [B, T, L, C] each,
-and for each of them the adjacent-frame attention maps, [B, T-1, P, P]. Parameter names are the
+The model reads what the cache holds: the outputs of the last N backbone blocks, [B, T, L, C] each
+(L = the tower's prefix tokens, 0, 1 or a class token and registers, then its P patch tokens), and for
+each of them the adjacent-frame attention maps, [B, T-1, P, P]. The temporal cross-attention adds to the
+patch tokens only; the query attends to every token. Parameter names are the
 authors' checkpoint names without DataParallel's `module.` prefix, so their checkpoints load as they
 are. When a temporal part is switched off its parameters are absent, so the state dict shows the
 ablation.
@@ -48,6 +50,7 @@ class DecoderConfig:
     temporal_conv: bool = True
     temporal_pos_embed: bool = True
     temporal_cross_attention: bool = True
+    prefix_tokens: int = 1  # tokens before the patches in each frame (class, registers); runs before it: 1
 
     def __post_init__(self) -> None:
         self.grid = (int(self.grid[0]), int(self.grid[1]))
@@ -55,7 +58,7 @@ class DecoderConfig:
             self.qkv_dim = self.width
         if self.qkv_dim % self.heads:
             raise ValueError(f"qkv_dim {self.qkv_dim} is not divisible by heads {self.heads}")
-        if min(self.width, *self.grid, self.frames, self.num_classes, self.layers) < 1:
+        if min(self.width, *self.grid, self.frames, self.num_classes, self.layers) < 1 or self.prefix_tokens < 0:
             raise ValueError(f"sizes must be positive: {self}")
 
 
@@ -74,12 +77,12 @@ class QuickGELU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention of a single query over many tokens (evl-model.md section 8).
+    """Multi-head attention of one query (or a few) over many tokens (evl-model.md section 8).
 
     Exactly the attention of separate q/k/v/out projections, reordered so that the tokens are never
     projected: per head h the logits are ((W_k,h^T q_h) . y_j + q_h . b_k,h) / sqrt(d) (the key-bias
     term is the same for every token), and the output is W_v,h (sum_j a_hj y_j) + b_v,h (the weights
-    sum to one, so the value bias passes through).
+    sum to one, so the value bias passes through). Queries are [B, C] (EVL's one) or [B, Q, C].
     """
 
     def __init__(self, width: int, qkv_dim: int, heads: int):
@@ -94,33 +97,42 @@ class Attention(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def weights(self, query: Tensor, tokens: Tensor) -> Tensor:
-        """The softmax weights [B, H, J] of query [B, C] over tokens [B, J, C] (both already normalised)."""
-        batch, width = query.shape
+        """The softmax weights [B, H, J] (queries [B, Q, C]: [B, Q, H, J]) of the queries over tokens
+        [B, J, C] (both already normalised)."""
+        queries = query if query.dim() == 3 else query.unsqueeze(1)
+        batch, count, width = queries.shape
         heads = self.heads
         head_dim = self.q_proj.out_features // heads
-        q = self.q_proj(query).view(batch, heads, head_dim)
+        q = self.q_proj(queries).reshape(batch * count, heads, head_dim)
         q_through_k = torch.einsum("bhd,hdc->bhc", q, self.k_proj.weight.view(heads, head_dim, width))
+        q_through_k = q_through_k.reshape(batch, count * heads, width)
         # q_h . b_k,h is the same for every token, so the softmax cancels it: it is left out. The key bias
         # stays in the graph through a term that is exactly zero, so its gradient is exactly zero (not
         # None, for DDP; and not rounding noise, which AdamW would blow up into full-size random steps).
         logits = q_through_k @ tokens.transpose(1, 2) / math.sqrt(head_dim) + 0.0 * self.k_proj.bias.sum()
-        return torch.softmax(logits, dim=-1)
+        weights = torch.softmax(logits, dim=-1).view(batch, count, heads, -1)
+        return weights if query.dim() == 3 else weights[:, 0]
 
     def forward(self, query: Tensor, tokens: Tensor) -> Tensor:
-        """query [B, C] attends to tokens [B, J, C] (both already normalised); returns [B, C]."""
-        batch, width = query.shape
+        """queries [B, C] or [B, Q, C] attend to tokens [B, J, C] (both already normalised); returns the
+        queries' shape."""
+        queries = query if query.dim() == 3 else query.unsqueeze(1)
+        batch, count, width = queries.shape
         heads = self.heads
         head_dim = self.q_proj.out_features // heads
-        mixed = self.weights(query, tokens) @ tokens  # [B, H, C]
+        weights = self.weights(queries, tokens).view(batch, count * heads, -1)
+        mixed = (weights @ tokens).reshape(batch * count, heads, width)  # [B*Q, H, C]
         values = torch.einsum("bhc,hdc->bhd", mixed, self.v_proj.weight.view(heads, head_dim, width))
         values = values + self.v_proj.bias.view(heads, head_dim)
-        return self.out_proj(values.reshape(batch, heads * head_dim))
+        out = self.out_proj(values.reshape(batch, count, heads * head_dim))
+        return out if query.dim() == 3 else out[:, 0]
 
 
 @contextmanager
 def recording_attention(model: nn.Module) -> Iterator[list[Tensor]]:
     """Inside the block, every decoder layer's forward appends its query's attention weights [B, H, T*L]
-    (tokens in frame-major order, CLS first in each frame) to the yielded list, in layer order.
+    (tokens in frame-major order, the prefix tokens first in each frame; several queries: averaged over
+    them) to the yielded list, in layer order.
 
     A forward hook recomputes the weights from the layer's own inputs with `Attention.weights`, so the
     model's outputs are exactly those it gives without recording.
@@ -128,7 +140,8 @@ def recording_attention(model: nn.Module) -> Iterator[list[Tensor]]:
     recorded: list[Tensor] = []
 
     def record(module: Attention, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
-        recorded.append(module.weights(*inputs).detach())
+        weights = module.weights(*inputs).detach()
+        recorded.append(weights.mean(1) if weights.dim() == 4 else weights)
 
     handles = [module.register_forward_hook(record) for module in model.modules() if isinstance(module, Attention)]
     try:
@@ -304,8 +317,9 @@ class Decoder(nn.Module):
             out = out + self.temporal_pos_embed[i].to(out.dtype).view(1, count, 1, width)
         if self.cross_attention is not None:
             prev_term, next_term = self.cross_attention[i](maps_prev[i], maps_next[i])
-            # A_prev[t] feeds frames 1..T-1, A_next[t] frames 0..T-2; token 0 (CLS) gets nothing.
-            out = out + F.pad(prev_term, (0, 0, 1, 0, 1, 0)) + F.pad(next_term, (0, 0, 1, 0, 0, 1))
+            # A_prev[t] feeds frames 1..T-1, A_next[t] frames 0..T-2; the prefix tokens get nothing.
+            prefix = self.config.prefix_tokens
+            out = out + F.pad(prev_term, (0, 0, prefix, 0, 1, 0)) + F.pad(next_term, (0, 0, prefix, 0, 0, 1))
         return out
 
     def _check_inputs(self, block_outputs: list[Tensor], maps_prev: list[Tensor] | None,
@@ -314,7 +328,7 @@ class Decoder(nn.Module):
         if len(block_outputs) != config.layers:
             raise ValueError(f"expected {config.layers} block outputs, got {len(block_outputs)}")
         batch, patches = block_outputs[0].shape[0], config.grid[0] * config.grid[1]
-        expected = (batch, config.frames, 1 + patches, config.width)
+        expected = (batch, config.frames, config.prefix_tokens + patches, config.width)
         for block_output in block_outputs:
             if tuple(block_output.shape) != expected:
                 raise ValueError(f"block output of shape {tuple(block_output.shape)}, expected [B, T, L, C] "
@@ -368,7 +382,8 @@ class TextHeadModel(nn.Module):
 
     The video embedding is the per-frame CLIP embeddings [B, T, E] averaged over frames and
     L2-normalised; `text` gives the L2-normalised class embeddings [K, E] (learned prompts, a tuned
-    text tower, or both) and CLIP's logit scale; logits = exp(logit_scale) * cosine similarity.
+    text tower, or both) and the model's own logits: exp(logit_scale) * cosine similarity, plus the logit
+    bias of a model that has one (SigLIP's; it moves every class alike, so softmax scores do not change).
     """
 
     def __init__(self, text: nn.Module):
@@ -383,15 +398,15 @@ class TextHeadModel(nn.Module):
     def forward(self, embeddings: Tensor) -> Tensor:
         """Class logits [B, K] of cached per-frame embeddings [B, T, E] (any float dtype)."""
         video = F.normalize(embeddings.float().mean(1), dim=-1)
-        return self.text.tower.logit_scale.exp() * video @ self.text().t()
+        return self.text.tower.logits(video @ self.text().t())
 
 
 class ClipTextModel(nn.Module):
     """EVL's decoder with a CLIP-text head (`--head clip-text`): open-vocabulary video recognition.
 
     The decoder output x goes through LayerNorm, dropout and a Linear(C, E) into CLIP's joint space,
-    is L2-normalised, and is scored against the class embeddings of `text` by CLIP's logit scale
-    times the cosine similarity. The classes are names, not rows of a weight matrix, so the trained
+    is L2-normalised, and is scored against the class embeddings of `text` with the model's own logits
+    (`TextTower.logits`). The classes are names, not rows of a weight matrix, so the trained
     model scores any class list (`text.set_classes`).
     """
 
@@ -414,4 +429,4 @@ class ClipTextModel(nn.Module):
                 maps_next: list[Tensor] | None = None) -> Tensor:
         """Class logits [B, K]; arguments as in `EVLModel.forward`."""
         video = F.normalize(self.proj(self.decoder(block_outputs, maps_prev, maps_next)).float(), dim=-1)
-        return self.text.tower.logit_scale.exp() * video @ self.text().t()
+        return self.text.tower.logits(video @ self.text().t())

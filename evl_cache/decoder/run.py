@@ -14,11 +14,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cache.dataset import CacheLoader, FeatureSelection, model_inputs, select_embeddings, select_features
+from ..cache.dataset import (
+    CacheLoader,
+    FeatureSelection,
+    model_inputs,
+    select_embeddings,
+    select_features,
+    select_final_block,
+)
 from ..errors import CacheError, CheckpointError, EvlCacheError
 from ..towers.text import ClassPrompts, load_text_tower
 from .metrics import plot_confusion, write_per_class_csv
 from .model import ClipTextModel, DecoderConfig, EVLModel, TextHeadModel
+from .probes import AttentiveProbe, AttentiveProbeConfig, LinearProbe, LinearProbeConfig
+
+HEADS = ("linear", "text", "clip-text", "attentive-probe", "linear-probe")
+TEXT_HEADS = ("text", "clip-text")  # the heads that score class names, so any list of them
 
 
 @torch.no_grad()
@@ -64,8 +75,8 @@ def load_run(run: str | Path) -> dict:
 
 
 def run_head(run_config: dict) -> dict:
-    """A run's head record: kind linear, text or clip-text, and for the text heads their class names,
-    novel classes (base-to-novel), prompt tokens, templates and what of the text tower trains."""
+    """A run's head record: its kind (`HEADS`), and for the text heads their class names, novel classes
+    (base-to-novel), prompt tokens, templates and what of the text tower trains."""
     return run_config.get("head") or {"kind": "linear"}
 
 
@@ -79,13 +90,15 @@ def build_model(run_config: dict, class_names: list[str] | None = None, pretrain
 
     Text and clip-text runs load CLIP's text tower from the run's backbone record (`pretrained`: a
     weights file instead of the recorded tag or file; the sha256 must match) and score `class_names`
-    (default: the run's own). A linear head has a fixed class list.
+    (default: the run's own). The EVL linear head and the probes have a fixed class list.
     """
     head = run_head(run_config)
-    if head["kind"] == "linear":
-        if class_names is not None:
-            raise EvlCacheError("only text and clip-text runs score another class list (--classes); this run has "
-                                "a linear head")
+    if head["kind"] not in TEXT_HEADS:
+        check_fixed_classes(head, class_names)
+        if head["kind"] == "attentive-probe":
+            return AttentiveProbe(AttentiveProbeConfig(**run_config["probe"]))
+        if head["kind"] == "linear-probe":
+            return LinearProbe(LinearProbeConfig(**run_config["probe"]))
         decoder = dict(run_config["decoder"])
         decoder["grid"] = tuple(decoder["grid"])
         return EVLModel(DecoderConfig(**decoder))
@@ -98,6 +111,13 @@ def build_model(run_config: dict, class_names: list[str] | None = None, pretrain
     decoder = dict(run_config["decoder"])
     decoder["grid"] = tuple(decoder["grid"])
     return ClipTextModel(DecoderConfig(**decoder), cache["backbone"]["embed_dim"], prompts)
+
+
+def check_fixed_classes(head: dict, class_names: list[str] | None) -> None:
+    """Refuse another class list (`--classes`) for a head whose classes are rows of a weight matrix."""
+    if class_names is not None and head["kind"] not in TEXT_HEADS:
+        raise EvlCacheError(f"only text and clip-text runs score another class list (--classes); this run has "
+                            f"a {head['kind']} head")
 
 
 def saved_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -126,6 +146,8 @@ def run_selection(attrs: dict, run_config: dict) -> FeatureSelection:
     selection = run_config["selection"]
     if selection.get("embed"):
         return select_embeddings(attrs, selection["frames"], selection["frame_step"])
+    if run_head(run_config)["kind"] == "attentive-probe":
+        return select_final_block(attrs, selection["frames"], selection["frame_step"])
     decoder = run_config["decoder"]
     return select_features(attrs, decoder["layers"], decoder["frames"], selection["frame_step"],
                            decoder["temporal_cross_attention"])
@@ -158,5 +180,5 @@ def check_cache_serves_run(attrs: dict, run_config: dict, path: Path) -> None:
         if attrs["sampling"][key] != run_cache["sampling"][key]:
             raise CacheError(f"sampling {key} is {attrs['sampling'][key]}, the run was trained on "
                              f"{run_cache['sampling'][key]}", path)
-    if run_head(run_config)["kind"] == "linear" and attrs["class_names"] != run_cache["class_names"]:
+    if run_head(run_config)["kind"] not in TEXT_HEADS and attrs["class_names"] != run_cache["class_names"]:
         raise CacheError("class names differ from the run's", path)

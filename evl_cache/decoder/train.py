@@ -34,6 +34,7 @@ from ..cache.dataset import (
     model_inputs,
     select_embeddings,
     select_features,
+    select_final_block,
     usable_videos,
 )
 from ..cache.store import FeatureStore, cache_fingerprint, cache_storage, is_url
@@ -48,6 +49,7 @@ from ..runtime import (
     memory_available,
     resolve_device,
 )
+from ..towers.backbone import prefix_tokens
 from ..towers.text import BARE_NAME, read_templates
 from ..video.find import read_class_names
 from .checkpoints import (
@@ -62,7 +64,8 @@ from .events import EpochEvents, check_tensorboard
 from .memory import fitting_grad_accum, step_memory
 from .metrics import average_views, classification_metrics, plot_curves
 from .model import DecoderConfig, EVLModel
-from .run import add_novel, build_model, load_weights, predict_views, saved_weights, write_evaluation
+from .probes import AttentiveProbeConfig, LinearProbeConfig
+from .run import HEADS, TEXT_HEADS, add_novel, build_model, load_weights, predict_views, saved_weights, write_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +76,24 @@ class TrainConfig:
     features: Path = option(None, "the cache to train from (*.zarr or *.h5)")
     out: Path = option(None, "run folder to write (config, metrics, checkpoints, plots)")
     layers: int = option(4, "decoder layers N, on the last N cached blocks")
-    heads: int | None = option(None, "decoder attention heads [default: the backbone's]")
+    heads: int | None = option(None, "decoder (or attentive probe) attention heads [default: the backbone's]")
     qkv_dim: int | None = option(None, "decoder attention width [default: the backbone width]")
-    mlp_factor: float = option(4.0, "decoder MLP width over the backbone width")
+    mlp_factor: float = option(4.0, "decoder (or attentive probe) MLP width over the backbone width")
     mlp_dropout: float = option(0.5, "dropout inside the decoder MLP")
     head_dropout: float = option(0.5, "dropout before the classification layer")
     temporal_conv: bool = option(True, "depthwise temporal convolution")
     temporal_pos_embed: bool = option(True, "temporal position embedding")
     temporal_cross_attention: bool = option(True, "temporal cross-attention on the cached maps")
-    head: str = option("linear", "classification head: linear (EVL's), text (CLIP's text tower on the cached "
-                                 "frame embeddings, ViFi-CLIP's text side; no decoder) or clip-text (the decoder "
-                                 "projected into CLIP's space, scored against class-name text embeddings)",
-                       choices=("linear", "text", "clip-text"))
+    head: str = option("linear", "classification head: linear (EVL's decoder and head), text (CLIP's text tower on "
+                                 "the cached frame embeddings, ViFi-CLIP's text side; no decoder), clip-text (the "
+                                 "decoder projected into CLIP's space, scored against class-name text embeddings), "
+                                 "attentive-probe (learned queries over the final cached block's tokens of all "
+                                 "frames, V-JEPA's frozen-probe protocol) or linear-probe (a linear classifier on "
+                                 "the frames' mean image embedding)", choices=HEADS)
+    probe_queries: int | None = option(None, "attentive probe: learned query tokens, their outputs averaged "
+                                             "[default: 1]")
+    probe_depth: int | None = option(None, "attentive probe: blocks, the cross-attention block then self-attention "
+                                           "blocks over the queries [default: 1]")
     prompt_tokens: int | None = option(None, "text heads: learned prompt context vectors before each class name "
                                              "(CoOp) [default: 16 for --head text, 0 for clip-text]")
     templates: Path | None = option(None, "text heads with --prompt-tokens 0: prompt templates, one per line with "
@@ -202,6 +211,9 @@ def _check_options(config: TrainConfig, process: Process) -> None:
     for name in ("epochs", "batch_size", "grad_accum", "frame_step"):
         if getattr(config, name) < 1:
             raise EvlCacheError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("probe_queries", "probe_depth"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise EvlCacheError(f"--{name.replace('_', '-')} must be at least 1")
     if config.batch_size % config.grad_accum:
         raise EvlCacheError(f"--batch-size {config.batch_size} does not divide by --grad-accum {config.grad_accum}")
     if (config.batch_size // config.grad_accum) % process.world_size:
@@ -229,8 +241,10 @@ def open_training_data(config: TrainConfig) -> TrainingData:
         head, attrs["class_names"], cache_labels, train_videos, val_videos)
     if len(train_videos) == 0:
         raise EvlCacheError("the cache has no finished, labelled training videos", config.features)
-    if config.head == "text":  # CLIP's frame embeddings only: no blocks, no maps, no decoder
+    if config.head in ("text", "linear-probe"):  # the frame embeddings only: no blocks, no maps, no decoder
         selection = select_embeddings(attrs, config.frames, config.frame_step)
+    elif config.head == "attentive-probe":  # the final cached block's tokens, no maps
+        selection = select_final_block(attrs, config.frames, config.frame_step)
     else:
         selection = select_features(attrs, config.layers, config.frames, config.frame_step,
                                     config.temporal_cross_attention)
@@ -244,17 +258,12 @@ def open_training_data(config: TrainConfig) -> TrainingData:
 
 
 def run_record(config: TrainConfig, data: TrainingData) -> dict:
-    """The run's config.json: the options, the head, the decoder, the selection and the cache it reads."""
+    """The run's config.json: the options, the head, the decoder or probe, the selection and the cache it
+    reads."""
     attrs, backbone = data.attrs, data.attrs["backbone"]
-    decoder = DecoderConfig(
-        width=backbone["width"], grid=tuple(backbone["patch_grid"]), frames=data.selection.frames,
-        num_classes=len(data.head.get("class_names", attrs["class_names"])), layers=config.layers,
-        heads=config.heads or backbone["heads"], qkv_dim=config.qkv_dim, mlp_factor=config.mlp_factor,
-        mlp_dropout=config.mlp_dropout, head_dropout=config.head_dropout, temporal_conv=config.temporal_conv,
-        temporal_pos_embed=config.temporal_pos_embed, temporal_cross_attention=config.temporal_cross_attention)
     return {
-        "train": to_dict(config), "head": data.head,
-        "decoder": None if config.head == "text" else asdict(decoder), "selection": asdict(data.selection),
+        "train": to_dict(config), "head": data.head, **_model_record(config, data),
+        "selection": asdict(data.selection),
         "cache": {"path": str(config.features if is_url(config.features) else Path(config.features).resolve()),
                   "fingerprint": data.fingerprint, "backbone": backbone, "blocks": attrs["blocks"],
                   "sampling": attrs["sampling"], "preprocessing": attrs["preprocessing"],
@@ -263,6 +272,29 @@ def run_record(config: TrainConfig, data: TrainingData) -> dict:
                    **({"val_novel": len(data.novel_set.videos)} if data.novel_set is not None else {})},
         "versions": library_versions(),
     }
+
+
+def _model_record(config: TrainConfig, data: TrainingData) -> dict:
+    """The run's model shape: {"decoder": ...} for the heads on the EVL decoder, {"probe": ...} for a probe,
+    {"decoder": None} for the text head."""
+    backbone, frames = data.attrs["backbone"], data.selection.frames
+    classes = len(data.head.get("class_names", data.attrs["class_names"]))
+    grid = tuple(backbone["patch_grid"])
+    if config.head == "attentive-probe":
+        return {"decoder": None, "probe": asdict(AttentiveProbeConfig(
+            width=backbone["width"], tokens=prefix_tokens(backbone) + grid[0] * grid[1], frames=frames,
+            num_classes=classes, heads=config.heads or backbone["heads"], queries=config.probe_queries or 1,
+            depth=config.probe_depth or 1, mlp_factor=config.mlp_factor))}
+    if config.head == "linear-probe":
+        return {"decoder": None, "probe": asdict(LinearProbeConfig(backbone["embed_dim"], frames, classes))}
+    if config.head == "text":
+        return {"decoder": None}
+    return {"decoder": asdict(DecoderConfig(
+        width=backbone["width"], grid=grid, frames=frames, num_classes=classes, layers=config.layers,
+        heads=config.heads or backbone["heads"], qkv_dim=config.qkv_dim, mlp_factor=config.mlp_factor,
+        mlp_dropout=config.mlp_dropout, head_dropout=config.head_dropout, temporal_conv=config.temporal_conv,
+        temporal_pos_embed=config.temporal_pos_embed, temporal_cross_attention=config.temporal_cross_attention,
+        prefix_tokens=prefix_tokens(backbone)))}
 
 
 def _distributed(model: torch.nn.Module, process: Process, device: torch.device, seed: int) -> torch.nn.Module:
@@ -602,11 +634,13 @@ def _head_record(config: TrainConfig, cache_names: list[str]) -> dict:
     text_only = {"--prompt-tokens": config.prompt_tokens is not None, "--templates": config.templates is not None,
                  "--tune text": config.tune != "none", "--base-classes": config.base_classes is not None,
                  "--pretrained": config.pretrained is not None}
-    if config.head == "linear":
+    if config.head != "attentive-probe" and (config.probe_queries, config.probe_depth) != (None, None):
+        raise EvlCacheError("--probe-queries and --probe-depth: only for --head attentive-probe")
+    if config.head not in TEXT_HEADS:
         given = [flag for flag, is_given in text_only.items() if is_given]
         if given:
             raise EvlCacheError(f"{', '.join(given)}: only for --head text or --head clip-text")
-        return {"kind": "linear"}
+        return {"kind": config.head}
     names, novel = list(cache_names), []
     if config.base_classes is not None:
         base = read_class_names(config.base_classes)
@@ -640,7 +674,7 @@ def _videos_of_head(head: dict, cache_names: list[str], cache_labels: np.ndarray
     (base-to-novel): videos of other classes leave training, and validation splits into base and novel.
     """
     none = np.empty(0, dtype=np.int64)
-    if head["kind"] == "linear":
+    if head["kind"] not in TEXT_HEADS:
         return train_videos, val_videos, none, None, None
 
     def of_classes(videos: np.ndarray, label_map: np.ndarray) -> np.ndarray:

@@ -3,8 +3,10 @@
 `load_clip` builds an open_clip model from a model name (or a model-config JSON file) and weights given
 as an open_clip pretrained tag, a local file, or `none` (random weights, for tests), with any prompt
 tokens the file fixes into the towers' blocks (`block_prompts`). `FrozenBackbone` runs its image tower
-in eval mode without gradients and captures, for the last K blocks, the block outputs (CLS and patch
-tokens) and the adjacent-frame attention maps, plus the projected per-frame CLS embedding.
+in eval mode without gradients and captures, for the last K blocks, the block outputs (the tower's
+prefix tokens, if any, and its patch tokens) and the adjacent-frame attention maps from the blocks' own
+q and k, plus the per-frame image embedding from the tower's own head. Which towers are read, and
+where each family's tokens, q and k are taken, is `families`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ import torch.nn as nn
 
 from ..errors import BackboneError, DownloadError
 from .block_prompts import attach_image_prompts, attach_text_prompts, read_block_prompts
+from .families import QueryKeyTap, tower_layout
 from .statistics import add_clip_statistics, split_pretrained
+from .tiny_trunks import register_tiny_trunks
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +47,15 @@ class BackboneSpec:
     embed_dim: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    family: str = "openclip"  # records of format versions 1 and 2 lack these two: open_clip ViTs, a class token
+    prefix_tokens: int = 1  # class and register tokens before the patch tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "BackboneSpec":
+        """A spec from its record (one of format versions 1 and 2 gets the family and prefix count they had)."""
         fields = dict(values)
         for name in ("patch_grid", "mean", "std"):
             fields[name] = tuple(fields[name])
@@ -64,10 +71,16 @@ class BackboneOutput:
     embeddings: torch.Tensor
 
 
+def prefix_tokens(backbone: dict) -> int:
+    """The class and register tokens before the patch tokens, from a cache's or run's backbone record."""
+    return int(backbone.get("prefix_tokens", BackboneSpec.prefix_tokens))
+
+
 def _register_model_name(model: str) -> str:
     """Accept an open_clip model name or a path to a model-config JSON; return the open_clip name."""
     import open_clip
 
+    register_tiny_trunks()  # the timm trunks of the shipped EVL-Tiny-* configs
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     if model.endswith(".json"):
         path = Path(model)
@@ -99,16 +112,23 @@ def _sha256_state(module: nn.Module) -> str:
 
 
 def model_geometry(model: str, image_size: int | None = None) -> dict:
-    """Image-tower shapes from the open_clip model config alone (no weights are built or loaded)."""
+    """Image-tower shapes from the open_clip model config alone: the model is built on the meta device (no
+    memory, no weights); a tower evl-cache cannot read is refused here too."""
     import open_clip
 
-    config = open_clip.get_model_config(_register_model_name(model))
-    vision = config["vision_cfg"]
-    size = image_size or vision["image_size"]
-    size = size if isinstance(size, int) else size[0]
-    patch = vision["patch_size"]
-    return {"width": vision["width"], "layers": vision["layers"], "patch_grid": (size // patch, size // patch),
-            "embed_dim": config["embed_dim"], "image_size": size}
+    name = _register_model_name(model)
+    kwargs = {"force_image_size": image_size} if image_size is not None else {}
+    quiet = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip warns that no weights were loaded: none were asked for
+    try:
+        with torch.device("meta"):
+            clip = open_clip.create_model(name, pretrained=None, device="meta", **kwargs)
+    finally:
+        logging.disable(quiet)
+    layout = tower_layout(clip.visual, model)
+    return {"width": layout.width, "layers": len(layout.blocks), "patch_grid": layout.grid,
+            "embed_dim": open_clip.get_model_config(name)["embed_dim"], "image_size": layout.image_size,
+            "heads": layout.heads, "family": layout.family, "prefix_tokens": layout.prefix_tokens}
 
 
 def load_clip(model: str, pretrained: str = "openai", image_size: int | None = None,
@@ -116,30 +136,18 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
     """Build an open_clip CLIP model with frozen weights and describe it.
 
     `pretrained` is an open_clip tag (downloaded by open_clip), a local weights file (with the prompt
-    tokens it may carry for the towers' blocks), or `none` (random weights from `seed`, for tests). A tag whose weights used QuickGELU gets QuickGELU even
-    if the model name lacks `-quickgelu` (open_clip would otherwise build a different network).
+    tokens it may carry for the towers' blocks), or `none` (random weights from `seed`, for tests). A tag
+    whose weights used QuickGELU gets QuickGELU even if the model name lacks `-quickgelu` (open_clip would
+    otherwise build a different network). A tower evl-cache cannot read is refused before it is built.
     """
     import open_clip
-    from open_clip.pretrained import get_pretrained_cfg
 
     name = _register_model_name(model)
-    kwargs: dict = {}
-    if image_size is not None:
-        kwargs["force_image_size"] = image_size
-    tag_cfg = {}
+    model_geometry(model, image_size)  # refuses a tower evl-cache cannot read, on the meta device
     base, statistics = split_pretrained(pretrained)  # `+outliers`: CLIP's statistics added (towers/statistics.py)
-    if base.lower() == "none":
-        weights = None
-    elif os.path.isfile(base):
-        weights = base
-    else:
-        tag_cfg = get_pretrained_cfg(name, base)
-        if not tag_cfg:
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            raise BackboneError(f"--pretrained {pretrained!r} is neither a file nor an open_clip tag of "
-                                f"{name} (tags: {', '.join(tags) or 'none'}; or pass a weights file, or none)")
-        weights = base
+    weights, tag_cfg = _weights_of(name, base)
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    kwargs = {"force_image_size": image_size} if image_size is not None else {}
     if quick_gelu:
         kwargs["force_quick_gelu"] = True
     with torch.random.fork_rng(devices=[]):  # the model is built on the CPU: its generator alone, restored after
@@ -154,6 +162,10 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
                     f"(random weights, for tests)") from None
             raise BackboneError(f"cannot load weights {weights}: {error}") from None
     if statistics:
+        family = tower_layout(clip.visual, model).family
+        if family != "openclip":
+            raise BackboneError(f"--pretrained {pretrained!r}: CLIP's statistics are added to open_clip ViT towers "
+                                f"(OpenAI layout); {model} is a {family} tower")
         add_clip_statistics(clip.visual, seed=seed)
     if weights is None or statistics:
         sha = _sha256_state(clip)
@@ -163,82 +175,109 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
         from open_clip.pretrained import download_pretrained
         sha = sha256_file(download_pretrained(tag_cfg))
     if weights is not None and os.path.isfile(weights):
-        prompts = read_block_prompts(weights)
-        if "image" in prompts:
-            attach_image_prompts(clip.visual, prompts["image"], weights)
-        if "text" in prompts:
-            attach_text_prompts(clip, prompts["text"], weights)
-        for tower, blocks in prompts.items():
-            log.info("%s: %d prompt tokens fixed into %s blocks %s", weights, len(next(iter(blocks.values()))),
-                     tower, ", ".join(map(str, sorted(blocks))))
+        _attach_prompts(clip, model, weights)
     clip = clip.to(device).eval().requires_grad_(False)
+    return clip, describe(clip, model, pretrained, sha, quick_gelu, open_clip.get_model_config(name) or {})
+
+
+def _weights_of(name: str, pretrained: str) -> tuple[str | None, dict]:
+    """(what open_clip loads: None, a file or a tag; the tag's open_clip config, {} for none or a file)."""
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+
+    if pretrained.lower() == "none":
+        return None, {}
+    if os.path.isfile(pretrained):
+        return pretrained, {}
+    tag_cfg = get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise BackboneError(f"--pretrained {pretrained!r} is neither a file nor an open_clip tag of "
+                            f"{name} (tags: {', '.join(tags) or 'none'}; or pass a weights file, or none)")
+    return pretrained, tag_cfg
+
+
+def _attach_prompts(clip: nn.Module, model: str, weights: str) -> None:
+    """Fix the block prompts a weights file carries into the towers (ViFi-CLIP's OpenAI-layout towers)."""
+    prompts = read_block_prompts(weights)
+    if "image" in prompts:
+        family = tower_layout(clip.visual, model).family
+        if family != "openclip":
+            raise BackboneError(f"image block prompts go into open_clip ViT blocks; {model} is a {family} tower",
+                                weights)
+        attach_image_prompts(clip.visual, prompts["image"], weights)
+    if "text" in prompts:
+        if not hasattr(clip, "transformer"):
+            raise BackboneError(f"text block prompts go into a CLIP text transformer; {model}'s text tower is "
+                                f"{type(getattr(clip, 'text', None)).__name__}", weights)
+        attach_text_prompts(clip, prompts["text"], weights)
+    for tower, blocks in prompts.items():
+        log.info("%s: %d prompt tokens fixed into %s blocks %s", weights, len(next(iter(blocks.values()))),
+                 tower, ", ".join(map(str, sorted(blocks))))
+
+
+def describe(clip: nn.Module, model: str, pretrained: str, sha: str, quick_gelu: bool, config: dict) -> BackboneSpec:
+    """The BackboneSpec of a built CLIP model (its image tower refused here if evl-cache cannot read it)."""
+    layout = tower_layout(clip.visual, model)
     visual = clip.visual
-    config = open_clip.get_model_config(name) or {}
-    grid = tuple(visual.grid_size)
-    block = visual.transformer.resblocks[0]
-    spec = BackboneSpec(
+    return BackboneSpec(
         model=model, pretrained=pretrained, weights_sha256=sha,
         quick_gelu=bool(quick_gelu or config.get("quick_gelu", False)),
-        image_size=int(visual.image_size[0]), patch_grid=(int(grid[0]), int(grid[1])),
-        width=int(visual.transformer.width), heads=int(block.attn.num_heads),
-        layers=len(visual.transformer.resblocks), embed_dim=int(visual.output_dim),
+        image_size=layout.image_size, patch_grid=layout.grid, width=layout.width, heads=layout.heads,
+        layers=len(layout.blocks), embed_dim=int(config["embed_dim"]),
         mean=tuple(float(m) for m in (getattr(visual, "image_mean", None) or CLIP_MEAN)),
         std=tuple(float(s) for s in (getattr(visual, "image_std", None) or CLIP_STD)),
+        family=layout.family, prefix_tokens=layout.prefix_tokens,
     )
-    return clip, spec
 
 
-def adjacent_maps(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def adjacent_maps(q: torch.Tensor, k: torch.Tensor,
+                  scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Temporal maps from patch queries and keys [B, T, P, H, D] -> (A_prev, A_next), each [B, T-1, P, P].
 
-    A_prev[:, t-1] = mean_h softmax(q_t . k_{t-1} / sqrt(D)) for t = 1..T-1;
-    A_next[:, t]   = mean_h softmax(q_t . k_{t+1} / sqrt(D)) for t = 0..T-2.
+    A_prev[:, t-1] = mean_h softmax(q_t . k_{t-1} * scale) for t = 1..T-1;
+    A_next[:, t]   = mean_h softmax(q_t . k_{t+1} * scale) for t = 0..T-2;
+    scale: the attention's own (default 1/sqrt(D), the scale of every tower read today).
     Computed in float32 on every device, under autocast too: a float16 q . k loses about 1e-2 of the
     maps and overflows to inf for large logits, which turns their rows into NaN.
     """
     with torch.autocast(q.device.type, enabled=False):
         q = q.float().permute(0, 1, 3, 2, 4)  # [B, T, H, P, D]
         k = k.float().permute(0, 1, 3, 2, 4)
-        scale = q.shape[-1] ** -0.5
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
         prev = torch.softmax(q[:, 1:] @ k[:, :-1].transpose(-1, -2) * scale, dim=-1).mean(dim=2)
         nxt = torch.softmax(q[:, :-1] @ k[:, 1:].transpose(-1, -2) * scale, dim=-1).mean(dim=2)
     return prev, nxt
 
 
 class FrozenBackbone(nn.Module):
-    """The image tower of a CLIP model, capturing what the EVL decoder and CLIP heads need."""
+    """The image tower of a CLIP model, capturing what the EVL decoder, the probes and CLIP heads need."""
 
-    def __init__(self, visual: nn.Module, blocks: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, visual: nn.Module, blocks: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 model: str = "this model"):
         super().__init__()
-        resblocks = visual.transformer.resblocks
-        if not 0 <= blocks <= len(resblocks):
-            raise BackboneError(f"--blocks {blocks} is not in 0..{len(resblocks)} (the model's blocks)")
-        for block in resblocks[len(resblocks) - blocks:]:
-            if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention) or not hasattr(block, "ln_1"):
-                raise BackboneError("unsupported image tower: blocks need ln_1 and a MultiheadAttention")
+        self.layout = layout = tower_layout(visual, model)
+        if not 0 <= blocks <= len(layout.blocks):
+            raise BackboneError(f"--blocks {blocks} is not in 0..{len(layout.blocks)} (the model's blocks)")
         self.visual = visual.eval().requires_grad_(False)
-        self.block_indices = list(range(len(resblocks) - blocks, len(resblocks)))
-        grid = visual.grid_size
-        self.tokens = 1 + int(grid[0]) * int(grid[1])  # CLS and patches; any prompt tokens follow, not kept
-        self.batch_first = getattr(visual.transformer, "batch_first", True)
+        self.block_indices = list(range(len(layout.blocks) - blocks, len(layout.blocks)))
+        self.tokens = layout.tokens  # prefix and patch tokens; any prompt tokens follow, not kept
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self._captured: dict[str, torch.Tensor] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self._taps = {i: QueryKeyTap(layout, layout.blocks[i]) for i in self.block_indices}
         for i in self.block_indices:
-            block = resblocks[i]
-            block.ln_1.register_forward_hook(self._capture(f"qk{i}", block.attn))
-            block.register_forward_hook(self._capture(f"out{i}", None))
+            layout.blocks[i].register_forward_hook(self._keep_output(i))
 
-    def _capture(self, key: str, attn: nn.MultiheadAttention | None):
+    def _keep_output(self, i: int):
         def hook(module, inputs, output):
-            x = output if self.batch_first else output.transpose(0, 1)
-            if attn is not None:  # q and k: the in-projection of ln_1(x), without scaling, in float32
-                width = attn.embed_dim
-                with torch.autocast(x.device.type, enabled=False):
-                    x = nn.functional.linear(x.float(), attn.in_proj_weight[: 2 * width].float(),
-                                             attn.in_proj_bias[: 2 * width].float())
-            self._captured[key] = x
+            self._outputs[i] = output if self.layout.batch_first else output.transpose(0, 1)
         return hook
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The tower's own image embedding of normalised images (`encode_image`, not normalised)."""
+        out = self.visual(x)
+        return out[0] if getattr(self.visual, "output_tokens", False) else out  # CoCa's tower: (pooled, tokens)
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> BackboneOutput:
@@ -246,18 +285,14 @@ class FrozenBackbone(nn.Module):
         device; features in the compute dtype)."""
         batch, frames = pixels.shape[:2]
         x = pixels.flatten(0, 1).float().div_(255).sub_(self.mean).div_(self.std)
-        self._captured.clear()
-        embeddings = self.visual(x)
-        outputs, prevs, nexts = [], [], []
-        heads = self.visual.transformer.resblocks[0].attn.num_heads
+        self._outputs.clear()
+        embeddings = self.embed(x)
+        prefix, outputs, prevs, nexts = self.layout.prefix_tokens, [], [], []
         for i in self.block_indices:
-            out = self._captured.pop(f"out{i}")[:, :self.tokens]
+            out = self._outputs.pop(i)[:, :self.tokens]
             outputs.append(out.reshape(batch, frames, *out.shape[1:]))
-            qk = self._captured.pop(f"qk{i}")[:, 1:self.tokens]
-            width = qk.shape[-1] // 2
-            qk = qk.reshape(batch, frames, self.tokens - 1, 2, heads, width // heads)
-            prev, nxt = adjacent_maps(qk[..., 0, :, :], qk[..., 1, :, :])
+            q, k = (t[:, prefix:self.tokens].unflatten(0, (batch, frames)) for t in self._taps[i].take())
+            prev, nxt = adjacent_maps(q, k, self._taps[i].scale)
             prevs.append(prev)
             nexts.append(nxt)
         return BackboneOutput(outputs, prevs, nexts, embeddings.reshape(batch, frames, -1))
-

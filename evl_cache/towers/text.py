@@ -1,14 +1,15 @@
 """CLIP's text tower on class names: the class side of zero-shot and of the text heads.
 
 ViFi-CLIP (Rasheed et al., CVPR 2023) scores a video against a class by CLIP's logit scale times the
-cosine similarity of two L2-normalised vectors: the video's per-frame CLIP embeddings averaged over
+cosine similarity of two L2-normalised vectors (plus the model's logit bias, for SigLIP's towers): the video's per-frame CLIP embeddings averaged over
 frames, and the text tower's embedding of a prompt naming the class. The video side is in the cache
 (`embed`); this module gives the class side.
 
 - `load_text_tower` builds the open_clip model a cache (or run) names, checks its weights' sha256
   against the cache's, and keeps only the text tower: the image tower is dropped at once.
-- `TextTower` is open_clip's `CLIP.encode_text`, reimplemented so that token embeddings can be given
-  instead of token ids (learned prompts), with the same parameter names. Its transformer is causal,
+- `TextTower` is open_clip's `encode_text` (of `CLIP`, or of `CustomTextCLIP`'s text transformer, as
+  SigLIP, PE-Core and EVA-02 models have), reimplemented so that token embeddings can be given instead of
+  token ids (learned prompts), with the same parameter names, and with the model's own logits. Its transformer is causal,
   so the embedding at the end-of-text token depends only on the tokens before it: sequences are cut
   after the longest prompt's end-of-text token, which is exact and saves most of the 77 positions.
 - `ClassPrompts` turns class names into normalised class embeddings, either from templates ("a photo
@@ -30,6 +31,7 @@ from ..errors import BackboneError, EvlCacheError
 log = logging.getLogger(__name__)
 
 BARE_NAME = "{}"
+POOLS = ("argmax", "eos", "first", "last")  # where open_clip's text towers take the text embedding
 CONTEXT_WORD = "X"  # placeholder whose token embeddings the learned context vectors replace (as CoOp)
 
 
@@ -51,43 +53,57 @@ def read_templates(path: str | Path) -> list[str]:
 
 
 class TextTower(nn.Module):
-    """The text tower of an open_clip `CLIP` model: prompts (ids, or token embeddings) -> text embeddings.
+    """The text tower of an open_clip CLIP model: prompts (ids, or token embeddings) -> text embeddings.
 
     Parameter names are open_clip's own (`token_embedding.weight`, `positional_embedding`,
-    `transformer.resblocks.*`, `ln_final.*`, `text_projection`). CLIP's logit scale is kept as a
-    buffer (it never trains here).
+    `transformer.resblocks.*`, `ln_final.*`, `text_projection`). The model's logit scale and logit bias
+    (SigLIP's; None for CLIP's) are kept as buffers: they never train here.
     """
 
     def __init__(self, clip: nn.Module):
         super().__init__()
+        text = clip if hasattr(clip, "token_embedding") else getattr(clip, "text", None)  # CLIP / CustomTextCLIP
         needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
-        pool = getattr(clip, "text_pool_type", None)
-        if not all(hasattr(clip, name) for name in needed) or pool not in ("argmax", "eos"):
-            raise BackboneError(f"unsupported text tower ({type(clip).__name__}, pooling {pool!r}): the text heads "
-                                f"need an open_clip CLIP model with its own text transformer and end-of-text pooling")
-        self.token_embedding = clip.token_embedding
-        self.positional_embedding = clip.positional_embedding
-        self.transformer = clip.transformer
-        self.ln_final = clip.ln_final
-        self.text_projection = clip.text_projection
+        pool = getattr(text, "text_pool_type", getattr(text, "pool_type", None))
+        if (not all(hasattr(text, name) for name in needed) or pool not in POOLS
+                or getattr(text, "cls_emb", None) is not None or getattr(text, "use_pad_mask", False)):
+            raise BackboneError(f"unsupported text tower ({type(text).__name__}, pooling {pool!r}): the text heads "
+                                f"need an open_clip text transformer without a class token or padding mask, pooled "
+                                f"at one token ({', '.join(POOLS)})")
+        self.token_embedding = text.token_embedding
+        self.positional_embedding = text.positional_embedding
+        self.transformer = text.transformer
+        self.ln_final = text.ln_final
+        self.text_projection = text.text_projection
         self.pool_type = pool
-        self.eos_id = getattr(clip, "text_eos_id", None)
-        mask = getattr(clip, "attn_mask", None)
+        self.eos_id = getattr(text, "text_eos_id", getattr(text, "eos_id", None))
+        mask = getattr(text, "attn_mask", None)
         self.register_buffer("attn_mask", None if mask is None else mask.detach().clone(), persistent=False)
         length = self.positional_embedding.shape[0]
         self.causal = mask is not None and torch.equal(torch.isinf(mask[:length, :length]),
                                                        torch.ones(length, length, dtype=torch.bool).triu(1))
         self.register_buffer("logit_scale", clip.logit_scale.detach().clone().float(), persistent=False)
+        bias = getattr(clip, "logit_bias", None)
+        self.register_buffer("logit_bias", None if bias is None else bias.detach().clone().float(), persistent=False)
+
+    def logits(self, cosine: Tensor) -> Tensor:
+        """The model's own logits of cosine similarities: exp(logit_scale) * cosine (+ logit_bias)."""
+        logits = self.logit_scale.exp() * cosine
+        return logits if self.logit_bias is None else logits + self.logit_bias
 
     @property
     def width(self) -> int:
         return int(self.token_embedding.weight.shape[1])
 
     def pool_index(self, token_ids: Tensor) -> Tensor:
-        """Position of each prompt's end-of-text token (the highest id for CLIP's tokenizer)."""
+        """Position of the token each prompt's embedding is taken at: its end-of-text token (the highest id
+        for CLIP's tokenizer, or the tokenizer's end id), or the first or last position."""
         if self.pool_type == "argmax":
             return token_ids.argmax(dim=-1)
-        return (token_ids == self.eos_id).int().argmax(dim=-1)
+        if self.pool_type == "eos":
+            return (token_ids == self.eos_id).int().argmax(dim=-1)
+        position = 0 if self.pool_type == "first" else token_ids.shape[1] - 1
+        return torch.full((len(token_ids),), position, dtype=torch.long, device=token_ids.device)
 
     def forward(self, token_ids: Tensor, token_embeddings: Tensor | None = None) -> Tensor:
         """Text embeddings [K, E], not normalised, of K prompts.
@@ -198,7 +214,8 @@ class ClassPrompts(nn.Module):
         if self.context is not None and self._placeholder_context:
             placeholder = self.tokenizer([CONTEXT_WORD])[0, 1]
             if not (token_ids[:, 1:1 + self.context_tokens] == placeholder).all():
-                raise EvlCacheError("the tokenizer does not give one token per learned context position")
+                raise EvlCacheError("the tokenizer does not give one token per learned context position after a "
+                                    "start token (as CLIP's does): use --prompt-tokens 0 (templates) with this model")
         device = self.tower.positional_embedding.device
         self.register_buffer("token_ids", token_ids.to(device), persistent=False)
         self.class_names = list(class_names)
