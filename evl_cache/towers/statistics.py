@@ -1,8 +1,9 @@
 """A model of a trained CLIP tower's feature statistics, and the measures of them.
 
-Random weights give features with none of a trained tower's structure (design.md, "Trained towers are
-not random towers"). `add_clip_statistics` edits an open_clip ViT image tower's weights so that its
-features have two published properties, whatever weights it starts from:
+Random weights give features with none of a trained tower's structure (docs/storage.md, "Trained
+towers: outlier channels and attention sinks"). `add_clip_statistics` edits an open_clip ViT image
+tower's weights (OpenAI layout) so that its features have two published properties, whatever weights
+it starts from:
 
 - outlier channels (Sun et al. 2024; Crabbé et al. 2023): a few residual channels, 3 by default, hold
   values 50-500x the median channel's in every token from an early block on (a bias on that block's
