@@ -11,13 +11,8 @@ import torch
 
 import evl_cache.cache.calibration as calibration_module
 import evl_cache.cache.extract as extract_module
-from evl_cache.cache.calibration import (
-    block_channels,
-    calibration_record,
-    fit_channels,
-    token_errors,
-    warning,
-)
+from evl_cache.cache.calibration import block_channels, calibration_record, fit_channels, token_errors, warning
+from evl_cache.cache.dataset import CacheDataset, CacheLoader, model_inputs, select_features, usable_videos
 from evl_cache.cache.extract import ExtractConfig, extract
 from evl_cache.cache.store import DONE, PENDING, FeatureStore
 
@@ -114,3 +109,23 @@ def test_a_resumed_cache_keeps_its_calibration(sample_videos, tmp_path, monkeypa
         old, new = (np.asarray(store.array("scales/tokens/block_3")) for store in (a, b))
         np.testing.assert_allclose(new[4:8], old[4:8] / 2, rtol=1e-6)
         np.testing.assert_array_equal(new[:4], old[:4])  # the videos kept as they were
+
+
+@pytest.mark.parametrize("model, prefix", [("EVL-Tiny-SL2", 0), ("EVL-Tiny-Reg", 5)])
+def test_a_tower_with_other_prefix_tokens_is_calibrated_and_decodes(sample_videos, tmp_path, model, prefix):
+    """int4 on a SigLIP-like tower (no class token) and a register ViT (5 prefix tokens): every token of a
+    frame is calibrated and coded, the errors measured are within int4's bounds, and training reads
+    prefix + 16 tokens per frame back."""
+    out = tmp_path / "int4.zarr"
+    extract(ExtractConfig(out=out, videos=sample_videos, storage="int4", **{**OUTLIER_TINY, "model": model,
+                                                                           "pretrained": "none"}))
+    with FeatureStore(out) as store:
+        attrs = store.check_version()
+        videos = usable_videos(store, ("val",))
+    calibration = attrs["storage"]["calibration"]
+    assert [len(calibration["blocks"][b]["scale"]) for b in ("2", "3")] == [64, 64]
+    assert calibration_module.within("int4", calibration["errors"])
+    dataset = CacheDataset(out, videos, select_features(attrs, 2, None, 1, True), views="first")
+    tokens = model_inputs(next(iter(CacheLoader.sequential(dataset, 4))), torch.device("cpu"))[0]
+    assert [tuple(t.shape[2:]) for t in tokens] == [(prefix + 16, 64)] * 2
+    assert all(torch.isfinite(t).all() for t in tokens)

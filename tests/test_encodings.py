@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 import evl_cache.cache.encodings as encodings_module
 from evl_cache.apps.predict import PredictConfig, predict
-from evl_cache.cache.dataset import CacheDataset, CacheLoader, model_inputs, select_features, usable_videos
 from evl_cache.cache.calibration import block_channels, calibration_record, fit_channels, map_errors, token_errors
+from evl_cache.cache.dataset import CacheDataset, CacheLoader, model_inputs, select_features, usable_videos
 from evl_cache.cache.encodings import (
     ENCODINGS,
     LOG_RANGE,
