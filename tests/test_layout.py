@@ -30,7 +30,7 @@ PIPELINE = [
     "cache.extract", "cache.verify", "cache.info", "cache.dataset",
     # the decoder, its runs and metrics
     "decoder.model", "decoder.probes", "decoder.memory", "decoder.metrics", "decoder.run", "decoder.checkpoints",
-    "decoder.events", "decoder.train", "decoder.evaluate", "decoder.evl_checkpoints",
+    "decoder.events", "decoder.loop", "decoder.train", "decoder.evaluate", "decoder.evl_checkpoints",
     # what is built on both stages
     "apps.pages", "apps.results", "apps.predict", "apps.explain_pictures", "apps.explain", "apps.zeroshot",
     "apps.study", "apps.demo",
