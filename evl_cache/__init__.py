@@ -10,7 +10,8 @@ here that takes a config dataclass of the same options:
 
 The package reads as the pipeline: `video` (find, sample, decode) -> `towers` (the frozen CLIP
 towers) -> `cache` (the store, extraction, the dataset over it) -> `decoder` (the EVL decoder, train,
-evaluate) -> `apps` (predict, explain, zero-shot, studies and their pages, the demo).
+evaluate) -> `finetune` (ViFi-CLIP's training of the towers themselves, on decoded clips) -> `apps`
+(predict, explain, zero-shot, studies and their pages, the demo).
 """
 from .apps.demo import DemoConfig, run_demo
 from .apps.explain import ExplainConfig, ExplainSummary, explain
@@ -29,13 +30,16 @@ from .decoder.evaluate import EvalConfig, evaluate
 from .decoder.evl_checkpoints import ExportConfig, ImportConfig, export_evl, import_evl
 from .decoder.train import TrainConfig, TrainSummary, train
 from .errors import EvlCacheError
+from .finetune.finetune import FinetuneConfig, FinetuneSummary, finetune
 from .runtime import __version__
-from .towers.vificlip import VifiImportConfig, import_vificlip
+from .towers.vificlip import VifiExportConfig, VifiImportConfig, export_vificlip, import_vificlip
 
 __all__ = [
     "CacheDataset", "CacheLoader", "CachePlan", "CompareConfig", "DemoConfig", "EvalConfig", "EvlCacheError",
-    "ExplainConfig", "ExplainSummary", "ExportConfig", "ExtractConfig", "ExtractSummary", "FeatureStore", "ImportConfig", "InfoConfig", "PredictConfig",
+    "ExplainConfig", "ExplainSummary", "ExportConfig", "ExtractConfig", "ExtractSummary", "FeatureStore",
+    "FinetuneConfig", "FinetuneSummary", "ImportConfig", "InfoConfig", "PredictConfig",
     "Prediction", "RunRow", "StudyConfig", "TrainConfig", "TrainSummary", "VerifyConfig", "VerifyReport",
-    "VifiImportConfig", "ZeroShotConfig", "__version__", "compare", "evaluate", "explain", "export_evl", "extract", "import_evl",
+    "VifiExportConfig", "VifiImportConfig", "ZeroShotConfig", "__version__", "compare", "evaluate", "explain",
+    "export_evl", "export_vificlip", "extract", "finetune", "import_evl",
     "import_vificlip", "info", "plan", "predict", "run_demo", "run_study", "train", "verify", "zeroshot",
 ]

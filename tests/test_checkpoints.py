@@ -90,8 +90,10 @@ def test_metrics_keep_only_checkpointed_epochs(tmp_path):
     keep_finished_epochs(path, 1)
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1]
     path.write_text('{"event": "start", "val_top1": 0.25}\n' + '{"event": "epoch", "epoch": 0}\n{"event": "summary"}\n')
-    keep_finished_epochs(path, -1)  # killed before its first epoch was checkpointed: the evaluation before it stays
-    assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == ["start"]
+    keep_finished_epochs(path, 0)
+    assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == ["start", "epoch"]
+    keep_finished_epochs(path, -1)  # killed before its first checkpoint: the resumed run evaluates its start again
+    assert path.read_text() == ""
 
 
 class Note:

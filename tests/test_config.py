@@ -18,7 +18,8 @@ COMMAND_CONFIGS = {"extract": evl_cache.ExtractConfig, "plan": evl_cache.Extract
                    "predict": evl_cache.PredictConfig, "import-evl": evl_cache.ImportConfig,
                    "import-vificlip": evl_cache.VifiImportConfig, "export-evl": evl_cache.ExportConfig,
                    "run": evl_cache.StudyConfig, "compare": evl_cache.CompareConfig, "demo": evl_cache.DemoConfig,
-                   "info": evl_cache.InfoConfig, "verify": evl_cache.VerifyConfig, "explain": evl_cache.ExplainConfig}
+                   "info": evl_cache.InfoConfig, "verify": evl_cache.VerifyConfig, "explain": evl_cache.ExplainConfig,
+                   "finetune": evl_cache.FinetuneConfig, "export-vificlip": evl_cache.VifiExportConfig}
 
 
 def test_every_command_has_its_config_and_nothing_else():
@@ -116,6 +117,7 @@ def test_a_command_takes_another_commands_option_and_a_shared_option_its_own_def
     fields = {f.name: f for f in dataclasses.fields(Other)}
     assert fields["mode"].metadata["help"] == "mode" and fields["mode"].metadata["choices"] == ("a", "b")
     assert Other().names == [] and Other().mode == "a" and Other().views == 1
-    assert fields["views"].metadata["help"] == SHARED_OPTIONS["eval_views"]["help"] and fields["views"].metadata["shared"]
+    assert fields["views"].metadata["help"] == SHARED_OPTIONS["eval_views"]["help"]
+    assert fields["views"].metadata["shared"]
     with pytest.raises(EvlCacheError, match="must be one of a, b"):
         build_config(Other, {"mode": "c"})

@@ -27,6 +27,9 @@ RUN_FILES = ("config.json", "metrics.jsonl", "best.safetensors", "last.safetenso
              "eval_*.json", "per_class_*.csv", "confusion_*.png", "*.partial", "tensorboard", "towers.pt")
 
 
+CACHE_DIFFERS = "the cache differs from the one the run started on"
+
+
 def atomic_save(write: Callable[[Path], None], path: Path) -> None:
     """Write `path` through `write(temporary path)`, then rename it into place."""
     tmp = path.with_name(path.name + ".partial")
@@ -61,8 +64,7 @@ def check_run_folder(out: Path, protected: list[Path], overwrite: bool, resume: 
 
 
 def prepare_run_folder(out: Path, run_config: dict, overwrite: bool, resume: bool, resumable_changes: set[str],
-                       options: str = "train",
-                       inputs: tuple[str, str] = ("cache", "the cache differs from the one the run started on")) -> None:
+                       options: str = "train", inputs: tuple[str, str] = ("cache", CACHE_DIFFERS)) -> None:
     """Create the run folder, or check that a resumed one was started with the same options (those in
     `resumable_changes` may differ) and inputs. `options` names the run config's table of options,
     `inputs` its table holding the inputs' `fingerprint` and the reason given when it differs.
@@ -94,7 +96,8 @@ def prepare_run_folder(out: Path, run_config: dict, overwrite: bool, resume: boo
 def keep_finished_epochs(metrics_path: Path, last_epoch: int) -> None:
     """Drop what a killed run wrote to metrics.jsonl after its last checkpointed epoch (the epochs a
     resumed run redoes, a summary, a line the kill cut short), so that each epoch is there once. A
-    `start` record (the evaluation before the first epoch) stays."""
+    `start` record (the evaluation before the first epoch) stays once an epoch is finished (before that,
+    the resumed run makes it again)."""
     if not metrics_path.exists():
         return
     kept = []
@@ -103,7 +106,8 @@ def keep_finished_epochs(metrics_path: Path, last_epoch: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:  # only the last line can be cut short, and it is redone
             continue
-        if (record.get("event") == "epoch" and record["epoch"] <= last_epoch) or record.get("event") == "start":
+        finished = record.get("event") == "epoch" and record["epoch"] <= last_epoch
+        if finished or (record.get("event") == "start" and last_epoch >= 0):
             kept.append(line)
     atomic_save(lambda p: p.write_text("".join(line + "\n" for line in kept)), metrics_path)
 

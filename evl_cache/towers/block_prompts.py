@@ -43,6 +43,7 @@ class BlockPrompts(nn.Module):
             raise BackboneError(f"prompt token counts differ between blocks ({sorted(counts)})")
         self.tokens = counts.pop()
         self.first = first
+        self.trainable = trainable
         self.blocks = sorted(prompts)
         for block, tokens in prompts.items():
             if trainable:
@@ -51,12 +52,18 @@ class BlockPrompts(nn.Module):
                 self.register_buffer(f"block{block}", tokens.detach().clone(), persistent=False)
 
     def tensors(self) -> dict[int, Tensor]:
-        """{block: its tokens [n, width]}, detached, on the CPU, in float32 (as a weights file holds them)."""
-        return {block: getattr(self, f"block{block}").detach().cpu().float().clone() for block in self.blocks}
+        """{block: its tokens [n, width]} as the forward uses them (trainable ones rounded to float16), detached,
+        on the CPU, in float32: what a weights file holds."""
+        def used(tokens: Tensor) -> Tensor:
+            return tokens.half() if self.trainable else tokens
+        return {block: used(getattr(self, f"block{block}").detach().cpu()).float().clone() for block in self.blocks}
 
     def of(self, block: int, batch: int, like: Tensor) -> Tensor:
-        """Block `block`'s tokens expanded to [batch, n, width] in `like`'s dtype and device."""
-        return getattr(self, f"block{block}").to(like.dtype).expand(batch, -1, -1)
+        """Block `block`'s tokens expanded to [batch, n, width] in `like`'s dtype and device. Trainable
+        tokens pass through float16 first, as ViFi-CLIP's forward casts them (`.half()`), so what trains
+        is what a weights file holds (`tensors`) and ViFi-CLIP's code computes."""
+        tokens = getattr(self, f"block{block}")
+        return (tokens.half() if self.trainable else tokens).to(like.dtype).expand(batch, -1, -1)
 
     def replaced(self, x: Tensor, block: int, batch_first: bool) -> Tensor:
         """x with its prompt positions overwritten by block `block`'s tokens."""
