@@ -10,8 +10,8 @@ here that takes a config dataclass of the same options:
 
 The package reads as the pipeline: `video` (find, sample, decode) -> `towers` (the frozen CLIP
 towers) -> `cache` (the store, extraction, the dataset over it) -> `decoder` (the EVL decoder, train,
-evaluate) -> `finetune` (ViFi-CLIP's training of the towers themselves, on decoded clips) -> `apps`
-(predict, explain, zero-shot, studies and their pages, the demo).
+evaluate) -> `tuning` (`finetune`: ViFi-CLIP's training of the towers themselves, on decoded clips)
+-> `apps` (predict, explain, zero-shot, studies and their pages, the demo).
 """
 from .apps.demo import DemoConfig, run_demo
 from .apps.explain import ExplainConfig, ExplainSummary, explain
@@ -30,9 +30,9 @@ from .decoder.evaluate import EvalConfig, evaluate
 from .decoder.evl_checkpoints import ExportConfig, ImportConfig, export_evl, import_evl
 from .decoder.train import TrainConfig, TrainSummary, train
 from .errors import EvlCacheError
-from .finetune.finetune import FinetuneConfig, FinetuneSummary, finetune
 from .runtime import __version__
 from .towers.vificlip import VifiExportConfig, VifiImportConfig, export_vificlip, import_vificlip
+from .tuning.finetune import FinetuneConfig, FinetuneSummary, finetune
 
 __all__ = [
     "CacheDataset", "CacheLoader", "CachePlan", "CompareConfig", "DemoConfig", "EvalConfig", "EvlCacheError",

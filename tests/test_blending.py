@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from evl_cache.finetune.blending import Blending, cut_box, cut_mixed
+from evl_cache.tuning.blending import Blending, cut_box, cut_mixed
 
 
 def batch(size=4, frames=3):

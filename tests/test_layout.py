@@ -32,7 +32,7 @@ PIPELINE = [
     "decoder.model", "decoder.probes", "decoder.memory", "decoder.metrics", "decoder.run", "decoder.checkpoints",
     "decoder.events", "decoder.loop", "decoder.train", "decoder.evaluate", "decoder.evl_checkpoints",
     # fine-tuning the towers themselves, online on decoded clips
-    "finetune.vifi_model", "finetune.blending", "finetune.online_clips", "finetune.splits", "finetune.finetune",
+    "tuning.vifi_model", "tuning.blending", "tuning.online_clips", "tuning.splits", "tuning.finetune",
     # what is built on both stages
     "apps.pages", "apps.results", "apps.predict", "apps.explain_pictures", "apps.explain", "apps.zeroshot",
     "apps.study", "apps.demo",

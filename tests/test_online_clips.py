@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from evl_cache.cache.dataset import EpochBatches
-from evl_cache.finetune.online_clips import (
+from evl_cache.tuning.online_clips import (
     Augmentation,
     TrainingClips,
     clip_seed,

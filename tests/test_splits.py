@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from evl_cache.errors import DatasetError, EvlCacheError
-from evl_cache.finetune.splits import few_shots, splits_fingerprint, video_splits
+from evl_cache.tuning.splits import few_shots, splits_fingerprint, video_splits
 from evl_cache.video.find import VideoEntry, VideoList
 
 CLASSES = ["a", "b", "c", "d"]

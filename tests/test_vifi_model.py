@@ -13,8 +13,8 @@ from vifi_reference import (
 )
 
 from evl_cache.errors import EvlCacheError
-from evl_cache.finetune.vifi_model import PromptSpec, VideoCLIP
 from evl_cache.towers.backbone import load_clip
+from evl_cache.tuning.vifi_model import PromptSpec, VideoCLIP
 
 NAMES = ["slide_left", "red still", "x"]
 CLIP_NORMALISATION = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))

@@ -1,1 +1,0 @@
-"""Fine-tuning CLIP's towers online on decoded clips: ViFi-CLIP's training (`evl-cache finetune`)."""
