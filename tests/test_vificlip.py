@@ -30,7 +30,14 @@ from evl_cache.cli import main
 from evl_cache.errors import BackboneError, CheckpointError, EvlCacheError
 from evl_cache.towers.backbone import FrozenBackbone, adjacent_maps, load_clip
 from evl_cache.towers.text import ClassPrompts, TextTower
-from evl_cache.towers.vificlip import VifiImportConfig, import_vificlip, learned_prompt, prompt_class_names
+from evl_cache.towers.vificlip import (
+    VifiExportConfig,
+    VifiImportConfig,
+    export_vificlip,
+    import_vificlip,
+    learned_prompt,
+    prompt_class_names,
+)
 from evl_cache.video.clips import ClipSpec, read_video_clips
 
 # --- conversion -------------------------------------------------------------------------------------------
@@ -190,6 +197,55 @@ def test_missing_base_download_says_to_pass_a_file(tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]  # (open_clip logs its own)
     assert len(errors) == 1 and "vifi.pth: could not download OpenAI's CLIP weights for ViT-B-16-quickgelu" in errors[0]
     assert "pass --base /path/to/weights" in errors[0] and not (tmp_path / "o.pt").exists()
+
+
+# --- export in ViFi-CLIP's layout ---------------------------------------------------------------------------
+
+PROMPT_BUFFERS = ("module.prompt_learner.token_prefix", "module.prompt_learner.token_suffix",
+                  "module.prompt_learner.complete_text_embeddings")  # made from class names; ViFi-CLIP drops them
+
+
+def test_export_writes_what_vifi_clip_saved_back_in_its_names(tmp_path, base_file):
+    """A bridge-and-prompt checkpoint imported, then exported: ViFi-CLIP's own keys and tensors (its prompts
+    rounded to float16, as its forward rounds them), and the config entries its weights depend on."""
+    extra, context = bridge_and_prompt(seed=3, context_tokens=5)
+    checkpoint = write_checkpoint(tmp_path / "bp.pth", random_clip_state(seed=1), context=context, extra=extra)
+    import_vificlip(VifiImportConfig(checkpoint=tmp_path / "bp.pth", out=tmp_path / "bp.pt", base=str(base_file),
+                                     model=TINY))
+    exported = torch.load(export_vificlip(VifiExportConfig(weights=tmp_path / "bp.pt", out=tmp_path / "out.pth")),
+                          weights_only=True)
+    expected = {k: v for k, v in checkpoint.items() if k not in PROMPT_BUFFERS}
+    assert set(exported["model"]) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(exported["model"][key], value.half().float() if "VPT" in key else value), key
+    assert exported["config"]["TRAINER"]["ViFi_CLIP"] == {
+        "CTX_INIT": "a photo of a", "N_CTX_TEXT": 5, "N_CTX_VISION": 3, "PROMPT_DEPTH_TEXT": 2,
+        "PROMPT_DEPTH_VISION": 3, "PROMPT_MODEL": True}
+    write_checkpoint(tmp_path / "plain.pth", random_clip_state(seed=1), ctx_init="a video of a")
+    import_vificlip(VifiImportConfig(checkpoint=tmp_path / "plain.pth", out=tmp_path / "plain.pt",
+                                     base=str(base_file), model=TINY))
+    plain = torch.load(export_vificlip(VifiExportConfig(weights=tmp_path / "plain.pt", out=tmp_path / "p.pth")),
+                       weights_only=True)
+    assert plain["config"]["TRAINER"]["ViFi_CLIP"]["CTX_INIT"] == "a video of a"
+    assert plain["config"]["TRAINER"]["ViFi_CLIP"]["PROMPT_MODEL"] is False
+
+
+def test_export_refuses_what_vifi_clips_model_cannot_hold(tmp_path):
+    clip, _ = load_clip("EVL-Tiny-SL2", "none")  # SigLIP 2's towers: no place in OpenAI's CLIP
+    torch.save({"state_dict": clip.state_dict(), "vifi_clip": {"prompt_template": "a photo of a {}."}},
+               tmp_path / "siglip.pt")
+    with pytest.raises(CheckpointError, match="siglip.pt: .* has no place in ViFi-CLIP's model"):
+        export_vificlip(VifiExportConfig(weights=tmp_path / "siglip.pt", out=tmp_path / "a.pth"))
+    torch.save({"state_dict": random_clip_state(seed=1)}, tmp_path / "plain_open_clip.pt")
+    with pytest.raises(CheckpointError, match="plain_open_clip.pt: not a weights file of finetune or import-vificlip"):
+        export_vificlip(VifiExportConfig(weights=tmp_path / "plain_open_clip.pt", out=tmp_path / "b.pth"))
+    torch.save({"state_dict": random_clip_state(seed=1), "vifi_clip": {"prompt_template": "{} in a video"}},
+               tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="prompt template '{} in a video' is not ViFi-CLIP's"):
+        export_vificlip(VifiExportConfig(weights=tmp_path / "odd.pt", out=tmp_path / "c.pth"))
+    (tmp_path / "taken.pth").write_text("")
+    with pytest.raises(EvlCacheError, match="taken.pth: exists already"):
+        export_vificlip(VifiExportConfig(weights=tmp_path / "odd.pt", out=tmp_path / "taken.pth"))
 
 
 # --- zero-shot from the cache -----------------------------------------------------------------------------
