@@ -123,7 +123,7 @@ def test_bridge_and_prompt_changes_only_the_prompts_and_its_file_extracts_zero_s
     assert not torch.equal(record["text_context"], base["token_embedding.weight"][tokenizer_ids])  # it learned
     final = json.loads((out / "eval_val.json").read_text())["top1"]
     assert zeroshot_top1(sample_videos, out / "towers.pt", tmp_path, "prompted") == pytest.approx(final, abs=1 / 8)
-    exported = export_vificlip(VifiExportConfig(weights=out / "towers.pt", out=tmp_path / "vifi.pth"))
+    exported = export_vificlip(VifiExportConfig(towers=out / "towers.pt", out=tmp_path / "vifi.pth"))
     checkpoint = torch.load(exported, weights_only=True)
     assert checkpoint["config"]["TRAINER"]["ViFi_CLIP"] == {
         "CTX_INIT": "a photo of a", "N_CTX_TEXT": 3, "N_CTX_VISION": 2, "PROMPT_DEPTH_TEXT": 2,
@@ -216,6 +216,39 @@ def test_random_kills_resume_to_the_same_weights(sample_videos, tmp_path):
             assert all(torch.equal(resumed[k], expected[k]) for k in expected), (seed, name)
         events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert events == ["start", "epoch", "epoch", "epoch", "summary"], seed
+
+
+@pytest.mark.slow  # starts a torchrun job
+def test_two_processes_under_torchrun_train_what_one_process_trains(sample_videos, tmp_path):
+    """DDP over 2 processes (gloo), each step's global batch split into 2 micro-batches (no_sync on the
+    first): the weights and the evaluation of one process, up to the order of float sums. Without
+    mixup and cutmix, whose draws are each process's own."""
+    def args(out):
+        return ["finetune", "--videos", str(sample_videos), "--out", str(out), "--model", "EVL-Tiny", "--pretrained",
+                "none", "--frames", "4", "--epochs", "2", "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-3",
+                "--warmup-epochs", "1", "--mixup", "0", "--cutmix", "0", "--workers", "0"]
+
+    assert CliRunner().invoke(main, args(tmp_path / "one")).exit_code == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(29500 + os.getpid() % 1000), "-m", "evl_cache.cli", *args(tmp_path / "two")]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=180, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (load_file(tmp_path / run / "last.safetensors") for run in ("one", "two"))
+    base = base_state()
+    assert one.keys() == two.keys() and any(not torch.equal(one[k], base[k]) for k in one)  # it trained
+    for key, value in one.items():
+        if key.endswith("attn.in_proj_bias"):  # the key bias has no true gradient (softmax ignores it): AdamW
+            width = len(value) // 3  # turns the float noise of its gradient into lr-sized steps; leave it out
+            value, two[key] = torch.cat([value[:width], value[2 * width:]]), torch.cat([two[key][:width],
+                                                                                      two[key][2 * width:]])
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("one", "two")]
+    for a, b in zip(*records):
+        assert a["event"] == b["event"] and a.get("val_top1") == b.get("val_top1")
+        if a["event"] == "epoch":
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
 
 
 def test_base_to_novel_few_shot_runs_report_novel_classes(sample_videos, tmp_path):

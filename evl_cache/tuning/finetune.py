@@ -470,9 +470,9 @@ def _finetune(config: FinetuneConfig, process: Process, device: torch.device) ->
     splits = video_splits(videos, base, config.shots, config.val_fraction, config.seed)
     model, backbone = build_model(config, splits.class_names)
     run_config = run_record(config, splits, splits_fingerprint(videos, splits), backbone, model)
+    differ = "the videos, classes or base weights differ from the run's"
     on_main(process, lambda: prepare_run_folder(out, run_config, config.overwrite, config.resume, RESUMABLE_CHANGES,
-                                                options="finetune", inputs=("inputs", "the videos, classes or base "
-                                                                            "weights differ from the run's")))
+                                                options="finetune", inputs=("inputs", differ)))
     resumed = latest_state(out) if config.resume else None
     model.to(device)
     net = distributed(model, process, device, config.seed)
@@ -505,7 +505,7 @@ def _finetune(config: FinetuneConfig, process: Process, device: torch.device) ->
             best_top1 = _end_epoch(out, model, final, epoch, step, stats, best_top1, opt, rng_states, device, events)
     if events is not None:
         events.close()
-    if not final:  # resumed a run that had already finished: evaluate its last weights
+    if start_epoch >= opt.epochs:  # resumed a run that had already finished: evaluate its last weights
         final = evaluate(model)
     barrier(process)
     summary = FinetuneSummary(out, opt.epochs, step, time.perf_counter() - started, start, best_top1, final,
