@@ -212,7 +212,7 @@ def test_export_writes_what_vifi_clip_saved_back_in_its_names(tmp_path, base_fil
     checkpoint = write_checkpoint(tmp_path / "bp.pth", random_clip_state(seed=1), context=context, extra=extra)
     import_vificlip(VifiImportConfig(checkpoint=tmp_path / "bp.pth", out=tmp_path / "bp.pt", base=str(base_file),
                                      model=TINY))
-    exported = torch.load(export_vificlip(VifiExportConfig(weights=tmp_path / "bp.pt", out=tmp_path / "out.pth")),
+    exported = torch.load(export_vificlip(VifiExportConfig(towers=tmp_path / "bp.pt", out=tmp_path / "out.pth")),
                           weights_only=True)
     expected = {k: v for k, v in checkpoint.items() if k not in PROMPT_BUFFERS}
     assert set(exported["model"]) == set(expected)
@@ -224,7 +224,7 @@ def test_export_writes_what_vifi_clip_saved_back_in_its_names(tmp_path, base_fil
     write_checkpoint(tmp_path / "plain.pth", random_clip_state(seed=1), ctx_init="a video of a")
     import_vificlip(VifiImportConfig(checkpoint=tmp_path / "plain.pth", out=tmp_path / "plain.pt",
                                      base=str(base_file), model=TINY))
-    plain = torch.load(export_vificlip(VifiExportConfig(weights=tmp_path / "plain.pt", out=tmp_path / "p.pth")),
+    plain = torch.load(export_vificlip(VifiExportConfig(towers=tmp_path / "plain.pt", out=tmp_path / "p.pth")),
                        weights_only=True)
     assert plain["config"]["TRAINER"]["ViFi_CLIP"]["CTX_INIT"] == "a video of a"
     assert plain["config"]["TRAINER"]["ViFi_CLIP"]["PROMPT_MODEL"] is False
@@ -235,17 +235,17 @@ def test_export_refuses_what_vifi_clips_model_cannot_hold(tmp_path):
     torch.save({"state_dict": clip.state_dict(), "vifi_clip": {"prompt_template": "a photo of a {}."}},
                tmp_path / "siglip.pt")
     with pytest.raises(CheckpointError, match="siglip.pt: .* has no place in ViFi-CLIP's model"):
-        export_vificlip(VifiExportConfig(weights=tmp_path / "siglip.pt", out=tmp_path / "a.pth"))
+        export_vificlip(VifiExportConfig(towers=tmp_path / "siglip.pt", out=tmp_path / "a.pth"))
     torch.save({"state_dict": random_clip_state(seed=1)}, tmp_path / "plain_open_clip.pt")
     with pytest.raises(CheckpointError, match="plain_open_clip.pt: not a weights file of finetune or import-vificlip"):
-        export_vificlip(VifiExportConfig(weights=tmp_path / "plain_open_clip.pt", out=tmp_path / "b.pth"))
+        export_vificlip(VifiExportConfig(towers=tmp_path / "plain_open_clip.pt", out=tmp_path / "b.pth"))
     torch.save({"state_dict": random_clip_state(seed=1), "vifi_clip": {"prompt_template": "{} in a video"}},
                tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match="prompt template '{} in a video' is not ViFi-CLIP's"):
-        export_vificlip(VifiExportConfig(weights=tmp_path / "odd.pt", out=tmp_path / "c.pth"))
+        export_vificlip(VifiExportConfig(towers=tmp_path / "odd.pt", out=tmp_path / "c.pth"))
     (tmp_path / "taken.pth").write_text("")
     with pytest.raises(EvlCacheError, match="taken.pth: exists already"):
-        export_vificlip(VifiExportConfig(weights=tmp_path / "odd.pt", out=tmp_path / "taken.pth"))
+        export_vificlip(VifiExportConfig(towers=tmp_path / "odd.pt", out=tmp_path / "taken.pth"))
 
 
 # --- zero-shot from the cache -----------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def write_vifi_weights(out: Path, state_dict: dict[str, Tensor], record: dict,
 @dataclass
 class VifiExportConfig:
     """Options of `evl-cache export-vificlip`."""
-    weights: Path = option(None, "weights file written by finetune (RUN/towers.pt) or import-vificlip", argument=True)
+    towers: Path = option(None, "weights file written by finetune (RUN/towers.pt) or import-vificlip", argument=True)
     out: Path = option(None, "ViFi-CLIP checkpoint to write (.pth)")
 
 
@@ -290,21 +290,21 @@ def vifi_config(record: dict, prompts: dict[str, dict[int, Tensor]], source: Pat
 def export_vificlip(config: VifiExportConfig) -> Path:
     """Write a weights file (finetune's or import-vificlip's) as a ViFi-CLIP checkpoint, which ViFi-CLIP's
     code loads with MODEL.RESUME (and `import-vificlip` reads back)."""
-    if config.weights is None or config.out is None:
-        raise EvlCacheError("a WEIGHTS file and --out are required")
+    if config.towers is None or config.out is None:
+        raise EvlCacheError("a TOWERS file and --out are required")
     out = Path(config.out)
     if out.exists():
         raise EvlCacheError("exists already: choose another --out, or remove it", out)
-    contents = read_weights_file(config.weights)
+    contents = read_weights_file(config.towers)
     record = contents.get("vifi_clip")
     if not isinstance(contents.get("state_dict"), dict) or not isinstance(record, dict):
         raise CheckpointError("not a weights file of finetune or import-vificlip (no state_dict and vifi_clip "
-                              "record)", config.weights)
+                              "record)", config.towers)
     prompts = contents.get("prompts") or {}
-    state = vifi_checkpoint_state(contents["state_dict"], record, prompts, config.weights)
+    state = vifi_checkpoint_state(contents["state_dict"], record, prompts, config.towers)
     checkpoint = {"model": {k: v.detach().clone() for k, v in state.items()},
-                  "config": vifi_config(record, prompts, config.weights)}
+                  "config": vifi_config(record, prompts, config.towers)}
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, out)
-    log.info("export-vificlip: wrote %s (%d tensors in ViFi-CLIP's names, from %s)", out, len(state), config.weights)
+    log.info("export-vificlip: wrote %s (%d tensors in ViFi-CLIP's names, from %s)", out, len(state), config.towers)
     return out
