@@ -13,6 +13,10 @@ one GPU; each figure against a baseline from the same run.
   cache files whole (both from the page cache);
 - memory: a training step's peak GPU memory per clip (torch.cuda.max_memory_allocated at two
   micro-batches) against `evl_cache.decoder.memory`'s estimate;
+- fine-tuning: `finetune`'s model (ViFi-CLIP's, `--tune both`: both towers, 16 frames, 400 class prompts
+  through the text tower every step) taking AdamW steps on a batch of clips in GPU memory, without and
+  with activation checkpointing: clips/s and peak GPU memory, against the frozen backbone's forward of
+  the same clips (what extraction pays once per clip);
 - torchrun: one-process extraction and training under torchrun (NCCL on a GPU) against the same in this
   process: equal caches and weights, and the seconds (torchrun's include its start).
 
@@ -64,6 +68,7 @@ from evl_cache.decoder.memory import step_memory  # noqa: E402
 from evl_cache.decoder.run import build_model, load_run, run_selection  # noqa: E402
 from evl_cache.decoder.train import TrainConfig, train  # noqa: E402
 from evl_cache.towers.backbone import FrozenBackbone, load_clip  # noqa: E402
+from evl_cache.tuning import finetune as tuning  # noqa: E402
 
 FLOAT16_ROUNDOFF = 2.0**-11
 MAP_BOUND = 1e-3
@@ -86,11 +91,12 @@ class Sizes:
     epochs: int
     steps: int
     memory_batches: tuple[int, int]
+    finetune: tuple[int, int, int]  # fine-tuning's frames per clip, clips per step, classes
 
 
 FULL = Sizes("ViT-B-16", 8, 16, 4, 192, (VIDEO_HEIGHT, VIDEO_WIDTH, VIDEO_SECONDS, VIDEO_FPS), 8, 512,
-             (128, 170, 5.0, 25), 32, 64, 3, 20, (16, 48))
-TINY = Sizes("EVL-Tiny", 4, 3, 2, 6, (40, 52, 1.0, 24), 2, 12, (40, 52, 1.0, 24), 4, 4, 2, 3, (2, 4))
+             (128, 170, 5.0, 25), 32, 64, 3, 20, (16, 48), (16, 8, 400))
+TINY = Sizes("EVL-Tiny", 4, 3, 2, 6, (40, 52, 1.0, 24), 2, 12, (40, 52, 1.0, 24), 4, 4, 2, 3, (2, 4), (4, 2, 4))
 
 
 def synchronize(device: torch.device) -> None:
@@ -131,12 +137,12 @@ def cli_args(options: dict) -> list[str]:
     return [part for name, value in options.items() for part in ("--" + name.replace("_", "-"), str(value))]
 
 
-def backbone_clips_per_second(sizes: Sizes, device: torch.device) -> float:
-    """The frozen backbone alone on a batch of clips already on `device`, as extraction runs it."""
+def backbone_clips_per_second(sizes: Sizes, device: torch.device, frames: int, batch: int) -> float:
+    """The frozen backbone alone on a batch of `batch` clips of `frames` frames already on `device`, as
+    extraction runs it."""
     clip, spec = load_clip(sizes.model, "none", None, "cpu", seed=0)
     backbone = FrozenBackbone(clip.visual, sizes.blocks, spec.mean, spec.std).to(device)
-    size = spec.image_size
-    clips = torch.randint(0, 256, (sizes.extract_batch, sizes.frames, 3, size, size), dtype=torch.uint8, device=device)
+    clips = random_clips(batch, frames, spec.image_size, device)
     with autocast(device):
         backbone(clips)
         synchronize(device)
@@ -144,12 +150,16 @@ def backbone_clips_per_second(sizes: Sizes, device: torch.device) -> float:
             for _ in range(sizes.steps):
                 backbone(clips)
             synchronize(device)
-    return sizes.steps * sizes.extract_batch / timer.seconds
+    return sizes.steps * batch / timer.seconds
+
+
+def random_clips(batch: int, frames: int, size: int, device: torch.device) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, frames, 3, size, size), dtype=torch.uint8, device=device)
 
 
 def extraction_phase(sizes: Sizes, videos: Path, work: Path, device: torch.device, settings: dict) -> None:
     summary = extract(ExtractConfig(videos=videos, out=work / "extract.zarr", **extract_options(sizes, str(device))))
-    baseline = backbone_clips_per_second(sizes, device)
+    baseline = backbone_clips_per_second(sizes, device, sizes.frames, sizes.extract_batch)
     print_result("gpu", f"extraction clips/s, {sizes.model} {sizes.frames}x{sizes.stride}, {summary.clips} Kinetics-"
                  f"like clips, {os.cpu_count()} decode workers, vs the backbone alone on clips in {device.type} memory",
                  summary.clips_per_second, baseline, "clips/s", "ours/baseline", "", None, None, settings)
@@ -294,6 +304,36 @@ def memory_phase(cache: Path, run: Path, sizes: Sizes, device: torch.device, set
                  measured_fixed_gb=(peaks[small] - small * measured) / 1e9)
 
 
+def finetune_phase(sizes: Sizes, device: torch.device, settings: dict) -> None:
+    """Fine-tuning steps of both towers on a batch in `device` memory, without and with activation
+    checkpointing, against the frozen backbone's forward of the same clips."""
+    frames, batch, classes = sizes.finetune
+    baseline = backbone_clips_per_second(sizes, device, frames, batch)
+    for checkpointing in (False, True):
+        config = tuning.FinetuneConfig(model=sizes.model, pretrained="none", frames=frames, grad_checkpointing=checkpointing)
+        model, backbone = tuning.build_model(config, [f"class {i}" for i in range(classes)])
+        model = model.to(device).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+        clips = random_clips(batch, frames, backbone["image_size"], device)
+        inputs, labels = (model.pixels(clips),), torch.arange(batch, device=device) % classes
+        train_step(model, optimizer, scaler, inputs, labels, device)  # AdamW's state made
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with Timer() as timer:
+            for _ in range(sizes.steps):
+                train_step(model, optimizer, scaler, inputs, labels, device)
+            synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        print(f"fine-tuning, activation checkpointing {'on' if checkpointing else 'off'}: peak {device.type} memory "
+              + (f"{peak:.2f} GB" if peak is not None else f"not measured on a GPU (this run is on {device})"))
+        print_result("gpu", f"fine-tuning clips/s ({sizes.model}, --tune both, {frames} frames, {batch} clips a step, "
+                     f"{classes} classes{', activation checkpointing' if checkpointing else ''}) vs the frozen "
+                     f"backbone's forward of the same clips", sizes.steps * batch / timer.seconds, baseline,
+                     "clips/s", "ours/baseline", "", None, None, settings, peak_memory_gb=peak)
+        del model, optimizer
+
+
 def torchrun(work: Path, args: argparse.Namespace) -> float:
     """Seconds of this script's `--joined WORK` part under torchrun with one process; it must succeed."""
     with socket.socket() as probe:
@@ -361,6 +401,7 @@ def main() -> int:
         cache, run = training_phase(sizes, work, device, settings)
         loader_phase(cache, run, sizes, device, settings)
         memory_phase(cache, run, sizes, device, settings)
+        finetune_phase(sizes, device, settings)
         right = torchrun_phase(sizes, work, device, args, settings)
     print(load_line())
     return 0 if right else 1

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import machine, read_result  # noqa: E402
 
-SCRIPTS = ["decoder", "extract", "epoch", "loader", "text_head", "study", "scale", "join"]
+SCRIPTS = ["decoder", "extract", "epoch", "loader", "text_head", "study", "scale", "join", "finetune"]
 ON_REQUEST = ["storage"]  # run only when named: bench_storage.py trains every option on two datasets, 3 seeds each (about 45 minutes here)
 COLUMNS = ("question", "ours", "baseline", "ratio", "goal", "load")
 

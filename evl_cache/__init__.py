@@ -10,7 +10,8 @@ here that takes a config dataclass of the same options:
 
 The package reads as the pipeline: `video` (find, sample, decode) -> `towers` (the frozen CLIP
 towers) -> `cache` (the store, extraction, the dataset over it) -> `decoder` (the EVL decoder, train,
-evaluate) -> `apps` (predict, explain, zero-shot, studies and their pages, the demo).
+evaluate) -> `tuning` (`finetune`: ViFi-CLIP's training of the towers themselves, on decoded clips)
+-> `apps` (predict, explain, zero-shot, studies and their pages, the demo).
 """
 from .apps.demo import DemoConfig, run_demo
 from .apps.explain import ExplainConfig, ExplainSummary, explain
@@ -30,12 +31,15 @@ from .decoder.evl_checkpoints import ExportConfig, ImportConfig, export_evl, imp
 from .decoder.train import TrainConfig, TrainSummary, train
 from .errors import EvlCacheError
 from .runtime import __version__
-from .towers.vificlip import VifiImportConfig, import_vificlip
+from .towers.vificlip import VifiExportConfig, VifiImportConfig, export_vificlip, import_vificlip
+from .tuning.finetune import FinetuneConfig, FinetuneSummary, finetune
 
 __all__ = [
     "CacheDataset", "CacheLoader", "CachePlan", "CompareConfig", "DemoConfig", "EvalConfig", "EvlCacheError",
-    "ExplainConfig", "ExplainSummary", "ExportConfig", "ExtractConfig", "ExtractSummary", "FeatureStore", "ImportConfig", "InfoConfig", "PredictConfig",
+    "ExplainConfig", "ExplainSummary", "ExportConfig", "ExtractConfig", "ExtractSummary", "FeatureStore",
+    "FinetuneConfig", "FinetuneSummary", "ImportConfig", "InfoConfig", "PredictConfig",
     "Prediction", "RunRow", "StudyConfig", "TrainConfig", "TrainSummary", "VerifyConfig", "VerifyReport",
-    "VifiImportConfig", "ZeroShotConfig", "__version__", "compare", "evaluate", "explain", "export_evl", "extract", "import_evl",
+    "VifiExportConfig", "VifiImportConfig", "ZeroShotConfig", "__version__", "compare", "evaluate", "explain",
+    "export_evl", "export_vificlip", "extract", "finetune", "import_evl",
     "import_vificlip", "info", "plan", "predict", "run_demo", "run_study", "train", "verify", "zeroshot",
 ]

@@ -22,19 +22,23 @@ from . import (
     ExplainConfig,
     ExportConfig,
     ExtractConfig,
+    FinetuneConfig,
     ImportConfig,
     InfoConfig,
     PredictConfig,
     StudyConfig,
     TrainConfig,
     VerifyConfig,
+    VifiExportConfig,
     VifiImportConfig,
     ZeroShotConfig,
     compare,
     evaluate,
     explain,
     export_evl,
+    export_vificlip,
     extract,
+    finetune,
     import_evl,
     import_vificlip,
     info,
@@ -198,6 +202,22 @@ def import_evl_command(config: ImportConfig) -> None:
 def import_vificlip_command(config: VifiImportConfig) -> None:
     """Convert a ViFi-CLIP checkpoint into an open_clip weights file for extract --pretrained."""
     click.echo(import_vificlip(config).line())
+
+
+@command("finetune", FinetuneConfig)
+def finetune_command(config: FinetuneConfig) -> None:
+    """Fine-tune CLIP's image and text towers on videos, ViFi-CLIP's way (or, with --tune none and prompt tokens,
+    learn only prompts: bridge and prompt), decoding clips online; writes RUN/towers.pt for extract --pretrained."""
+    summary = finetune(config)
+    if is_main_process():
+        click.echo(summary.line())
+
+
+@command("export-vificlip", VifiExportConfig)
+def export_vificlip_command(config: VifiExportConfig) -> None:
+    """Write a weights file of finetune or import-vificlip as a ViFi-CLIP checkpoint (its code loads it with
+    MODEL.RESUME)."""
+    click.echo(f"export-vificlip: wrote {export_vificlip(config)}")
 
 
 @command("export-evl", ExportConfig)

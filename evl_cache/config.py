@@ -46,9 +46,20 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, f
     return dataclasses.field(default=default, metadata=meta)
 
 
-def shared(name: str) -> Any:
-    """The field of an option several commands share (`SHARED_OPTIONS`)."""
-    return option(**SHARED_OPTIONS[name], shared=True)
+def shared(name: str, default: Any = dataclasses.MISSING) -> Any:
+    """The field of an option several commands share (`SHARED_OPTIONS`); `default` sets another default
+    for one command, its meaning and help staying the shared ones."""
+    values = SHARED_OPTIONS[name] if default is dataclasses.MISSING else {**SHARED_OPTIONS[name], "default": default}
+    return option(**values, shared=True)
+
+
+def option_of(cls: type, name: str) -> Any:
+    """Another command's option `name` (a field of the config dataclass `cls`) with its default, help
+    and choices, for a command that takes the same input the same way (say, `extract`'s video inputs)."""
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+    meta = field.metadata
+    return option(default, meta["help"], choices=meta["choices"], flag=meta["flag"], argument=meta["argument"])
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:

@@ -58,3 +58,19 @@ def test_a_weights_file_names_its_prompts(tmp_path):
     torch.save({"prompts": {"audio": {}}}, bad)
     with pytest.raises(BackboneError, match="must map image and/or text"):
         read_block_prompts(bad)
+
+
+def test_trainable_prompts_are_parameters_that_learn_and_fixed_ones_are_not_saved():
+    clip = _visual()
+    width, text_width = int(clip.visual.transformer.width), int(clip.transformer.width)
+    fixed = attach_image_prompts(clip.visual, {0: torch.randn(2, width)})
+    assert list(fixed.parameters()) == [] and "block_prompts.block0" not in "".join(clip.visual.state_dict())
+    clip = _visual()
+    image = attach_image_prompts(clip.visual, {0: torch.zeros(2, width), 1: torch.zeros(2, width)}, trainable=True)
+    text = attach_text_prompts(clip, {1: torch.zeros(2, text_width)}, trainable=True)
+    names = {name for name, _ in clip.named_parameters()}
+    assert {"visual.block_prompts.block0", "visual.block_prompts.block1", "transformer.block_prompts.block1"} <= names
+    clip.visual(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    assert image.block0.grad.abs().sum() > 0 and image.block1.grad.abs().sum() > 0  # both reach the output
+    assert set(image.tensors()) == {0, 1} and image.tensors()[1].requires_grad is False
+    assert text.tensors()[1].shape == (2, text_width)

@@ -62,6 +62,16 @@ def test_a_resume_with_other_options_is_refused(tmp_path):
         prepare_run_folder(run, {"train": {"epochs": 3}, "cache": {"fingerprint": "b"}}, False, True, {"workers"})
 
 
+def test_a_run_of_another_command_names_its_own_options_and_inputs(tmp_path):
+    run, inputs = tmp_path / "run", ("inputs", "the videos differ")
+    first = {"finetune": {"epochs": 3}, "inputs": {"fingerprint": "a"}}
+    prepare_run_folder(run, first, False, False, set(), options="finetune", inputs=inputs)
+    prepare_run_folder(run, first, False, True, set(), options="finetune", inputs=inputs)
+    with pytest.raises(CheckpointError, match="epochs: run has 3, asked for 4; the videos differ"):
+        prepare_run_folder(run, {"finetune": {"epochs": 4}, "inputs": {"fingerprint": "b"}}, False, True, set(),
+                           options="finetune", inputs=inputs)
+
+
 def test_checkpoints_keep_the_last_finished_epoch_only(tmp_path):
     run = tmp_path / "run"
     prepare_run_folder(run, {"train": {}, "cache": {"fingerprint": "a"}}, False, False, set())
@@ -79,6 +89,11 @@ def test_metrics_keep_only_checkpointed_epochs(tmp_path):
                     + '{"event": "summary"}\n{"event": "epo')
     keep_finished_epochs(path, 1)
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [0, 1]
+    path.write_text('{"event": "start", "val_top1": 0.25}\n' + '{"event": "epoch", "epoch": 0}\n{"event": "summary"}\n')
+    keep_finished_epochs(path, 0)
+    assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == ["start", "epoch"]
+    keep_finished_epochs(path, -1)  # killed before its first checkpoint: the resumed run evaluates its start again
+    assert path.read_text() == ""
 
 
 class Note:

@@ -10,7 +10,7 @@ import pytest
 
 import evl_cache
 from evl_cache.cli import main
-from evl_cache.config import SHARED_OPTIONS, build_config, click_options, load_config, option, shared
+from evl_cache.config import SHARED_OPTIONS, build_config, click_options, load_config, option, option_of, shared
 from evl_cache.errors import EvlCacheError
 
 COMMAND_CONFIGS = {"extract": evl_cache.ExtractConfig, "plan": evl_cache.ExtractConfig,
@@ -18,7 +18,8 @@ COMMAND_CONFIGS = {"extract": evl_cache.ExtractConfig, "plan": evl_cache.Extract
                    "predict": evl_cache.PredictConfig, "import-evl": evl_cache.ImportConfig,
                    "import-vificlip": evl_cache.VifiImportConfig, "export-evl": evl_cache.ExportConfig,
                    "run": evl_cache.StudyConfig, "compare": evl_cache.CompareConfig, "demo": evl_cache.DemoConfig,
-                   "info": evl_cache.InfoConfig, "verify": evl_cache.VerifyConfig, "explain": evl_cache.ExplainConfig}
+                   "info": evl_cache.InfoConfig, "verify": evl_cache.VerifyConfig, "explain": evl_cache.ExplainConfig,
+                   "finetune": evl_cache.FinetuneConfig, "export-vificlip": evl_cache.VifiExportConfig}
 
 
 def test_every_command_has_its_config_and_nothing_else():
@@ -104,3 +105,19 @@ def test_every_annotation_is_a_type_the_cli_reads():
             args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
             base = typing.get_origin(args[0]) or args[0]
             assert base in readable, f"{cls.__name__}.{name}: {hint}"
+
+
+def test_a_command_takes_another_commands_option_and_a_shared_option_its_own_default():
+    @dataclasses.dataclass
+    class Other:
+        names: list[str] = option_of(_Example, "names")
+        mode: str = option_of(_Example, "mode")
+        views: int = shared("eval_views", default=1)
+
+    fields = {f.name: f for f in dataclasses.fields(Other)}
+    assert fields["mode"].metadata["help"] == "mode" and fields["mode"].metadata["choices"] == ("a", "b")
+    assert Other().names == [] and Other().mode == "a" and Other().views == 1
+    assert fields["views"].metadata["help"] == SHARED_OPTIONS["eval_views"]["help"]
+    assert fields["views"].metadata["shared"]
+    with pytest.raises(EvlCacheError, match="must be one of a, b"):
+        build_config(Other, {"mode": "c"})

@@ -19,10 +19,13 @@ def test_the_gpu_benchmark_runs_every_phase_on_a_cpu(tmp_path):
     questions = [record["question"].split(",")[0].split(":")[0] for record in records]
     assert questions == ["extraction clips/s", "cpu cache vs the CPU's", "cpu cache vs the CPU's",
                          "training clips/s from the cache (4 clips a step", "loader GB/s",
+                         "fine-tuning clips/s (EVL-Tiny", "fine-tuning clips/s (EVL-Tiny",
                          "one-process torchrun (gloo) extract + train of 2 videos vs the training in this process"]
     assert all(record["ours"] > 0 and record["baseline"] > 0 for i, record in enumerate(records) if i not in (1, 2))
     assert [record["ours"] for record in records[1:3]] == [0.0, 0.0]  # the same device twice: the same cache
     assert records[-1]["details"] == {"same_cache": True, "same_weights": True}
     assert "memory: not measured on a GPU (this run is on cpu); an estimate of" in result.stdout
+    assert ["activation checkpointing" in record["question"] for record in records[5:7]] == [False, True]
+    assert [record["details"]["peak_memory_gb"] for record in records[5:7]] == [None, None]  # not on a CPU
     assert "GPU none" in result.stdout.splitlines()[0]
     assert list(tmp_path.iterdir()) == []  # its temporary folder is gone

@@ -30,7 +30,9 @@ PIPELINE = [
     "cache.writer", "cache.extract", "cache.verify", "cache.info", "cache.dataset",
     # the decoder, its runs and metrics
     "decoder.model", "decoder.probes", "decoder.memory", "decoder.metrics", "decoder.run", "decoder.checkpoints",
-    "decoder.events", "decoder.train", "decoder.evaluate", "decoder.evl_checkpoints",
+    "decoder.events", "decoder.loop", "decoder.train", "decoder.evaluate", "decoder.evl_checkpoints",
+    # fine-tuning the towers themselves, online on decoded clips
+    "tuning.vifi_model", "tuning.blending", "tuning.online_clips", "tuning.splits", "tuning.finetune",
     # what is built on both stages
     "apps.pages", "apps.results", "apps.predict", "apps.explain_pictures", "apps.explain", "apps.zeroshot",
     "apps.study", "apps.demo",
@@ -97,6 +99,7 @@ def test_the_public_api_has_every_command_with_its_config():
                              ("predict", "PredictConfig"), ("zeroshot", "ZeroShotConfig"), ("run_study", "StudyConfig"),
                              ("compare", "CompareConfig"), ("import_evl", "ImportConfig"), ("export_evl", "ExportConfig"),
                              ("import_vificlip", "VifiImportConfig"), ("run_demo", "DemoConfig"),
-                             ("explain", "ExplainConfig")):
+                             ("explain", "ExplainConfig"), ("finetune", "FinetuneConfig"),
+                             ("export_vificlip", "VifiExportConfig")):
         assert callable(getattr(evl_cache, function)), function
         assert dataclasses.is_dataclass(getattr(evl_cache, config)), config

@@ -18,10 +18,7 @@ import evl_cache.decoder.train as train_module
 from evl_cache.cache.store import FeatureStore
 from evl_cache.cli import main
 from evl_cache.decoder.memory import USABLE_SHARE, StepMemory
-from evl_cache.decoder.model import DecoderConfig, EVLModel
-from evl_cache.decoder.run import saved_weights
 from evl_cache.decoder.train import TrainConfig, train
-from evl_cache.distributed import Process
 from evl_cache.errors import CacheError, EvlCacheError
 
 FAST = dict(batch_size=8, lr=3e-3, mlp_dropout=0.0, head_dropout=0.0, workers=0, heads=2)
@@ -287,38 +284,6 @@ def test_a_micro_batch_that_does_not_fit_is_split_and_a_resume_keeps_the_split(d
     monkeypatch.setattr(train_module, "device_memory_available", lambda device: 10**12)
     train(dataclasses.replace(config, resume=True))
     _assert_same_weights(config.out, halves.out)
-
-
-def test_a_cpu_run_resumed_on_cuda_starts_its_loss_scaler_afresh(tmp_path):
-    """A CPU run's disabled scaler saved {}: an enabled one (CUDA's, here the CPU's own) keeps its start."""
-    config = TrainConfig(features=tmp_path, out=tmp_path, batch_size=8)
-    model = EVLModel(DecoderConfig(width=16, grid=(2, 2), frames=2, num_classes=3, layers=1, heads=2))
-    opt = train_module._optimisation(config, model, 16, torch.device("cpu"), 1)
-    resumed = {"weights": saved_weights(model), "optimizer": opt.optimizer.state_dict(), "step": 2,
-               "schedule": opt.schedule.state_dict(), "scaler": opt.scaler.state_dict(), "epoch": 0,
-               "best_top1": 0.5, "rng": [{"cpu": torch.get_rng_state(), "cuda": None}], "device": "cpu"}
-    assert resumed["scaler"] == {}
-    enabled = dataclasses.replace(opt, scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
-    assert train_module._restore(resumed, tmp_path, model, enabled, Process(), torch.device("cpu"), 0) == (1, 2, 0.5)
-    assert enabled.scaler.get_scale() == 1024.0
-
-
-def test_cuda_generators_are_saved_and_restored(monkeypatch):
-    """Dropout on CUDA draws from the device's generator: a checkpoint holds it, a resume sets it, and a
-    checkpoint without one (a CPU run's) seeds it from (seed, epoch, rank)."""
-    cuda = torch.device("cuda", 1)
-    calls = []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.full((4,), device.index, dtype=torch.uint8))
-    monkeypatch.setattr(torch.cuda, "set_rng_state",
-                        lambda state, device: calls.append(("set", state.tolist(), device)))
-    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("seed", seed)))
-    saved = train_module._rng_state(cuda)
-    assert saved["cpu"].equal(torch.get_rng_state()) and saved["cuda"].tolist() == [1, 1, 1, 1]
-    assert train_module._rng_state(torch.device("cpu"))["cuda"] is None
-    train_module._restore_rng(saved, cuda, 7, 3, 1)
-    train_module._restore_rng({"cpu": saved["cpu"], "cuda": None}, cuda, 7, 3, 1)
-    train_module._restore_rng(saved, torch.device("cpu"), 7, 3, 1)  # a GPU run resumed on a CPU: the CPU's only
-    assert calls == [("set", [1, 1, 1, 1], cuda), ("seed", 7 * 1_000_003 + 3 * 7_919 + 1)]
 
 
 @pytest.mark.parametrize("head, reads", [("attentive-probe", {"tokens/block_3"}), ("linear-probe", {"embed"})])

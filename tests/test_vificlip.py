@@ -1,11 +1,6 @@
-"""ViFi-CLIP checkpoints: conversion to open_clip weights, zero-shot with learned prompts, refusals.
-
-The checkpoints are made here in ViFi-CLIP's layout (`model` -> `module.image_encoder.*`,
-`module.text_encoder.*`, `module.logit_scale`, `module.prompt_learner.*`, beside a pickled config object
-of a class torch does not allow), from a tiny open_clip model with every tensor random. The reference
-is ViFi-CLIP's forward written out here from those tensors: its image encoder (OpenAI's ViT, QuickGELU,
-sequence-first attention), its text encoder on prompt embeddings, their deep prompts ("bridge and
-prompt" models), and its logits.
+"""ViFi-CLIP checkpoints: conversion to open_clip weights, zero-shot with learned prompts, export in ViFi-CLIP's
+layout, refusals. The reference is ViFi-CLIP's forward written out from a checkpoint's own tensors
+(`vifi_reference`).
 """
 import json
 
@@ -15,6 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from vifi_reference import (
+    IMAGENET,
+    TINY,
+    _layer_norm,
+    _prompted,
+    bridge_and_prompt,
+    random_clip_state,
+    vifi_image_features,
+    vifi_prompt_embeddings,
+    vifi_text_features,
+    write_checkpoint,
+)
 
 from evl_cache.apps.zeroshot import ZeroShotConfig, zeroshot, zeroshot_scores
 from evl_cache.cache.extract import ExtractConfig, extract
@@ -23,150 +30,15 @@ from evl_cache.cli import main
 from evl_cache.errors import BackboneError, CheckpointError, EvlCacheError
 from evl_cache.towers.backbone import FrozenBackbone, adjacent_maps, load_clip
 from evl_cache.towers.text import ClassPrompts, TextTower
-from evl_cache.towers.vificlip import VifiImportConfig, import_vificlip, learned_prompt, prompt_class_names
+from evl_cache.towers.vificlip import (
+    VifiExportConfig,
+    VifiImportConfig,
+    export_vificlip,
+    import_vificlip,
+    learned_prompt,
+    prompt_class_names,
+)
 from evl_cache.video.clips import ClipSpec, read_video_clips
-
-TINY = "EVL-Tiny"  # vision: width 64, 2 heads, 4 blocks, patch 8, 32 px; text: width 32, 2 heads, 2 blocks
-IMAGENET = dict(mean="0.485,0.456,0.406", std="0.229,0.224,0.225")
-
-
-class CfgNode(dict):
-    """Stands for ViFi-CLIP's yacs config: a dict subclass with attributes, pickled beside the weights."""
-
-    def __init__(self, values):
-        super().__init__(values)
-        self.__dict__["frozen"] = True
-
-
-def random_clip_state(seed: int) -> dict[str, torch.Tensor]:
-    """A tiny open_clip CLIP's state dict with every tensor (LayerNorms, logit scale too) random."""
-    clip, _ = load_clip(TINY, "none", seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    return {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in clip.state_dict().items()}
-
-
-def vifi_layout(clip_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenAI/open_clip names -> ViFi-CLIP's DDP state dict names (the token embedding is not saved)."""
-    state = {}
-    for key, value in clip_state.items():
-        if key.startswith("visual."):
-            state["module.image_encoder." + key[len("visual."):]] = value
-        elif key == "logit_scale":
-            state["module.logit_scale"] = value
-        elif key != "token_embedding.weight":
-            state["module.text_encoder." + key] = value
-    return state
-
-
-def write_checkpoint(path, clip_state, context=None, ctx_init="a photo of a", extra=None):
-    """A ViFi-CLIP checkpoint as its epoch_saving writes it; `context` adds prompt_learner.ctx."""
-    model = vifi_layout(clip_state)
-    width = clip_state["token_embedding.weight"].shape[1]
-    if context is not None:
-        model["module.prompt_learner.ctx"] = context
-        model["module.prompt_learner.token_prefix"] = torch.zeros(3, 1, width)
-        model["module.prompt_learner.token_suffix"] = torch.zeros(3, 77 - 1 - len(context), width)
-    else:
-        model["module.prompt_learner.complete_text_embeddings"] = torch.zeros(3, 77, width)
-    model.update(extra or {})
-    config = CfgNode({"TRAINER": CfgNode({"ViFi_CLIP": CfgNode({"CTX_INIT": ctx_init, "N_CTX_TEXT": 0})}),
-                      "DATA": CfgNode({"NUM_FRAMES": 4})}) if ctx_init is not None else None
-    checkpoint = {"model": model, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5, "betas": (0.9, 0.98)}]},
-                  "lr_scheduler": {"t_initial": 10}, "max_accuracy": 12.5, "epoch": 9}
-    if config is not None:
-        checkpoint["config"] = config
-    torch.save(checkpoint, path)
-    return model
-
-
-# --- ViFi-CLIP's forward, written out from its own tensors ----------------------------------------------
-
-def _layer_norm(x, p, name):
-    return F.layer_norm(x.float(), (x.shape[-1],), p[name + ".weight"], p[name + ".bias"])
-
-
-def _block(x, p, prefix, heads, mask=None):
-    """ResidualAttentionBlock on [L, N, D]: x + attn(ln_1 x); x + mlp(ln_2 x) with QuickGELU."""
-    y = _layer_norm(x, p, prefix + "ln_1")
-    attended, _ = F.multi_head_attention_forward(
-        y, y, y, y.shape[-1], heads, p[prefix + "attn.in_proj_weight"], p[prefix + "attn.in_proj_bias"],
-        None, None, False, 0.0, p[prefix + "attn.out_proj.weight"], p[prefix + "attn.out_proj.bias"],
-        training=False, need_weights=False, attn_mask=mask)
-    x = x + attended
-    h = F.linear(_layer_norm(x, p, prefix + "ln_2"), p[prefix + "mlp.c_fc.weight"], p[prefix + "mlp.c_fc.bias"])
-    return x + F.linear(h * torch.sigmoid(1.702 * h), p[prefix + "mlp.c_proj.weight"], p[prefix + "mlp.c_proj.bias"])
-
-
-def _prompted(x, p, key, first):
-    """ViFi-CLIP's deep prompts on [L, N, D]: before block `block` > 0, its tokens `key` (if the checkpoint
-    has them) replace the previous ones: the last n (image, first=None) or positions 1..n (text)."""
-    if key not in p:
-        return x
-    tokens = p[key].half().float().unsqueeze(1).expand(-1, x.shape[1], -1)  # ViFi-CLIP: VPT_shallow....half()
-    if first is None:
-        return torch.cat([x[:len(x) - len(tokens)], tokens])
-    return torch.cat([x[:first], tokens, x[first + len(tokens):]])
-
-
-def vifi_image_features(p, images, heads=2, layers=4, blocks_out=None):
-    """image_encoder(images) of ViFi-CLIP: [N, 3, S, S] normalised -> [N, E]; with `blocks_out` (a list),
-    each block's output [N, L, D] (prompt tokens included) is appended to it."""
-    pre = "module.image_encoder."
-    weight = p[pre + "conv1.weight"]
-    x = F.conv2d(images, weight, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
-    x = torch.cat([p[pre + "class_embedding"].expand(len(x), 1, -1), x], dim=1) + p[pre + "positional_embedding"]
-    if pre + "VPT" in p:  # visual prompts follow the patch tokens, before ln_pre
-        x = torch.cat([x, p[pre + "VPT"].half().float().expand(len(x), -1, -1)], dim=1)
-    x = _layer_norm(x, p, pre + "ln_pre").transpose(0, 1)
-    for i in range(layers):
-        if i > 0:
-            x = _prompted(x, p, f"{pre}transformer.resblocks.{i}.VPT_shallow", None)
-        x = _block(x, p, f"{pre}transformer.resblocks.{i}.", heads)
-        if blocks_out is not None:
-            blocks_out.append(x.transpose(0, 1))
-    return _layer_norm(x.transpose(0, 1)[:, 0], p, pre + "ln_post") @ p[pre + "proj"]
-
-
-def vifi_text_features(p, prompt_embeddings, token_ids, heads=2, layers=2):
-    """text_encoder(prompts, tokenized_prompts) of ViFi-CLIP: the end-of-text token's projection."""
-    pre = "module.text_encoder."
-    length = prompt_embeddings.shape[1]
-    mask = torch.full((length, length), float("-inf")).triu(1)
-    x = (prompt_embeddings + p[pre + "positional_embedding"]).transpose(0, 1)
-    for i in range(layers):
-        if i > 0:
-            x = _prompted(x, p, f"{pre}transformer.resblocks.{i}.VPT_shallow", 1)
-        x = _block(x, p, f"{pre}transformer.resblocks.{i}.", heads, mask)
-    x = _layer_norm(x.transpose(0, 1), p, pre + "ln_final")
-    return x[torch.arange(len(x)), token_ids.argmax(-1)] @ p[pre + "text_projection"]
-
-
-def vifi_prompt_embeddings(token_embedding, names, context=None, prefix="a photo of a"):
-    """ViFi-CLIP's VLPromptLearner: "{prefix} {name}." embedded; with learned context, its first n
-    tokens after the start token replaced by the context (names with underscores as spaces)."""
-    tokenizer = open_clip.get_tokenizer(TINY)
-    if context is None:
-        ids = tokenizer([f"{prefix} {name}." for name in names])
-        return F.embedding(ids, token_embedding), ids
-    prefix = prefix if len(context) <= 4 else " ".join(["X"] * len(context))
-    ids = tokenizer([f"{prefix} {name.replace('_', ' ')}." for name in names])
-    embedded = F.embedding(ids, token_embedding)
-    context = context.expand(len(names), -1, -1)
-    return torch.cat([embedded[:, :1], context, embedded[:, 1 + context.shape[1]:]], dim=1), ids
-
-
-def bridge_and_prompt(seed, context_tokens, vision_tokens=3, vision_depth=3):
-    """A "bridge and prompt" model's deep prompts in ViFi-CLIP's layout (its VPT_shallow in text and image
-    blocks 1..depth-1, image_encoder.VPT at the input) and its learned text context."""
-    generator = torch.Generator().manual_seed(seed)
-    extra = {"module.image_encoder.VPT": 0.5 * torch.randn(vision_tokens, 64, generator=generator)}
-    for i in range(1, vision_depth):
-        extra[f"module.image_encoder.transformer.resblocks.{i}.VPT_shallow"] = \
-            0.5 * torch.randn(vision_tokens, 64, generator=generator)
-    extra["module.text_encoder.transformer.resblocks.1.VPT_shallow"] = \
-        0.5 * torch.randn(context_tokens, 32, generator=generator)
-    return extra, 0.1 * torch.randn(context_tokens, 32, generator=generator)
-
 
 # --- conversion -------------------------------------------------------------------------------------------
 
@@ -325,6 +197,55 @@ def test_missing_base_download_says_to_pass_a_file(tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]  # (open_clip logs its own)
     assert len(errors) == 1 and "vifi.pth: could not download OpenAI's CLIP weights for ViT-B-16-quickgelu" in errors[0]
     assert "pass --base /path/to/weights" in errors[0] and not (tmp_path / "o.pt").exists()
+
+
+# --- export in ViFi-CLIP's layout ---------------------------------------------------------------------------
+
+PROMPT_BUFFERS = ("module.prompt_learner.token_prefix", "module.prompt_learner.token_suffix",
+                  "module.prompt_learner.complete_text_embeddings")  # made from class names; ViFi-CLIP drops them
+
+
+def test_export_writes_what_vifi_clip_saved_back_in_its_names(tmp_path, base_file):
+    """A bridge-and-prompt checkpoint imported, then exported: ViFi-CLIP's own keys and tensors (its prompts
+    rounded to float16, as its forward rounds them), and the config entries its weights depend on."""
+    extra, context = bridge_and_prompt(seed=3, context_tokens=5)
+    checkpoint = write_checkpoint(tmp_path / "bp.pth", random_clip_state(seed=1), context=context, extra=extra)
+    import_vificlip(VifiImportConfig(checkpoint=tmp_path / "bp.pth", out=tmp_path / "bp.pt", base=str(base_file),
+                                     model=TINY))
+    exported = torch.load(export_vificlip(VifiExportConfig(towers=tmp_path / "bp.pt", out=tmp_path / "out.pth")),
+                          weights_only=True)
+    expected = {k: v for k, v in checkpoint.items() if k not in PROMPT_BUFFERS}
+    assert set(exported["model"]) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(exported["model"][key], value.half().float() if "VPT" in key else value), key
+    assert exported["config"]["TRAINER"]["ViFi_CLIP"] == {
+        "CTX_INIT": "a photo of a", "N_CTX_TEXT": 5, "N_CTX_VISION": 3, "PROMPT_DEPTH_TEXT": 2,
+        "PROMPT_DEPTH_VISION": 3, "PROMPT_MODEL": True}
+    write_checkpoint(tmp_path / "plain.pth", random_clip_state(seed=1), ctx_init="a video of a")
+    import_vificlip(VifiImportConfig(checkpoint=tmp_path / "plain.pth", out=tmp_path / "plain.pt",
+                                     base=str(base_file), model=TINY))
+    plain = torch.load(export_vificlip(VifiExportConfig(towers=tmp_path / "plain.pt", out=tmp_path / "p.pth")),
+                       weights_only=True)
+    assert plain["config"]["TRAINER"]["ViFi_CLIP"]["CTX_INIT"] == "a video of a"
+    assert plain["config"]["TRAINER"]["ViFi_CLIP"]["PROMPT_MODEL"] is False
+
+
+def test_export_refuses_what_vifi_clips_model_cannot_hold(tmp_path):
+    clip, _ = load_clip("EVL-Tiny-SL2", "none")  # SigLIP 2's towers: no place in OpenAI's CLIP
+    torch.save({"state_dict": clip.state_dict(), "vifi_clip": {"prompt_template": "a photo of a {}."}},
+               tmp_path / "siglip.pt")
+    with pytest.raises(CheckpointError, match="siglip.pt: .* has no place in ViFi-CLIP's model"):
+        export_vificlip(VifiExportConfig(towers=tmp_path / "siglip.pt", out=tmp_path / "a.pth"))
+    torch.save({"state_dict": random_clip_state(seed=1)}, tmp_path / "plain_open_clip.pt")
+    with pytest.raises(CheckpointError, match="plain_open_clip.pt: not a weights file of finetune or import-vificlip"):
+        export_vificlip(VifiExportConfig(towers=tmp_path / "plain_open_clip.pt", out=tmp_path / "b.pth"))
+    torch.save({"state_dict": random_clip_state(seed=1), "vifi_clip": {"prompt_template": "{} in a video"}},
+               tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="prompt template '{} in a video' is not ViFi-CLIP's"):
+        export_vificlip(VifiExportConfig(towers=tmp_path / "odd.pt", out=tmp_path / "c.pth"))
+    (tmp_path / "taken.pth").write_text("")
+    with pytest.raises(EvlCacheError, match="taken.pth: exists already"):
+        export_vificlip(VifiExportConfig(towers=tmp_path / "odd.pt", out=tmp_path / "taken.pth"))
 
 
 # --- zero-shot from the cache -----------------------------------------------------------------------------

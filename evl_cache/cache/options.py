@@ -157,6 +157,7 @@ def output_paths(config: ExtractConfig) -> list[Path]:
 def dataset_of(config: ExtractConfig) -> VideoList:
     """The videos `config` names (an official dataset, a folder, tar shards, or list files), without the
     cache it writes."""
+    _check_inputs(config)
     if config.dataset is not None:
         return read_dataset(config.dataset, config.root, config.fold,
                             read_classes(config.classes) if config.classes else None)

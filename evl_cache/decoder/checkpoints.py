@@ -24,7 +24,10 @@ from .run import saved_weights
 
 # What a run folder holds; --overwrite removes a folder only when it holds nothing else.
 RUN_FILES = ("config.json", "metrics.jsonl", "best.safetensors", "last.safetensors", "curve.png", "checkpoints",
-             "eval_*.json", "per_class_*.csv", "confusion_*.png", "*.partial", "tensorboard")
+             "eval_*.json", "per_class_*.csv", "confusion_*.png", "*.partial", "tensorboard", "towers.pt")
+
+
+CACHE_DIFFERS = "the cache differs from the one the run started on"
 
 
 def atomic_save(write: Callable[[Path], None], path: Path) -> None:
@@ -60,10 +63,12 @@ def check_run_folder(out: Path, protected: list[Path], overwrite: bool, resume: 
         raise CheckpointError("run folder exists; pass --resume to continue it or --overwrite to start again", out)
 
 
-def prepare_run_folder(out: Path, run_config: dict, overwrite: bool, resume: bool,
-                       resumable_changes: set[str]) -> None:
+def prepare_run_folder(out: Path, run_config: dict, overwrite: bool, resume: bool, resumable_changes: set[str],
+                       options: str = "train", inputs: tuple[str, str] = ("cache", CACHE_DIFFERS)) -> None:
     """Create the run folder, or check that a resumed one was started with the same options (those in
-    `resumable_changes` may differ). `check_run_folder` has accepted it."""
+    `resumable_changes` may differ) and inputs. `options` names the run config's table of options,
+    `inputs` its table holding the inputs' `fingerprint` and the reason given when it differs.
+    `check_run_folder` has accepted the folder."""
     if out.exists() and overwrite:
         shutil.rmtree(out)
     saved_config = out / "config.json"
@@ -76,11 +81,12 @@ def prepare_run_folder(out: Path, run_config: dict, overwrite: bool, resume: boo
         _remove_checkpoints_but(out, latest.read_text().strip())
     if resume and saved_config.exists():
         old = json.loads(saved_config.read_text())
-        diffs = [f"{k}: run has {old['train'].get(k)!r}, asked for {v!r}"
-                 for k, v in run_config["train"].items()
-                 if k not in resumable_changes and old["train"].get(k) != v]
-        if old.get("cache", {}).get("fingerprint") != run_config["cache"]["fingerprint"]:
-            diffs.append("the cache differs from the one the run started on")
+        diffs = [f"{k}: run has {old[options].get(k)!r}, asked for {v!r}"
+                 for k, v in run_config[options].items()
+                 if k not in resumable_changes and old[options].get(k) != v]
+        table, reason = inputs
+        if old.get(table, {}).get("fingerprint") != run_config[table]["fingerprint"]:
+            diffs.append(reason)
         if diffs:
             raise CheckpointError("cannot resume with different options (" + "; ".join(diffs) + ")", out)
         return
@@ -89,7 +95,9 @@ def prepare_run_folder(out: Path, run_config: dict, overwrite: bool, resume: boo
 
 def keep_finished_epochs(metrics_path: Path, last_epoch: int) -> None:
     """Drop what a killed run wrote to metrics.jsonl after its last checkpointed epoch (the epochs a
-    resumed run redoes, a summary, a line the kill cut short), so that each epoch is there once."""
+    resumed run redoes, a summary, a line the kill cut short), so that each epoch is there once. A
+    `start` record (the evaluation before the first epoch) stays once an epoch is finished (before that,
+    the resumed run makes it again)."""
     if not metrics_path.exists():
         return
     kept = []
@@ -98,7 +106,8 @@ def keep_finished_epochs(metrics_path: Path, last_epoch: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:  # only the last line can be cut short, and it is redone
             continue
-        if record.get("event") == "epoch" and record["epoch"] <= last_epoch:
+        finished = record.get("event") == "epoch" and record["epoch"] <= last_epoch
+        if finished or (record.get("event") == "start" and last_epoch >= 0):
             kept.append(line)
     atomic_save(lambda p: p.write_text("".join(line + "\n" for line in kept)), metrics_path)
 

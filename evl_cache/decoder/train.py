@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..cache.dataset import (
@@ -61,11 +60,12 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .events import EpochEvents, check_tensorboard
+from .loop import Optimisation, cosine_lr, distributed, log_epoch, restore, rng_state
 from .memory import fitting_grad_accum, step_memory
 from .metrics import average_views, classification_metrics, plot_curves
 from .model import DecoderConfig, EVLModel
 from .probes import AttentiveProbeConfig, LinearProbeConfig
-from .run import HEADS, TEXT_HEADS, add_novel, build_model, load_weights, predict_views, saved_weights, write_evaluation
+from .run import HEADS, TEXT_HEADS, add_novel, build_model, predict_views, saved_weights, write_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -171,19 +171,6 @@ class TrainingData:
 
 
 @dataclass
-class Optimisation:
-    """The optimizer, the learning-rate schedule and the loss scaler, and the run's length in steps."""
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    grad_accum: int
-    micro_batch: int
-    steps_per_epoch: int
-    total_steps: int
-    epochs: int
-
-
-@dataclass
 class Evaluator:
     """Evaluation on the validation videos (and, for base-to-novel, the novel classes' videos)."""
     loader: CacheLoader
@@ -194,14 +181,6 @@ class Evaluator:
 
     def __call__(self, model: torch.nn.Module) -> dict:
         return _evaluate(model, self.loader, self.novel_loader, self.head, self.device, self.use_amp)
-
-
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Learning-rate multiplier: linear warm-up, then cosine decay to zero over `total` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def _check_options(config: TrainConfig, process: Process) -> None:
@@ -297,17 +276,6 @@ def _model_record(config: TrainConfig, data: TrainingData) -> dict:
         prefix_tokens=prefix_tokens(backbone)))}
 
 
-def _distributed(model: torch.nn.Module, process: Process, device: torch.device, seed: int) -> torch.nn.Module:
-    """The model as the training loop calls it: wrapped in DDP under torchrun, each process then drawing
-    its own dropout masks."""
-    if process.world_size == 1:
-        return model
-    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if process.rank:
-        torch.manual_seed(seed + 1_000_003 * process.rank)
-    return net
-
-
 def _optimisation(config: TrainConfig, model: torch.nn.Module, train_size: int, device: torch.device,
                   grad_accum: int) -> Optimisation:
     """AdamW over the trained parameters (a frozen text tower stays out), a cosine schedule over the run's
@@ -342,53 +310,6 @@ def _grad_accum(config: TrainConfig, process: Process, device: torch.device, mod
                     config.batch_size // wanted // process.world_size, device, memory.describe(),
                     (available or 0) / 1e9, chosen, config.batch_size // chosen, wanted)
     return chosen
-
-
-def _rng_state(device: torch.device) -> dict:
-    """This process's random generators: the CPU's and, on CUDA, the device's, which dropout draws from."""
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def _restore_rng(saved: dict, device: torch.device, seed: int, epoch: int, rank: int) -> None:
-    """Set the generators to a checkpoint's. A CUDA generator the checkpoint lacks (a CPU run resumed on
-    a GPU) is seeded from (seed, epoch, rank): a resumed run, not the same draws."""
-    torch.set_rng_state(saved["cpu"])
-    if device.type != "cuda":
-        return
-    if saved.get("cuda") is not None:
-        torch.cuda.set_rng_state(saved["cuda"], device)
-    else:
-        torch.cuda.manual_seed(seed * 1_000_003 + epoch * 7_919 + rank)
-
-
-def _saved_rng(resumed: dict, process: Process) -> dict:
-    """This process's generators in a checkpoint: its rank's (the first rank's when the number of
-    processes changed); a checkpoint of before CUDA generators were saved holds CPU states only."""
-    states = resumed["rng"] if "rng" in resumed else [{"cpu": state} for state in resumed["torch_rng"]]
-    return states[process.rank] if len(states) == process.world_size else states[0]
-
-
-def _restore(resumed: dict | None, out: Path, model: torch.nn.Module, opt: Optimisation,
-             process: Process, device: torch.device, seed: int) -> tuple[int, int, float]:
-    """(first epoch, step, best top-1): from the last finished epoch of a killed run, or from scratch.
-    A run resumed on another kind of device continues from its weights and optimizer state, but not bit
-    for bit: other kernels, another random generator, and a float16 loss scale from its start."""
-    if resumed is None:
-        log.info("train: nothing to resume in %s; starting from the beginning", out)
-        return 0, 0, -1.0
-    load_weights(model, resumed["weights"], out)
-    opt.optimizer.load_state_dict(resumed["optimizer"])  # moves the state to the parameters' device
-    opt.schedule.load_state_dict(resumed["schedule"])
-    if resumed["scaler"] and opt.scaler.is_enabled():  # a disabled (CPU) scaler saved {}
-        opt.scaler.load_state_dict(resumed["scaler"])
-    _restore_rng(_saved_rng(resumed, process), device, seed, resumed["epoch"] + 1, process.rank)
-    saved_device = resumed.get("device", "cpu")
-    if saved_device != device.type:
-        log.warning("train: resuming a run checkpointed on %s on %s: it continues, but not bit-exactly as it "
-                    "would have on %s", saved_device, device.type, saved_device)
-    log.info("train: resuming %s after epoch %d (step %d)", out, resumed["epoch"], resumed["step"])
-    return resumed["epoch"] + 1, resumed["step"], resumed["best_top1"]
 
 
 def _train_epoch(net: torch.nn.Module, loader: CacheLoader, batches: EpochBatches, epoch: int, step: int,
@@ -457,10 +378,7 @@ def _end_epoch(out: Path, model: torch.nn.Module, evaluator: Evaluator, epoch: i
               "epoch_seconds": time.perf_counter() - started, "val_top1": evaluation["top1"],
               "val_top5": evaluation["top5"], "val_mean_class_accuracy": evaluation["mean_class_accuracy"],
               **_novel_record(evaluation), "wall_time": time.time()}
-    with open(out / "metrics.jsonl", "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-    if events is not None:
-        events.add(record)
+    log_epoch(out, record, events)
     log.info("epoch %d/%d: loss %.4f, train top-1 %.3f, val top-1 %.3f top-5 %.3f, lr %.2e, %.1f clips/s, "
              "data wait %.1f%%", epoch + 1, opt.epochs, record["train_loss"], record["train_top1"],
              record["val_top1"], record["val_top5"], record["lr"], record["train_clips_per_s"],
@@ -512,12 +430,12 @@ def _train(config: TrainConfig, process: Process, device: torch.device) -> Train
     on_main(process, lambda: prepare_run_folder(out, run_config, config.overwrite, config.resume, RESUMABLE_CHANGES))
     resumed = latest_state(out) if config.resume else None
     model = build_model(run_config, pretrained=config.pretrained).to(device)  # the same weights in every process
-    net = _distributed(model, process, device, config.seed)
+    net = distributed(model, process, device, config.seed)
     if config.in_memory:
         _hold_in_memory(process, data.datasets, shared_memory)
     opt = _optimisation(config, model, len(data.train_set), device,
                         _grad_accum(config, process, device, model, data, resumed))
-    start_epoch, step, best_top1 = (_restore(resumed, out, model, opt, process, device, config.seed)
+    start_epoch, step, best_top1 = (restore(resumed, out, model, opt, process, device, config.seed)
                                     if config.resume else (0, 0, -1.0))
     if config.resume and process.is_main:
         keep_finished_epochs(out / "metrics.jsonl", start_epoch - 1)
@@ -538,7 +456,7 @@ def _train(config: TrainConfig, process: Process, device: torch.device) -> Train
     started, final = time.perf_counter(), {}
     for epoch in range(start_epoch, opt.epochs):
         step, stats = _train_epoch(net, loader, batches, epoch, step, opt, config, process, device)
-        rng_states = gather_objects(process, _rng_state(device))
+        rng_states = gather_objects(process, rng_state(device))
         if process.is_main:  # the main process evaluates and writes; the others go on to the next epoch
             final, best_top1 = _end_epoch(out, model, evaluator, epoch, step, stats, best_top1, opt, rng_states,
                                           events)

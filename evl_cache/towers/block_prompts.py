@@ -29,26 +29,41 @@ TOWERS = ("image", "text")
 
 
 class BlockPrompts(nn.Module):
-    """A tower's prompt tokens per block, as buffers that are not saved with the tower's weights.
+    """A tower's prompt tokens per block: constants (buffers that are not saved with the tower's weights)
+    or, with `trainable`, parameters (what `finetune` learns in ViFi-CLIP's "bridge and prompt" stage).
 
     `first` is the first prompt position (1 in the text tower, after the start token) or None for the
     last n positions (the image tower, whose prompts follow the patch tokens).
     """
 
-    def __init__(self, prompts: dict[int, Tensor], first: int | None):
+    def __init__(self, prompts: dict[int, Tensor], first: int | None, trainable: bool = False):
         super().__init__()
         counts = {len(tokens) for tokens in prompts.values()}
         if len(counts) != 1:
             raise BackboneError(f"prompt token counts differ between blocks ({sorted(counts)})")
         self.tokens = counts.pop()
         self.first = first
+        self.trainable = trainable
         self.blocks = sorted(prompts)
         for block, tokens in prompts.items():
-            self.register_buffer(f"block{block}", tokens.detach().clone(), persistent=False)
+            if trainable:
+                self.register_parameter(f"block{block}", nn.Parameter(tokens.detach().clone().float()))
+            else:
+                self.register_buffer(f"block{block}", tokens.detach().clone(), persistent=False)
+
+    def tensors(self) -> dict[int, Tensor]:
+        """{block: its tokens [n, width]} as the forward uses them (trainable ones rounded to float16), detached,
+        on the CPU, in float32: what a weights file holds."""
+        def used(tokens: Tensor) -> Tensor:
+            return tokens.half() if self.trainable else tokens
+        return {block: used(getattr(self, f"block{block}").detach().cpu()).float().clone() for block in self.blocks}
 
     def of(self, block: int, batch: int, like: Tensor) -> Tensor:
-        """Block `block`'s tokens expanded to [batch, n, width] in `like`'s dtype and device."""
-        return getattr(self, f"block{block}").to(like.dtype).expand(batch, -1, -1)
+        """Block `block`'s tokens expanded to [batch, n, width] in `like`'s dtype and device. Trainable
+        tokens pass through float16 first, as ViFi-CLIP's forward casts them (`.half()`), so what trains
+        is what a weights file holds (`tensors`) and ViFi-CLIP's code computes."""
+        tokens = getattr(self, f"block{block}")
+        return (tokens.half() if self.trainable else tokens).to(like.dtype).expand(batch, -1, -1)
 
     def replaced(self, x: Tensor, block: int, batch_first: bool) -> Tensor:
         """x with its prompt positions overwritten by block `block`'s tokens."""
@@ -91,13 +106,15 @@ def _check(tower: str, prompts: dict[int, Tensor], blocks: int, width: int, sour
                                 f"tower has blocks 0..{blocks - 1} of width {width}", source)
 
 
-def attach_image_prompts(visual: nn.Module, prompts: dict[int, Tensor], source=None) -> BlockPrompts:
-    """Fix `prompts` into an open_clip image tower (see the module docstring); they must include block 0."""
+def attach_image_prompts(visual: nn.Module, prompts: dict[int, Tensor], source=None,
+                         trainable: bool = False) -> BlockPrompts:
+    """Fix `prompts` into an open_clip image tower (see the module docstring); they must include block 0.
+    `trainable`: as parameters of the tower (`visual.block_prompts.block{i}`), to be learned."""
     resblocks = visual.transformer.resblocks
     _check("image", prompts, len(resblocks), int(visual.transformer.width), source)
     if 0 not in prompts:
         raise BackboneError("image prompts need block 0's tokens (the ones that enter with the patches)", source)
-    attached = BlockPrompts(prompts, first=None)
+    attached = BlockPrompts(prompts, first=None, trainable=trainable)
     visual.block_prompts = attached
     visual.ln_pre.register_forward_pre_hook(
         lambda module, args: (torch.cat([args[0], attached.of(0, args[0].shape[0], args[0])], dim=1), *args[1:]))
@@ -105,14 +122,16 @@ def attach_image_prompts(visual: nn.Module, prompts: dict[int, Tensor], source=N
     return attached
 
 
-def attach_text_prompts(clip: nn.Module, prompts: dict[int, Tensor], source=None) -> BlockPrompts:
+def attach_text_prompts(clip: nn.Module, prompts: dict[int, Tensor], source=None,
+                        trainable: bool = False) -> BlockPrompts:
     """Fix `prompts` into an open_clip CLIP's text tower; block 0's tokens are the input context, which the
-    prompts of a class list provide (`ClassPrompts`), so block 0 is refused here."""
+    prompts of a class list provide (`ClassPrompts`), so block 0 is refused here. `trainable`: as
+    parameters (`transformer.block_prompts.block{i}`)."""
     resblocks = clip.transformer.resblocks
     _check("text", prompts, len(resblocks), int(clip.transformer.width), source)
     if 0 in prompts:
         raise BackboneError("text prompts of block 0 are the learned input context, not block prompts", source)
-    attached = BlockPrompts(prompts, first=1)
+    attached = BlockPrompts(prompts, first=1, trainable=trainable)
     clip.transformer.block_prompts = attached
     _hook_blocks(resblocks, attached, getattr(clip.transformer, "batch_first", True))
     return attached

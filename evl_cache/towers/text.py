@@ -200,6 +200,11 @@ class ClassPrompts(nn.Module):
     def trainable(self) -> bool:
         return self.context is not None or self.tune_tower
 
+    @property
+    def overwritten_words(self) -> str | None:
+        """The words the learned context vectors stand in place of; None for placeholder words or no context."""
+        return None if self.context is None or self._placeholder_context else self.context_prefix
+
     def prompts(self, class_names: list[str]) -> list[str]:
         """The prompt strings, class-major ([K * M] for M templates; [K] with learned context)."""
         if self.context is not None:

@@ -194,11 +194,7 @@ def import_vificlip(config: VifiImportConfig) -> VifiImport:
             record["context_prefix"] = vifi.context_prefix
     else:
         record["prompt_template"] = vifi.prompt_template
-    out.parent.mkdir(parents=True, exist_ok=True)
-    saved = {"state_dict": clip.state_dict(), "vifi_clip": record}
-    if vifi.block_prompts:
-        saved["prompts"] = vifi.block_prompts
-    torch.save(saved, out)
+    write_vifi_weights(out, clip.state_dict(), record, vifi.block_prompts)
     result = VifiImport(out, vifi.prompt_template, 0 if vifi.text_context is None else len(vifi.text_context),
                         {tower: sorted(blocks) for tower, blocks in vifi.block_prompts.items()})
     log.info("%s (from %s; %s from --base %s)", result.line(), config.checkpoint, ", ".join(FROM_BASE), config.base)
@@ -217,3 +213,98 @@ def learned_prompt(weights: str | Path) -> tuple[Tensor, str | None] | None:
 def prompt_class_names(names: list[str]) -> list[str]:
     """Class names as ViFi-CLIP's learned prompts spell them: underscores as spaces."""
     return [name.replace("_", " ") for name in names]
+
+
+def write_vifi_weights(out: Path, state_dict: dict[str, Tensor], record: dict,
+                       prompts: dict[str, dict[int, Tensor]]) -> None:
+    """The weights file `import-vificlip` and `finetune` write: open_clip's `state_dict`, the `vifi_clip`
+    record (where the weights came from, the template or learned context) and any block `prompts`; written
+    under a temporary name, then renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    saved = {"state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, "vifi_clip": record}
+    if prompts:
+        saved["prompts"] = prompts
+    partial = out.with_name(out.name + ".partial")
+    torch.save(saved, partial)
+    os.replace(partial, out)
+
+
+@dataclass
+class VifiExportConfig:
+    """Options of `evl-cache export-vificlip`."""
+    towers: Path = option(None, "weights file written by finetune (RUN/towers.pt) or import-vificlip", argument=True)
+    out: Path = option(None, "ViFi-CLIP checkpoint to write (.pth)")
+
+
+TEXT_ENCODER_KEYS = ("positional_embedding", "text_projection", "ln_final.", "transformer.")  # ViFi-CLIP's TextEncoder
+
+
+def vifi_checkpoint_state(state_dict: dict[str, Tensor], record: dict, prompts: dict[str, dict[int, Tensor]],
+                          source: Path) -> dict[str, Tensor]:
+    """open_clip weights, learned context and block prompts in ViFi-CLIP's DDP state dict names (the
+    inverse of `read_vificlip`); the token embedding, which ViFi-CLIP never saves, is left out."""
+    model = {}
+    for key, value in state_dict.items():
+        if key.startswith("visual."):
+            model["module.image_encoder." + key.removeprefix("visual.")] = value
+        elif key == "logit_scale":
+            model["module.logit_scale"] = value
+        elif key.startswith(TEXT_ENCODER_KEYS):
+            model["module.text_encoder." + key] = value
+        elif key not in FROM_BASE:
+            raise CheckpointError(f"{key} has no place in ViFi-CLIP's model, which builds OpenAI's CLIP towers: "
+                                  f"only such towers export", source)
+    for block, tokens in prompts.get("image", {}).items():
+        name = INPUT_VISION_PROMPT if block == 0 else f"image_encoder.transformer.resblocks.{block}.VPT_shallow"
+        model[f"module.{name}"] = tokens
+    for block, tokens in prompts.get("text", {}).items():
+        model[f"module.text_encoder.transformer.resblocks.{block}.VPT_shallow"] = tokens
+    if "text_context" in record:
+        model["module.prompt_learner.ctx"] = record["text_context"]
+    return model
+
+
+def vifi_config(record: dict, prompts: dict[str, dict[int, Tensor]], source: Path) -> dict:
+    """The parts of ViFi-CLIP's config a checkpoint's weights depend on, as a plain dict (`import-vificlip`
+    reads CTX_INIT back from it)."""
+    if "text_context" in record:
+        context = record["text_context"]
+        words = record.get("context_prefix") or ("" if len(context) <= CONTEXT_FROM_WORDS else DEFAULT_CTX_INIT)
+    else:
+        template = record.get("prompt_template") or ""
+        if not template.endswith(" {}.") or template.count("{}") != 1:
+            raise CheckpointError(f"prompt template {template!r} is not ViFi-CLIP's 'WORDS {{}}.' form", source)
+        words, context = template.removesuffix(" {}."), None
+    depth = {tower: max(blocks) + 1 for tower, blocks in prompts.items()}
+    trainer = {"CTX_INIT": words, "N_CTX_TEXT": 0 if context is None else len(context),
+               "N_CTX_VISION": len(next(iter(prompts["image"].values()))) if "image" in prompts else 0,
+               "PROMPT_DEPTH_TEXT": depth.get("text", 1 if context is not None else 0),
+               "PROMPT_DEPTH_VISION": depth.get("image", 0),
+               "PROMPT_MODEL": bool(prompts) or context is not None}
+    config = {"TRAINER": {"ViFi_CLIP": trainer}}
+    if record.get("frames"):
+        config["DATA"] = {"NUM_FRAMES": int(record["frames"])}
+    return config
+
+
+def export_vificlip(config: VifiExportConfig) -> Path:
+    """Write a weights file (finetune's or import-vificlip's) as a ViFi-CLIP checkpoint, which ViFi-CLIP's
+    code loads with MODEL.RESUME (and `import-vificlip` reads back)."""
+    if config.towers is None or config.out is None:
+        raise EvlCacheError("a TOWERS file and --out are required")
+    out = Path(config.out)
+    if out.exists():
+        raise EvlCacheError("exists already: choose another --out, or remove it", out)
+    contents = read_weights_file(config.towers)
+    record = contents.get("vifi_clip")
+    if not isinstance(contents.get("state_dict"), dict) or not isinstance(record, dict):
+        raise CheckpointError("not a weights file of finetune or import-vificlip (no state_dict and vifi_clip "
+                              "record)", config.towers)
+    prompts = contents.get("prompts") or {}
+    state = vifi_checkpoint_state(contents["state_dict"], record, prompts, config.towers)
+    checkpoint = {"model": {k: v.detach().clone() for k, v in state.items()},
+                  "config": vifi_config(record, prompts, config.towers)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out)
+    log.info("export-vificlip: wrote %s (%d tensors in ViFi-CLIP's names, from %s)", out, len(state), config.towers)
+    return out

@@ -10,17 +10,18 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import BadVideoError
 from .decode import open_video, segment_frames
 from .pixels import CROP_SCALE, RANDAUGMENT, augmented_clip, spatial_crops
-from .sampling import plan_views
+from .sampling import ViewPlan, plan_views
 
 log = logging.getLogger(__name__)
 
@@ -93,30 +94,48 @@ class VideoClips:
     note: str = ""  # what was unusual about the file (the probe's notes joined by "; "); "" if nothing
 
 
-def _load(path: Path, split: str, index: int, spec: ClipSpec, segment: tuple[float, float] | None) -> VideoClips:
-    """Probe, plan (within the segment, if any), decode the planned frames on the same open of the file,
-    then crop or augment."""
+@dataclass
+class PlannedFrames:
+    """A video's decoded frames for each of its planned views."""
+    plans: list[ViewPlan]
+    frames: list[np.ndarray]  # per view, uint8 [T, H, W, 3] with the short side resized
+    num_frames: int  # frames in the video (or in its segment)
+    decoded_frames: int  # frames decoded, probing included
+    note: str  # what was unusual about the file ("" if nothing)
+
+
+def decode_planned(path: Path, plan: Callable[[int], list[ViewPlan]], short_side: int,
+                   segment: tuple[float, float] | None = None) -> PlannedFrames:
+    """Probe, plan the views for the video's frame count (within the segment, if any), and decode the
+    union of their frames once, on the same open of the file, resized to `short_side`."""
     with open_video(path) as video:
         probe = video.probe
         frames_in, notes = range(probe.num_frames), list(probe.notes)
         if segment is not None:
             frames_in, segment_note = segment_frames(probe, *segment)
             notes += [segment_note] if segment_note else []
-        plans = plan_views(len(frames_in), split, spec.mode, spec.frames, spec.stride, spec.eval_views,
-                           spec.train_views, spec.seed, index)
-        wanted = sorted({frames_in[i] for plan in plans for i in plan.frame_indices})
-        decoded = video.decode(wanted, short_side=spec.resize)
+        plans = plan(len(frames_in))
+        wanted = sorted({frames_in[i] for view in plans for i in view.frame_indices})
+        decoded = video.decode(wanted, short_side=short_side)
     position = {frame: i for i, frame in enumerate(wanted)}
+    frames = [decoded.frames[[position[frames_in[i]] for i in view.frame_indices]] for view in plans]
+    return PlannedFrames(plans, frames, len(frames_in), probe.decoded_frames + decoded.decoded_count,
+                         "; ".join(notes))
+
+
+def _load(path: Path, split: str, index: int, spec: ClipSpec, segment: tuple[float, float] | None) -> VideoClips:
+    """The planned views of `spec`, decoded, then cropped (evaluation views) or augmented."""
+    planned = decode_planned(path, lambda n: plan_views(n, split, spec.mode, spec.frames, spec.stride,
+                                                        spec.eval_views, spec.train_views, spec.seed, index),
+                             spec.resize, segment)
     crops = 1 if split == "train" else spec.spatial_views  # training view 0 is the plain centre clip
     clips = []
-    for plan in plans:
-        frames = decoded.frames[[position[frames_in[i]] for i in plan.frame_indices]]
+    for plan, frames in zip(planned.plans, planned.frames):
         if plan.augment:
             clips.append(augmented_clip(frames, spec.size, plan.seed, spec.flip, spec.randaugment))
         else:
             clips += spatial_crops(frames, spec.size, crops)
-    return VideoClips(index, torch.stack(clips), len(frames_in), "",
-                      probe.decoded_frames + decoded.decoded_count, "; ".join(notes))
+    return VideoClips(index, torch.stack(clips), planned.num_frames, "", planned.decoded_frames, planned.note)
 
 
 def planned_frame_numbers(num_frames: int, split: str, index: int, spec: ClipSpec) -> list[tuple[int, ...]]:
@@ -168,11 +187,17 @@ def read_video_clips(path: str | Path, split: str, index: int, spec: ClipSpec, t
     (a named pipe, a stalled network mount) fails alone instead of stopping the job. `segment` (start,
     end seconds) samples only the frames in that part of the file; `num_frames` then counts those.
     """
+    return guarded_read(path, index, timeout, lambda: _load(Path(path), split, index, spec, segment))
+
+
+def guarded_read(path: str | Path, index: int, timeout: float | None, load: Callable[[], VideoClips]) -> VideoClips:
+    """`load()` of video `index` within `timeout` seconds; any failure becomes `clips=None` and a
+    one-line reason (never an exception: a decoder bug on one odd file must not stop 240,000 others)."""
     limit = {"expired": False}
     try:
         with _time_limit(timeout) as limit:
-            return _load(Path(path), split, index, spec, segment)
-    except Exception as error:  # a decoder bug on one odd file must not stop 240,000 others
+            return load()
+    except Exception as error:
         if limit["expired"]:
             return VideoClips(index, None, 0, f"decoding took longer than {timeout:g} s", 0)
         if isinstance(error, BadVideoError):

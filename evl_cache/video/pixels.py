@@ -6,6 +6,9 @@ training views apply the authors' online augmentation once per clip, the same fo
 random resized crop, horizontal flip, and RandAugment `rand-m7-n4-mstd0.5-inc1` (timm's
 implementation, which is what the authors used). All randomness comes from the view's seed, so a
 cached view is reproducible.
+
+`vifi_augmented_clip` is ViFi-CLIP's training augmentation (`finetune`): mmaction's multi-scale crop,
+flip, colour jitter and grey scale, once per clip, from a seed.
 """
 from __future__ import annotations
 
@@ -101,3 +104,62 @@ def augmented_clip(frames: np.ndarray, size: int, seed: int, flip: bool = True,
     if do_flip:
         tensor = tensor.flip(-1)
     return tensor.round().clamp(0, 255).to(torch.uint8)
+
+
+# ViFi-CLIP's training augmentation (its loader is X-CLIP's mmaction pipeline); values as recalled from
+# X-CLIP's code, which ViFi-CLIP's builds on (docs/finetune.md says which are unchecked).
+VIFI_RESIZE_RATIO = 256 / 224  # short side resized to int(256 / 224 * size) before the crop
+VIFI_CROP_SCALES = (1.0, 0.875, 0.75, 0.66)  # mmaction MultiScaleCrop, max_wh_scale_gap=1, random_crop=False
+VIFI_COLOR_JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+
+
+def vifi_short_side(size: int) -> int:
+    """The short side ViFi-CLIP resizes frames to before its training crop and its one-crop test crop."""
+    return int(VIFI_RESIZE_RATIO * size)
+
+
+def _multi_scale_box(height: int, width: int, size: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """mmaction's MultiScaleCrop box (top, left, h, w): a side pair from the scales of the short side no more
+    than one scale apart (snapped to `size` within 3 px), at one of 5 fixed places (corners, centre)."""
+    sides = [int(min(height, width) * scale) for scale in VIFI_CROP_SCALES]
+    pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= 1]
+    w, h = pairs[int(rng.integers(len(pairs)))]
+    w, h = (size if abs(w - size) < 3 else w), (size if abs(h - size) < 3 else h)
+    w_step, h_step = (width - w) // 4, (height - h) // 4
+    places = [(0, 0), (4 * w_step, 0), (0, 4 * h_step), (4 * w_step, 4 * h_step), (2 * w_step, 2 * h_step)]
+    left, top = places[int(rng.integers(len(places)))]
+    return top, left, h, w
+
+
+def _jittered(clip: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """torchvision's ColorJitter with ViFi-CLIP's strengths, one draw (factors and order) for the clip."""
+    from torchvision.transforms.v2 import functional as TF
+
+    ops = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+           "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+    for name in rng.permutation(list(ops)):
+        strength = VIFI_COLOR_JITTER[name]
+        factor = rng.uniform(-strength, strength) if name == "hue" else rng.uniform(1 - strength, 1 + strength)
+        clip = ops[name](clip, float(factor))
+    return clip
+
+
+def vifi_augmented_clip(frames: np.ndarray, size: int, seed: int, flip: bool = True, color_jitter: float = 0.8,
+                        gray_scale: float = 0.2) -> torch.Tensor:
+    """ViFi-CLIP's training augmentation of frames resized to `vifi_short_side(size)` -> uint8 [T, 3, size,
+    size]: multi-scale crop, resized to size x size, horizontal flip (p 0.5), colour jitter (p
+    `color_jitter`), grey scale (p `gray_scale`); every draw from `seed`, the same for every frame."""
+    from torchvision.transforms.v2 import functional as TF
+
+    rng = np.random.default_rng(seed)
+    top, left, h, w = _multi_scale_box(*frames.shape[1:3], size, rng)
+    clip = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + h, left:left + w])).permute(0, 3, 1, 2).float()
+    clip = F.interpolate(clip, size=(size, size), mode="bilinear", align_corners=False)
+    clip = clip.round().clamp(0, 255).to(torch.uint8)
+    if flip and rng.random() < 0.5:
+        clip = clip.flip(-1)
+    if rng.random() < color_jitter:
+        clip = _jittered(clip, rng)
+    if rng.random() < gray_scale:
+        clip = TF.rgb_to_grayscale(clip, num_output_channels=3)
+    return clip.contiguous()
