@@ -24,7 +24,11 @@ else:  # read when cuBLAS starts: the exactness tests compare runs made before a
 AUTOCAST_TOLERANCE = dict(rtol=1e-2, atol=1e-2) if ON_GPU else dict(rtol=2e-3, atol=2e-3)
 MAP_TOLERANCE = dict(rtol=1e-2, atol=1e-3) if ON_GPU else dict(rtol=2e-3, atol=1e-4)
 
+import torch  # noqa: E402
+
 from evl_cache import ExtractConfig, extract  # noqa: E402
+from evl_cache.cache import encodings  # noqa: E402
+from evl_cache.cache.calibration import calibration_record  # noqa: E402
 from evl_cache.cache.store import DONE, PENDING, CacheLayout, FeatureStore  # noqa: E402
 from evl_cache.video.synthetic import (  # noqa: E402
     make_sample_dataset,
@@ -142,9 +146,13 @@ def random_cache(path: Path, encoding: str = "fp16") -> Path:
     """A cache of random stored values with the store's own layout; PENDING_VIDEOS without data, and
     video 0 with one view of two (its second view's chunks are never written)."""
     layout = CacheLayout(**RANDOM_LAYOUT, encoding=encoding)
+    enc = encodings.encoding(encoding)
+    generator = torch.Generator().manual_seed(0)
+    calibration = calibration_record({b: torch.randn(3, layout.width, generator=generator) for b in layout.blocks}, 1)
     attrs = {"blocks": list(layout.blocks), "sampling": {"frames": layout.frames},
              "backbone": {"width": layout.width, "patch_grid": list(layout.grid)},
-             "storage": {"encoding": encoding, "compress": "none"}}
+             "storage": {**enc.record(), "compress": "none",
+                         **({"calibration": calibration} if enc.calibrated else {})}}
     n = layout.num_videos
     columns = {"path": np.array([f"v{i}.mp4" for i in range(n)], dtype=object),
                "label": (np.arange(n) % 3).astype(np.int32), "split": np.array(["train"] * n, dtype=object)}

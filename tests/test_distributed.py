@@ -29,9 +29,12 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _extract_args(videos, out, device="cpu"):
-    return ["extract", "--videos", str(videos), "--out", str(out), "--model", "EVL-Tiny", "--pretrained", "none",
-            "--frames", "4", "--stride", "3", "--eval-views", "2", "--train-views", "2", "--blocks", "2",
-            "--shard-size", "2", "--workers", "0", "--batch-size", "2", "--device", device]
+    """An int8 cache of the outlier tower: its calibration is fitted by the main process before any shard
+    is written, and read from the cache by the others (and by a resume)."""
+    return ["extract", "--videos", str(videos), "--out", str(out), "--model", "EVL-Tiny", "--pretrained",
+            "none+outliers", "--storage", "int8", "--frames", "4", "--stride", "3", "--eval-views", "2",
+            "--train-views", "2", "--blocks", "2", "--shard-size", "2", "--workers", "0", "--batch-size", "2",
+            "--device", device]
 
 
 def _torchrun(args, nproc=2):

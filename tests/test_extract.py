@@ -329,13 +329,13 @@ def test_extraction_moves_only_the_image_tower_to_its_device(sample_videos, tmp_
 @pytest.mark.parametrize("model, family, prefix", [("EVL-Tiny-SL2", "timm-vit", 0), ("EVL-Tiny-Reg", "timm-vit", 5),
                                                    ("EVL-Tiny-PE", "timm-eva", 1)])
 def test_every_family_is_cached_with_its_prefix_tokens(sample_videos, tmp_path, model, family, prefix):
-    """The cache records the tower's family and prefix tokens (format 3) and holds L = prefix + P tokens per
-    frame, equal to the backbone's on the same frames; verify reads the layout back."""
+    """The cache records the tower's family and prefix tokens (from format 3; it writes 4) and holds
+    L = prefix + P tokens per frame, equal to the backbone's on the same frames; verify reads the layout back."""
     out = tmp_path / "feats.zarr"
     extract(ExtractConfig(out=out, videos=sample_videos, **{**TINY, "model": model}))
     with FeatureStore(out) as store:
         attrs, tokens = store.attrs, store.array("tokens/block_3")
-        assert attrs["format_version"] == 3 and tokens.shape[3:] == (prefix + 16, 64)
+        assert attrs["format_version"] == 4 and tokens.shape[3:] == (prefix + 16, 64)
         index = list(store.column("path")).index("val/slide_left/slide_left_000.mp4")
         cached = np.asarray(tokens[index])
     assert (attrs["backbone"]["family"], attrs["backbone"]["prefix_tokens"]) == (family, prefix)

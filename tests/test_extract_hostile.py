@@ -134,10 +134,10 @@ def test_a_cache_from_a_newer_version_is_refused(hostile, tmp_path):
     out = tmp_path / "newer.zarr"
     shutil.copytree(hostile["out"], out)
     with FeatureStore(out, mode="r+") as store:
-        store.set_attrs({**store.attrs, "format_version": 4})
-    reason = ("cache format version 4 is not supported (this evl-cache reads versions 1, 2, 3); upgrade evl-cache "
+        store.set_attrs({**store.attrs, "format_version": 5})
+    reason = ("cache format version 5 is not supported (this evl-cache reads versions 1, 2, 3, 4); upgrade evl-cache "
               "or re-extract")
-    with pytest.raises(CacheError, match=r"version 4 is not supported"):
+    with pytest.raises(CacheError, match=r"version 5 is not supported"):
         extract(ExtractConfig(out=out, videos=hostile["root"], workers=0, decode_timeout=1.0, **TINY))
     runner = CliRunner()
     for command in (["info", str(out)], ["verify", str(out)],

@@ -23,11 +23,11 @@ PIPELINE = [
     "video.find", "video.tars", "video.datasets", "video.sampling", "video.decode", "video.pixels", "video.clips",
     "video.synthetic",
     # the frozen towers
-    "towers.block_prompts", "towers.checkpoint_files", "towers.tiny_trunks", "towers.families",
-    "towers.backbone", "towers.text", "towers.vificlip",
+    "towers.block_prompts", "towers.checkpoint_files", "towers.statistics", "towers.tiny_trunks",
+    "towers.families", "towers.backbone", "towers.text", "towers.vificlip",
     # the cache, and the dataset over it
-    "cache.encodings", "cache.zarr_shards", "cache.store", "cache.options", "cache.plan", "cache.writer",
-    "cache.extract", "cache.verify", "cache.info", "cache.dataset",
+    "cache.encodings", "cache.calibration", "cache.zarr_shards", "cache.store", "cache.options", "cache.plan",
+    "cache.writer", "cache.extract", "cache.verify", "cache.info", "cache.dataset",
     # the decoder, its runs and metrics
     "decoder.model", "decoder.probes", "decoder.memory", "decoder.metrics", "decoder.run", "decoder.checkpoints",
     "decoder.events", "decoder.loop", "decoder.train", "decoder.evaluate", "decoder.evl_checkpoints",

@@ -1,8 +1,8 @@
 """Predict classes of new videos with a run: backbone and decoder online, the run's own sampling.
 
 The backbone's outputs pass through the run's cache's storage encoding (float16, or int8/fp8/int4
-codes with their scales), as they do in the cache, so a video predicted here gets the same logits as
-the same video evaluated from a cache.
+codes with their scales, and the cache's calibration), as they do in the cache, so a video predicted
+here gets the same logits as the same video evaluated from a cache.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..cache.dataset import FeatureSelection
-from ..cache.encodings import as_stored, encoding
+from ..cache.calibration import block_channels
+from ..cache.encodings import as_stored, stored_encoding
 from ..cache.store import cache_storage
 from ..config import option, shared
 from ..decoder.run import build_model, check_fixed_classes, load_run, load_weights, run_class_names, run_head
@@ -88,7 +89,9 @@ class OnlineModel:
             raise CheckpointError(f"no {weights} weights in the run", weights_path)
         load_weights(self.model, load_file(weights_path), weights_path)
         self.clip_spec = ClipSpec.from_cache(cache)
-        self.encoding = encoding(cache_storage(cache)["encoding"])
+        storage = cache_storage(cache)
+        self.encoding = stored_encoding(storage)
+        self.channels = [block_channels(storage, b) for b in self.selection.blocks]
 
     @torch.no_grad()
     def model_inputs(self, clips: torch.Tensor, maps: bool | None = None) -> tuple:
@@ -100,12 +103,12 @@ class OnlineModel:
         frames = self.selection.frame_indices
         pairs = slice(self.selection.frame_start, self.selection.frame_start + self.selection.frames - 1)
 
-        def as_cached(tensor: torch.Tensor, signed: bool) -> torch.Tensor:
-            return as_stored(tensor, self.encoding, signed).float()
+        def as_cached(tensor: torch.Tensor, signed: bool, channels=None) -> torch.Tensor:
+            return as_stored(tensor, self.encoding, signed, channels=channels).float()
 
         if self.selection.embed:  # the embeddings are float16 in every cache
             return (output.embeddings[:, frames].to(torch.float16).float(),)
-        tokens = [as_cached(t[:, frames], signed=True) for t in output.block_outputs]
+        tokens = [as_cached(t[:, frames], True, channels) for t, channels in zip(output.block_outputs, self.channels)]
         if not (self.selection.maps if maps is None else maps):
             return tokens, None, None
         return (tokens, [as_cached(m[:, pairs], signed=False) for m in output.maps_prev],

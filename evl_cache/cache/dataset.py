@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import CacheError, EvlCacheError
-from .encodings import decode, encoding
+from .calibration import block_channels
+from .encodings import decode, encoding, stored_encoding
 from .store import DONE, FeatureStore, cache_storage, location
 
 
@@ -158,7 +159,9 @@ class CacheDataset(Dataset):
         with FeatureStore(self.path) as store:
             attrs = store.attrs
             self._cache_id = [str(self.path), attrs.get("created"), attrs.get("dataset", {}).get("fingerprint")]
-            self.encoding = encoding(cache_storage(attrs)["encoding"])
+            storage = cache_storage(attrs)
+            self.encoding = stored_encoding(storage)
+            self.channels = tuple(block_channels(storage, b) for b in selection.blocks)  # "channel" token codes
             grid = attrs["backbone"]["patch_grid"]
             self.dims = {"tokens": attrs["backbone"]["width"], "maps": grid[0] * grid[1]}  # values per row
             self.labels = store.column("label")
@@ -308,7 +311,7 @@ class CacheDataset(Dataset):
                      view=torch.tensor([view for _, view in samples]))
         if self.encoding.scaled:
             batch["scales"] = {key: [arrays[f"scales/{name}"] for name in group] for key, group in names.items()}
-            batch["encoding"] = {"name": self.encoding.name, **self.dims}
+            batch["encoding"] = {"name": self.encoding.key, **self.dims, "channels": self.channels}
         if sel.embed:
             batch["embed"] = arrays["embed"]
         return batch
@@ -509,7 +512,9 @@ def _moved_inputs(batch: dict, device: torch.device) -> tuple:
             return moved
         enc, signed = encoding(stored["name"]), key == "tokens"
         dim = stored["tokens" if signed else "maps"]
-        return [decode(codes, scale.to(device, non_blocking=True), enc, signed, dim)
-                for codes, scale in zip(moved, batch["scales"][key])]
+        channels = stored.get("channels") if signed and enc.calibrated else None
+        return [decode(codes, scale.to(device, non_blocking=True), enc, signed, dim,
+                       channels=channels[i] if channels else None)
+                for i, (codes, scale) in enumerate(zip(moved, batch["scales"][key]))]
 
     return values("tokens"), values("maps_prev"), values("maps_next")

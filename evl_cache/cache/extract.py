@@ -30,6 +30,8 @@ from ..towers.backbone import BackboneSpec, FrozenBackbone, load_clip
 from ..video.clips import ClipSpec, VideoClips, read_video_clips
 from ..video.datasets import NOT_ON_DISK
 from ..video.find import VideoList
+from .calibration import calibration_record, measure_errors, warning
+from .encodings import ENCODINGS, encoding, stored_encoding
 from .options import (
     ExtractConfig,
     cache_identity,
@@ -142,11 +144,64 @@ def metrics_path(config: ExtractConfig) -> Path:
     return Path(name + ".extract.jsonl")
 
 
-def _encoded(tower: Tower, layout: CacheLayout, device: torch.device, clips: torch.Tensor) -> dict[str, np.ndarray]:
-    """One batch of clips through the backbone, as the cache stores it."""
+def _backbone(tower: Tower, device: torch.device, clips: torch.Tensor):
+    """The backbone's output for a batch of clips (float16 autocast on CUDA)."""
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
     with autocast:
-        return stored_features(tower.backbone(clips.to(device, non_blocking=True)), layout)
+        return tower.backbone(clips.to(device, non_blocking=True))
+
+
+def _encoded(tower: Tower, layout: CacheLayout, storage: dict, device: torch.device,
+             clips: torch.Tensor) -> dict[str, np.ndarray]:
+    """One batch of clips through the backbone, as the cache stores it."""
+    return stored_features(_backbone(tower, device, clips), layout, storage)
+
+
+def _calibration_outputs(config: ExtractConfig, dataset: VideoList, tower: Tower,
+                         device: torch.device) -> tuple[dict[int, torch.Tensor], list[torch.Tensor], int]:
+    """(tokens per cached block, prev maps per block, videos used): the first view of the first
+    --calibration-videos videos of the dataset's order that decode, through the backbone."""
+    outputs = []  # per video: (tokens per block, maps per block)
+    for index, entry in enumerate(dataset.entries):
+        if len(outputs) == config.calibration_videos:
+            break
+        item = None if entry.error else ClipSource(dataset, [index], tower.clip_spec, config.decode_timeout)[0]
+        if item is None or item.clips is None:
+            continue
+        with torch.no_grad():
+            output = _backbone(tower, device, item.clips[:1])
+        outputs.append(([t.to(torch.float16).cpu() for t in output.block_outputs],
+                        [m.float().cpu() for m in output.maps_prev]))
+    if not outputs:
+        return {}, [], 0
+    blocks = tower.backbone.block_indices
+    tokens = {b: torch.cat([video[0][i] for video in outputs]).float() for i, b in enumerate(blocks)}
+    return tokens, [torch.cat([video[1][i] for video in outputs]) for i in range(len(blocks))], len(outputs)
+
+
+def calibrate(config: ExtractConfig, dataset: VideoList, tower: Tower, layout: CacheLayout,
+              device: torch.device) -> dict | None:
+    """A new lossy cache's `storage.calibration`: each channel's centre and scale (`int8`, `int4`) and
+    the chosen encoding's errors, from the first videos; logs one line when they are above the
+    encoding's bounds, naming the encoding that keeps them."""
+    enc = encoding(layout.encoding)
+    if not enc.scaled or not layout.blocks:
+        return None
+    tokens, maps, videos = _calibration_outputs(config, dataset, tower, device)
+    if not videos:
+        raise DatasetError(f"--storage {enc.name} measures its codes on the first videos, and none of the "
+                           f"dataset's could be decoded")
+    record = calibration_record(tokens, videos)
+    errors = {}
+    for name in ENCODINGS:
+        try:
+            errors[name] = measure_errors(encoding(name), tokens, maps, {"calibration": record})
+        except EvlCacheError:  # fp8 without torch's float8
+            continue
+    line = warning(enc.name, errors, videos)
+    if line:
+        log.warning("extract: %s", line)
+    return {**(record if enc.calibrated else {"videos": videos}), "errors": errors[enc.name]}
 
 
 def _log_shard(path: Path, process: Process, started: float, writer: ShardWriter, counts: Counts) -> None:
@@ -159,7 +214,7 @@ def _log_shard(path: Path, process: Process, started: float, writer: ShardWriter
 
 
 def _extract_videos(config: ExtractConfig, dataset: VideoList, todo: list[int], tower: Tower, layout: CacheLayout,
-                    process: Process, device: torch.device) -> Counts:
+                    storage: dict, process: Process, device: torch.device) -> Counts:
     """Decode `todo` in worker processes, run the backbone, write the shards; returns what was done.
     A user error in any process stops every process (none may wait forever for the others)."""
     loader = DataLoader(ClipSource(dataset, todo, tower.clip_spec, config.decode_timeout), batch_size=None,
@@ -170,7 +225,7 @@ def _extract_videos(config: ExtractConfig, dataset: VideoList, todo: list[int], 
                     disable=not process.is_main)
     try:
         with (FeatureStore(config.out, mode="r+") if todo else contextlib.nullcontext()) as store:
-            output = BatchedWriter(store, layout, partial(_encoded, tower, layout, device), config.batch_size,
+            output = BatchedWriter(store, layout, partial(_encoded, tower, layout, storage, device), config.batch_size,
                                    partial(_log_shard, metrics_path(config), process, started))
             counts = output.counts
             for item in loader:
@@ -220,7 +275,9 @@ def extract(config: ExtractConfig) -> ExtractSummary | CachePlan:
     spec = tower.spec
     layout = cache_layout(config, dataset, spec.width, spec.layers, spec.patch_grid, spec.embed_dim, spec.prefix_tokens)
     identity = cache_identity(config, spec, tower.clip_spec, layout, dataset, tower.normalisation)
-    status, shards, parts = open_together(process, config, identity, layout, dataset)
+    status, shards, parts, storage = open_together(process, config, identity, layout, dataset,
+                                                   partial(calibrate, config, dataset, tower, layout, device))
+    layout = dataclasses.replace(layout, encoding=stored_encoding(storage).key)  # an older cache keeps its codes
     todo, todo_shards = pending_videos(status, shards, layout)
     log.info("extract: %d videos (%s), %d classes; process %d of %d has %d shards to do (%d videos); backbone "
              "%s (%s), blocks %s, device %s", layout.num_videos, dataset.count_by_split(), len(dataset.class_names),
@@ -231,7 +288,7 @@ def extract(config: ExtractConfig) -> ExtractSummary | CachePlan:
                  "process r writes the files p with p %% %d == r", parts, process.world_size, process.world_size)
     started, bytes_before = time.perf_counter(), disk_usage(location(config.out))
     with deterministic_kernels(device):  # a resumed extraction writes the bits an uninterrupted one would
-        counts = _extract_videos(config, dataset, todo, tower, layout, process, device)
+        counts = _extract_videos(config, dataset, todo, tower, layout, storage, process, device)
     summary = _summarise(config, process, dataset, layout, counts, todo, time.perf_counter() - started, bytes_before)
     if process.is_main and summary.done == 0 and summary.skipped == 0:
         raise DatasetError(f"no video could be extracted ({summary.failed} failed); see the reasons above "

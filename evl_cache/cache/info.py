@@ -1,4 +1,6 @@
-"""What a cache holds, for `evl-cache info`: backbone, blocks, sampling, splits, statuses, classes, size."""
+"""What a cache holds, for `evl-cache info`: backbone, blocks, sampling, splits, statuses, classes, size;
+with `--stats`, its tower's feature statistics per cached block (outlier channels, high-norm tokens), so
+that a user sees them before choosing a lossy `--storage`."""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,12 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..config import option
 from ..errors import EvlCacheError
 from ..towers.backbone import BackboneSpec
+from ..towers.statistics import HIGH_NORM_RATIO, OUTLIER_RATIO, tower_statistics
 from ..video.datasets import NOT_ON_DISK
-from .store import FAILED, STATUS_NAMES, FeatureStore, cache_storage
+from .calibration import block_channels
+from .encodings import decode, stored_encoding
+from .store import DONE, FAILED, STATUS_NAMES, FeatureStore, cache_storage
+
+STATS_VIDEOS = 8  # videos (the first done ones, their first view) that `--stats` reads
 
 
 @dataclass
@@ -21,6 +29,8 @@ class InfoConfig:
     failed: bool = option(False, "list the failed videos with their reasons")
     notes: bool = option(False, "list the videos whose decoding needed care (another stream, timestamps not "
                                 "used, an undecodable head skipped), with what was done")
+    stats: bool = option(False, f"per cached block, the spread of channel magnitudes (max over median RMS) and "
+                                f"the share of high-norm tokens, from the first {STATS_VIDEOS} videos' tokens")
 
 
 def info(config: InfoConfig) -> dict:
@@ -49,7 +59,7 @@ def info(config: InfoConfig) -> dict:
             "sampling": attrs["sampling"],
             "preprocessing": attrs["preprocessing"],
             "dtype": attrs["dtype"],
-            "storage": cache_storage(attrs),
+            "storage": _storage_summary(cache_storage(attrs)),
             "videos": int(len(status)),
             "status": {name: counts.get(name, 0) for name in STATUS_NAMES.values()},
             "not_on_disk": int(sum(1 for s, e in zip(status, errors) if s == FAILED and e == NOT_ON_DISK)),
@@ -67,14 +77,55 @@ def info(config: InfoConfig) -> dict:
         if config.notes:
             paths = store.column("path")
             info["notes"] = [{"path": str(p), "note": str(n)} for p, n in zip(paths, notes) if n]
+        if config.stats:
+            info["stats"] = block_statistics(store, attrs, status)
     return info
 
 
+def _storage_summary(storage: dict) -> dict:
+    """The storage record without the calibration's per-channel numbers (which blocks, how many videos,
+    the errors measured on them)."""
+    calibration = storage.get("calibration")
+    if calibration is None:
+        return storage
+    summary = {k: v for k, v in calibration.items() if k != "blocks"}
+    return {**storage, "calibration": {**summary, **({"blocks": sorted(map(int, calibration["blocks"]))}
+                                                      if "blocks" in calibration else {})}}
+
+
+def block_statistics(store: FeatureStore, attrs: dict, status: np.ndarray) -> dict[str, dict]:
+    """Block -> `tower_statistics` of its tokens (decoded, float32) in the first done videos' first views."""
+    storage = cache_storage(attrs)
+    enc, width = stored_encoding(storage), attrs["backbone"]["width"]
+    videos = np.flatnonzero(status == DONE)[:STATS_VIDEOS]
+    stats = {}
+    for block in attrs["blocks"] if len(videos) and "tokens" in attrs.get("stored", ["tokens"]) else []:
+        def rows(name: str) -> torch.Tensor:
+            return torch.from_numpy(np.stack([np.asarray(store.array(name)[int(i), 0]) for i in videos]))
+
+        name = f"tokens/block_{block}"
+        scale = rows(f"scales/{name}") if enc.scaled else None
+        tokens = decode(rows(name), scale, enc, True, width, torch.float32, block_channels(storage, block))
+        stats[str(block)] = {**tower_statistics(tokens), "videos": len(videos)}
+    return stats
+
+
 def _storage_line(storage: dict) -> str:
-    encoding = storage["encoding"]
-    kind = ("float16 values" if encoding == "fp16" else
-            f"{encoding} codes with a float32 scale per token (tokens) and per query patch (maps); embed float16")
-    return f"{encoding} ({kind}), compression {storage['compress']}"
+    enc = stored_encoding(storage)
+    if not enc.scaled:
+        kind = "float16 values"
+    elif enc.calibrated:
+        kind = (f"tokens: {enc.name} codes per token after a per-channel calibration; maps: log-domain codes "
+                f"per query patch; embed float16")
+    else:
+        kind = f"{enc.name} codes with a float32 scale per token (tokens) and per query patch (maps); embed float16"
+    line = f"{storage['encoding']} ({kind}), compression {storage['compress']}"
+    errors = storage.get("calibration", {}).get("errors")
+    if errors:
+        line += (f"\n            measured on the first {storage['calibration']['videos']} videos: tokens' median "
+                 f"per-channel error {errors['tokens_median']:.2g} (p99 {errors['tokens_p99']:.2g}), maps' mean "
+                 f"L1 per row {errors['maps_l1']:.2g}")
+    return line
 
 
 def format_info(info: dict) -> str:
@@ -118,4 +169,13 @@ def format_info(info: dict) -> str:
         lines.append(f"failed:     {item['path']}: {item['error']}")
     for item in info.get("notes", []):
         lines.append(f"note:       {item['path']}: {item['note']}")
+    for block, stats in info.get("stats", {}).items():
+        outliers = stats["outlier_channels"]
+        lines.append(f"stats:      block {block}: channel spread {stats['channel_spread']:.0f}x (max over median "
+                     f"RMS); {len(outliers)} outlier channel(s) above {OUTLIER_RATIO:.0f}x"
+                     + (f" ({', '.join(map(str, outliers[:8]))}{', ...' if len(outliers) > 8 else ''})" if outliers
+                        else "") + f"; {100 * stats['high_norm_share']:.1f} % of tokens above {HIGH_NORM_RATIO:.0f}x "
+                     f"the median norm ({stats['tokens']} tokens of {stats['videos']} videos)")
+    if "stats" in info and not info["stats"]:
+        lines.append("stats:      no cached tokens to measure (no done video, or --blocks 0)")
     return "\n".join(lines)

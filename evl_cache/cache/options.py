@@ -40,7 +40,9 @@ class ExtractConfig:
     label_field: str | None = option(None, "tar shards: the field of each KEY.json holding the label, a class index "
                                            "or name [default: the KEY.cls member]")
     model: str = option("ViT-B-16", "open_clip model name, or a path to an open_clip model-config JSON")
-    pretrained: str = option("openai", "open_clip pretrained tag, a local weights file, or none (random)")
+    pretrained: str = option("openai", "open_clip pretrained tag, a local weights file, or none (random); with "
+                                       "'+outliers' added (none+outliers), those weights edited to have a trained "
+                                       "CLIP's outlier channels and attention sinks (a model of them, for tests)")
     blocks: int = option(4, "how many of the last backbone blocks to cache (0: only the per-frame CLIP "
                             "embeddings, all that zero-shot and the text heads read)")
     size: int | None = option(None, "input size in pixels [default: the model's own]")
@@ -62,7 +64,10 @@ class ExtractConfig:
     seed: int = option(0, "seed of every random choice (augmentation, random weights)")
     storage: str = option("fp16", "how feature values are stored: fp16 (as the backbone gives them), or one code "
                                   "per value and a scale per token (tokens) or query patch (maps): int8 or fp8 "
-                                  "(about 2x fewer bytes), int4 (about 4x)", choices=tuple(ENCODINGS))
+                                  "(about 2x fewer bytes), int4 (about 4x); int8 and int4 calibrate each channel "
+                                  "on the first videos", choices=tuple(ENCODINGS))
+    calibration_videos: int = option(8, "lossy --storage: the first videos (in the dataset's order) whose features "
+                                        "calibrate the codes and measure their error (a resume keeps the cache's)")
     compress: str = option("none", "lossless zstd compression of the stored values inside each shard (Zarr)",
                            choices=("none", "zstd"))
     shard_size: int = option(8, "videos per shard (the unit of writing and resuming)")
@@ -80,7 +85,7 @@ def validate(config: ExtractConfig) -> None:
     if config.out is None:
         raise EvlCacheError("--out is required (a *.zarr or *.h5 path)")
     store_kind(config.out)  # refuses any other suffix
-    for name in ("frames", "stride", "eval_views", "train_views", "shard_size", "batch_size"):
+    for name in ("frames", "stride", "eval_views", "train_views", "shard_size", "batch_size", "calibration_videos"):
         if getattr(config, name) < 1:
             raise EvlCacheError(f"--{name.replace('_', '-')} must be at least 1")
     if config.blocks < 0:

@@ -39,8 +39,10 @@ from ..errors import CacheError
 # 2: storage encodings and compression (`storage`); a version-1 cache is float16, uncompressed.
 # 3: towers of every family: the backbone record's `family` and `prefix_tokens` (L = prefix_tokens + P); a
 #    cache of versions 1 and 2 is of an open_clip ViT with one class token.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: int8/int4 codes calibrated per channel (tokens) and log-coded (maps), `storage` says so (its code kinds
+#    and calibration); a cache of versions 2 and 3 holds the per-token and per-row codes (`encodings.LEGACY`).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 ATTR = "evl_cache"
 PARTS_ATTR = "evl_cache_parts"  # in a joined HDF5 cache's main file: its part files, in part order
 PART_ATTR = "evl_cache_part"  # in each part file of a joined HDF5 cache: its main file and part number
@@ -61,13 +63,14 @@ class CacheLayout:
     embed_dim: int
     blocks: tuple[int, ...]
     shard_size: int
-    encoding: str = "fp16"
+    encoding: str = "fp16"  # the encoding's key (`encodings.encoding`): a name, or a legacy encoding's
     compress: str = "none"
 
     def feature_arrays(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], np.dtype]]:
         """Name -> (shape, chunk shape, stored dtype) of every feature array, in the checksum's order:
         per block its tokens, then its prev and next maps (each followed by its scales when the
-        encoding has them), then `embed` (always float16)."""
+        encoding has them: per token or map row, and a log-coded row's two), then `embed` (always
+        float16)."""
         from .encodings import encoding
 
         enc = encoding(self.encoding)
@@ -78,7 +81,8 @@ class CacheLayout:
             shape = (n, v) + rows + (enc.stored_dim(dim),)
             arrays[name] = (shape, (1, 1) + shape[2:], enc.stored_dtype(signed))
             if enc.scaled:
-                arrays[f"scales/{name}"] = ((n, v) + rows, (1, 1) + rows, np.dtype(np.float32))
+                trailing, dtype = enc.scale_layout(signed)
+                arrays[f"scales/{name}"] = ((n, v) + rows + trailing, (1, 1) + rows + trailing, dtype)
 
         arrays: dict[str, tuple[tuple[int, ...], tuple[int, ...], np.dtype]] = {}
         for b in self.blocks:
@@ -573,9 +577,16 @@ DEFAULT_STORAGE = {"encoding": "fp16", "compress": "none"}
 
 
 def cache_storage(attrs: dict) -> dict:
-    """How the cache stores its values: {"encoding", "compress"} (caches of format version 1, which
-    predate the option, are float16 and uncompressed)."""
+    """How the cache stores its values: {"encoding", "compress"}, and from format version 4 the code
+    kinds and any calibration (caches of format version 1, which predate the option, are float16 and
+    uncompressed)."""
     return {**DEFAULT_STORAGE, **attrs.get("storage", {})}
+
+
+def storage_choice(attrs: dict) -> dict:
+    """The storage options a cache was made with, {"encoding", "compress"}: what a resume must match."""
+    storage = cache_storage(attrs)
+    return {key: storage[key] for key in DEFAULT_STORAGE}
 
 
 def cache_fingerprint(attrs: dict) -> str:

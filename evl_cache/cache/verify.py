@@ -23,6 +23,7 @@ from ..config import option
 from ..errors import CacheError, EvlCacheError
 from ..towers.backbone import prefix_tokens
 from ..video.clips import ClipSpec
+from .encodings import stored_encoding
 from .store import DONE, FAILED, PENDING, STATUS_NAMES, CacheLayout, FeatureStore, cache_storage, video_checksum
 
 
@@ -84,7 +85,8 @@ def cache_layout_of(store: FeatureStore, attrs: dict) -> CacheLayout:
         return CacheLayout(num_videos=store.num_videos, views=sampling["views"], frames=sampling["frames"],
                            tokens=prefix_tokens(backbone) + grid[0] * grid[1], width=backbone["width"], grid=grid,
                            embed_dim=backbone["embed_dim"], blocks=tuple(attrs["blocks"]),
-                           shard_size=attrs["shard_size"], **cache_storage(attrs))
+                           shard_size=attrs["shard_size"], encoding=stored_encoding(cache_storage(attrs)).key,
+                           compress=cache_storage(attrs)["compress"])
     except (KeyError, TypeError, IndexError) as error:
         raise CacheError(f"the cache's description is incomplete (no {error})", store.path) from None
 

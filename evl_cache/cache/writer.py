@@ -25,6 +25,7 @@ from ..runtime import library_versions
 from ..towers.backbone import BackboneSpec
 from ..video.clips import VideoClips
 from ..video.find import VideoList
+from .calibration import block_channels
 from .encodings import encode, encoding
 from .options import ExtractConfig
 from .store import (
@@ -39,6 +40,7 @@ from .store import (
     location,
     remove_partial_files,
     remove_store,
+    storage_choice,
     store_exists,
     video_checksum,
 )
@@ -82,7 +84,7 @@ def checked_store(out: str | Path, identity: dict, mode: str = "r") -> FeatureSt
     """The cache at `out`, after checking that it was made the way `identity` says."""
     store = FeatureStore(out, mode=mode)
     attrs = store.check_version()
-    attrs["storage"] = cache_storage(attrs)  # a version-1 cache: fp16, uncompressed
+    attrs["storage"] = storage_choice(attrs)  # a version-1 cache: fp16, uncompressed; codes follow the cache
     if "backbone" in attrs:  # a cache of versions 1 and 2: an open_clip ViT, one class token
         attrs["backbone"] = json.loads(json.dumps(BackboneSpec.from_dict(attrs["backbone"]).to_dict()))
     diffs = _differences({k: attrs.get(k) for k in identity}, identity)
@@ -94,9 +96,11 @@ def checked_store(out: str | Path, identity: dict, mode: str = "r") -> FeatureSt
 
 
 def create_or_check(config: ExtractConfig, identity: dict, layout: CacheLayout, dataset: VideoList,
-                    parts: int = 1) -> None:
+                    parts: int = 1, calibrate: Callable[[], dict | None] | None = None) -> None:
     """Create the cache (an HDF5 one as `parts` part files, one per writing process), or check that the
-    one there was made the same way; `--overwrite` first removes it (only ever an evl-cache cache)."""
+    one there was made the same way; `--overwrite` first removes it (only ever an evl-cache cache).
+    A new cache records its encoding's code kinds and the calibration `calibrate` gives (once: a
+    resumed cache keeps its own)."""
     out = location(config.out)
     if store_exists(out) and config.overwrite:
         remove_store(out)
@@ -109,42 +113,52 @@ def create_or_check(config: ExtractConfig, identity: dict, layout: CacheLayout, 
         "label": np.array([e.label for e in dataset.entries], dtype=np.int32),
         "split": np.array([e.split for e in dataset.entries], dtype=object),
     }
-    attrs = {**identity, "extract_config": to_dict(config), "versions": library_versions(),
+    record = calibrate() if calibrate is not None else None
+    storage = {**identity["storage"], **encoding(layout.encoding).record(),
+               **({"calibration": record} if record else {})}
+    attrs = {**identity, "storage": storage, "extract_config": to_dict(config), "versions": library_versions(),
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     FeatureStore.create(out, layout, attrs, columns, parts=parts).close()
 
 
 def open_together(process: Process, config: ExtractConfig, identity: dict, layout: CacheLayout,
-                  dataset: VideoList) -> tuple[np.ndarray, list[int], int]:
-    """(video statuses, the shards this process writes, the cache's HDF5 file count or 0 for Zarr).
+                  dataset: VideoList, calibrate: Callable[[], dict | None] | None = None,
+                  ) -> tuple[np.ndarray, list[int], int, dict]:
+    """(video statuses, the shards this process writes, the cache's HDF5 file count or 0 for Zarr, how
+    it stores its values: `storage`, with its calibration).
 
-    The main process creates (or checks) the cache first, an HDF5 cache as one part file per process;
-    then every process checks it and reads it, and closes it before any process opens it to write (an
-    HDF5 file open for writing in one process cannot be read by another)."""
-    def read() -> tuple[np.ndarray, list[int], int]:
+    The main process creates (or checks) the cache first, an HDF5 cache as one part file per process,
+    calibrating a new one; then every process checks it and reads it (the calibration too), and closes
+    it before any process opens it to write (an HDF5 file open for writing in one process cannot be read
+    by another)."""
+    def read() -> tuple[np.ndarray, list[int], int, dict]:
         with checked_store(location(config.out), identity) as store:
             shards = -(-layout.num_videos // layout.shard_size)
             mine = [s for s in range(shards) if store.shard_owner(s, process.world_size) == process.rank]
-            return store.column("status"), mine, store.parts
+            return store.column("status"), mine, store.parts, cache_storage(store.attrs)
 
-    on_main(process, lambda: create_or_check(config, identity, layout, dataset, parts=process.world_size))
+    on_main(process, lambda: create_or_check(config, identity, layout, dataset, process.world_size, calibrate))
     return on_every(process, read)
 
 
-def stored_features(output, layout: CacheLayout) -> dict[str, np.ndarray]:
+def stored_features(output, layout: CacheLayout, storage: dict | None = None) -> dict[str, np.ndarray]:
     """A batch's backbone output as the cache stores it: each feature array's rows [B, ...], encoded
-    on the backbone's device (`encodings`), then moved to the CPU."""
+    on the backbone's device (`encodings`, with the calibration in the cache's `storage`), then moved to
+    the CPU."""
     enc = encoding(layout.encoding)
     stored = {}
 
-    def add(name: str, values: torch.Tensor, signed: bool) -> None:
-        codes, scale = encode(values, enc, signed)
+    def add(name: str, values: torch.Tensor, signed: bool, channels=None) -> None:
+        codes, scale = encode(values, enc, signed, channels)
         stored[name] = codes.cpu().numpy()
         if scale is not None:
             stored[f"scales/{name}"] = scale.cpu().numpy()
 
     for b, block in enumerate(layout.blocks):
-        add(f"tokens/block_{block}", output.block_outputs[b], signed=True)
+        channels = block_channels(storage or {}, block) if enc.calibrated else None
+        if enc.calibrated and channels is None:
+            raise CacheError(f"{enc.name} codes need the cache's calibration, which has no block {block}")
+        add(f"tokens/block_{block}", output.block_outputs[b], signed=True, channels=channels)
         add(f"maps/block_{block}/prev", output.maps_prev[b], signed=False)
         add(f"maps/block_{block}/next", output.maps_next[b], signed=False)
     stored["embed"] = output.embeddings.to(torch.float16).cpu().numpy()

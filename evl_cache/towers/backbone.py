@@ -22,6 +22,7 @@ import torch.nn as nn
 from ..errors import BackboneError, DownloadError
 from .block_prompts import attach_image_prompts, attach_text_prompts, read_block_prompts
 from .families import QueryKeyTap, tower_layout
+from .statistics import add_clip_statistics, split_pretrained
 from .tiny_trunks import register_tiny_trunks
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,8 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
 
     name = _register_model_name(model)
     model_geometry(model, image_size)  # refuses a tower evl-cache cannot read, on the meta device
-    weights, tag_cfg = _weights_of(name, pretrained)
+    base, statistics = split_pretrained(pretrained)  # `+outliers`: CLIP's statistics added (towers/statistics.py)
+    weights, tag_cfg = _weights_of(name, base)
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
     kwargs = {"force_image_size": image_size} if image_size is not None else {}
     if quick_gelu:
@@ -159,14 +161,21 @@ def load_clip(model: str, pretrained: str = "openai", image_size: int | None = N
                     f"pass --pretrained /path/to/weights (a local file) or --pretrained none "
                     f"(random weights, for tests)") from None
             raise BackboneError(f"cannot load weights {weights}: {error}") from None
-    if weights is None:
+    if statistics:
+        family = tower_layout(clip.visual, model).family
+        if family != "openclip":
+            raise BackboneError(f"--pretrained {pretrained!r}: CLIP's statistics are added to open_clip ViT towers "
+                                f"(OpenAI layout); {model} is a {family} tower")
+        add_clip_statistics(clip.visual, seed=seed)
+    if weights is None or statistics:
         sha = _sha256_state(clip)
     elif os.path.isfile(weights):
         sha = sha256_file(weights)
-        _attach_prompts(clip, model, weights)
     else:
         from open_clip.pretrained import download_pretrained
         sha = sha256_file(download_pretrained(tag_cfg))
+    if weights is not None and os.path.isfile(weights):
+        _attach_prompts(clip, model, weights)
     clip = clip.to(device).eval().requires_grad_(False)
     return clip, describe(clip, model, pretrained, sha, quick_gelu, open_clip.get_model_config(name) or {})
 
