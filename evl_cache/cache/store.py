@@ -8,8 +8,9 @@ record says the tower's prefix tokens: 0, 1, or a class token and registers):
 - `embed`: [N, V, T, E] float16.
 The root attribute `evl_cache` describes everything else (backbone, sampling, classes, versions).
 
-Rules from measurement (design.md): arrays are created at full size up front; a shard of videos is
-written whole, once; per-video rows are chunked like the shards; status is written after the data.
+How it is written (docs/cache-format.md, "How a cache is written"): arrays are created at full size up
+front; a shard of videos is written whole, once; per-video rows are chunked like the shards; status is
+written after the data.
 
 HDF5 takes one writer per file, so an HDF5 cache made by several processes is joined from part files
 beside it (`feats.part-0-of-2.h5`, ...): each part holds every array at full size (HDF5 allocates only
