@@ -56,7 +56,7 @@ from .apps.zeroshot import prompt_description
 from .cache.info import format_info
 from .cache.plan import CachePlan, format_plan
 from .config import config_command
-from .distributed import is_main_process
+from .distributed import is_main_process, leave_process_group
 from .errors import EvlCacheError
 
 
@@ -98,6 +98,8 @@ def _user_errors(function: Callable) -> Callable:
         except EvlCacheError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(1)
+        finally:
+            leave_process_group()
     return wrapper
 
 

@@ -60,6 +60,14 @@ def init_process(device: torch.device) -> Process:
                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")), joined=True)
 
 
+def leave_process_group() -> None:
+    """Leave the job's process group, if this process joined one. A command-line process does this when
+    its command ends, however it ends: NCCL warns of leaked resources when a group is only torn down
+    at exit, and a process that failed then lets the others' collectives fail instead of hang."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def group_backends() -> dict[str, str]:
     """Device type -> backend of the default process group: 'gloo' serves cpu and cuda, 'nccl' cuda
     only, and a group made as 'cpu:gloo,cuda:nccl' names its own."""

@@ -295,14 +295,19 @@ def test_sums_and_barriers_are_made_on_that_device(group, monkeypatch):
     assert sum_across(Process(), [1.0]) == [1.0] and not Process().joined  # no job: no collective
 
 
-def test_one_process_under_torchrun_joins_the_job(monkeypatch):
-    """torchrun with one process: the same collectives as many (and NCCL's device rules on a GPU)."""
+def _join_a_one_process_job(monkeypatch) -> None:
+    """The environment torchrun gives its one process (on a free port)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     for name, value in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(name, value)
+
+
+def test_one_process_under_torchrun_joins_the_job(monkeypatch):
+    """torchrun with one process: the same collectives as many (and NCCL's device rules on a GPU)."""
+    _join_a_one_process_job(monkeypatch)
     try:
         process = init_process(torch.device("cpu"))
         assert process.joined and process.world_size == 1 and dist.get_backend() == "gloo"
@@ -311,6 +316,20 @@ def test_one_process_under_torchrun_joins_the_job(monkeypatch):
         dist.destroy_process_group()
     monkeypatch.delenv("WORLD_SIZE")
     assert init_process(torch.device("cpu")) == Process()
+
+
+def test_a_command_leaves_the_job_when_it_ends(sample_videos, tmp_path, monkeypatch):
+    """The command line leaves the process group when its command ends, whether it succeeded or failed."""
+    _join_a_one_process_job(monkeypatch)
+    out = tmp_path / "cache.zarr"
+    args = ["extract", "--videos", str(sample_videos), "--out", str(out), "--model", "EVL-Tiny", "--pretrained",
+            "none", "--frames", "2", "--eval-views", "1", "--train-views", "1", "--workers", "0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert not dist.is_initialized()
+    result = CliRunner().invoke(main, args + ["--frames", "3"])  # resuming with other frames is refused
+    assert result.exit_code == 1 and "error: " in result.output, result.output
+    assert not dist.is_initialized()
 
 
 @slow

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..cache.dataset import FeatureSelection
 from ..cache.calibration import block_channels
+from ..cache.dataset import FeatureSelection
 from ..cache.encodings import as_stored, stored_encoding
 from ..cache.store import cache_storage
 from ..config import option, shared
