@@ -142,6 +142,20 @@ def random_values(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dt
     return rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
 
 
+def assert_trained_alike(ours: dict, reference: dict, lr: float, steps: int, share: float = 0.005) -> None:
+    """Weights trained from the same start on the same global batches, with the float sums in another order
+    (several processes against one): equal within float rounding, but for the few values whose gradient is
+    float noise about zero, which AdamW turns into steps of up to about lr each. At most `share` of all the
+    values may differ, each by at most 2 * lr * steps; a training that differs in earnest moves most values."""
+    assert ours.keys() == reference.keys()
+    apart = total = 0
+    for key, value in reference.items():
+        close = torch.isclose(ours[key], value, rtol=1e-4, atol=1e-6)
+        apart, total = apart + int((~close).sum()), total + close.numel()
+        assert float((ours[key] - value).abs().max()) <= 2 * lr * steps, key
+    assert apart <= share * total, f"{apart} of {total} values differ"
+
+
 def random_cache(path: Path, encoding: str = "fp16") -> Path:
     """A cache of random stored values with the store's own layout; PENDING_VIDEOS without data, and
     video 0 with one view of two (its second view's chunks are never written)."""
