@@ -8,7 +8,6 @@ data order, the drawn views and the dropout generator all restart from the saved
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -402,10 +401,9 @@ def _finish(out: Path, model: torch.nn.Module, evaluator: Evaluator, data: Train
     write_evaluation(out, "val", final, data.head.get("class_names", data.attrs["class_names"]),
                      data.head.get("novel_classes"))
     plot_curves(out / "curve.png", out / "metrics.jsonl")
-    with open(out / "metrics.jsonl", "a") as handle:
-        handle.write(json.dumps({"event": "summary", "seconds": summary.seconds, "steps": summary.steps,
-                                 "best_val_top1": summary.best_top1, "val_top1": final["top1"],
-                                 "val_top5": final["top5"], **_novel_record(final)}) + "\n")
+    log_epoch(out, {"event": "summary", "seconds": summary.seconds, "steps": summary.steps,
+                    "best_val_top1": summary.best_top1, "val_top1": final["top1"], "val_top5": final["top5"],
+                    **_novel_record(final)}, None)
     log.info(summary.line())
     return summary
 
