@@ -55,6 +55,12 @@ def deterministic_kernels(device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.deterministic = was_cudnn
 
 
+def one_torch_thread(_: int) -> None:
+    """DataLoader workers' start: one torch thread each, so that decoding workers do not oversubscribe
+    the cores the main process computes on."""
+    torch.set_num_threads(1)
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape the numbers, recorded with every cache and run."""
     import av

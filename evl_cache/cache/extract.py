@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ..config import to_dict
 from ..distributed import Process, init_process, raise_together, sum_across
 from ..errors import DatasetError, EvlCacheError
-from ..runtime import bind_device, deterministic_kernels, library_versions, resolve_device
+from ..runtime import bind_device, deterministic_kernels, library_versions, one_torch_thread, resolve_device
 from ..towers.backbone import BackboneSpec, FrozenBackbone, load_clip
 from ..video.clips import ClipSpec, VideoClips, read_video_clips
 from ..video.datasets import NOT_ON_DISK
@@ -111,10 +111,6 @@ class ClipSource(Dataset):
             return VideoClips(index, None, 0, entry.error, 0)
         return read_video_clips(self.root / entry.path, entry.split, index, self.spec, self.timeout,
                                 entry.segment)
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
 
 
 def load_tower(config: ExtractConfig, device: torch.device) -> Tower:
@@ -218,7 +214,7 @@ def _extract_videos(config: ExtractConfig, dataset: VideoList, todo: list[int], 
     """Decode `todo` in worker processes, run the backbone, write the shards; returns what was done.
     A user error in any process stops every process (none may wait forever for the others)."""
     loader = DataLoader(ClipSource(dataset, todo, tower.clip_spec, config.decode_timeout), batch_size=None,
-                        shuffle=False, num_workers=config.workers, worker_init_fn=_worker_init,
+                        shuffle=False, num_workers=config.workers, worker_init_fn=one_torch_thread,
                         prefetch_factor=4 if config.workers else None)
     started, counts, error = time.perf_counter(), Counts(), None
     progress = tqdm(total=len(todo), unit="video", desc="extract", dynamic_ncols=True, smoothing=0.1,

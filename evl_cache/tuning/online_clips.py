@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..cache.dataset import EpochBatches
 from ..cache.extract import ClipSource
+from ..runtime import one_torch_thread
 from ..video.clips import ClipSpec, VideoClips, decode_planned, guarded_read
 from ..video.find import VideoList
 from ..video.pixels import vifi_augmented_clip, vifi_short_side
@@ -61,9 +62,11 @@ class TrainingClips(Dataset):
         read = (VideoClips(index, None, 0, entry.error, 0) if entry.error else
                 guarded_read(self.root / entry.path, index, self.timeout,
                              lambda: self._clip(self.root / entry.path, index, epoch, entry.segment)))
-        blank = torch.zeros(self.frames, 3, self.size, self.size, dtype=torch.uint8)
-        return {"video": index, "label": self.labels[i], "clip": blank if read.clips is None else read.clips[0],
-                "error": read.error if read.clips is None else ""}
+        if read.clips is None:
+            clip, error = torch.zeros(self.frames, 3, self.size, self.size, dtype=torch.uint8), read.error
+        else:
+            clip, error = read.clips[0], ""
+        return {"video": index, "label": self.labels[i], "clip": clip, "error": error}
 
     def _clip(self, path: Path, index: int, epoch: int, segment: tuple[float, float] | None) -> VideoClips:
         rng = np.random.default_rng(clip_seed(self.seed, epoch, index))
@@ -90,14 +93,10 @@ def collate_clips(items: list[dict]) -> dict:
             "failed": [(item["video"], item["error"]) for item in items if item["error"]]}
 
 
-def _one_thread(_: int) -> None:
-    torch.set_num_threads(1)
-
-
 def training_loader(clips: TrainingClips, batches: EpochBatches, workers: int) -> DataLoader:
     """One loader for the whole run (`batches.set_epoch` before each epoch): workers decode ahead."""
     return DataLoader(clips, batch_sampler=batches, num_workers=workers, collate_fn=collate_clips,
-                      worker_init_fn=_one_thread, prefetch_factor=2 if workers else None)
+                      worker_init_fn=one_torch_thread, prefetch_factor=2 if workers else None)
 
 
 def evaluation_spec(frames: int, size: int, views: int, seed: int) -> ClipSpec:
@@ -113,4 +112,4 @@ def evaluation_loader(videos: VideoList, indices: np.ndarray, spec: ClipSpec, wo
     as_validation = VideoList(videos.root, [entry if entry.split != "train" else dataclasses.replace(entry, split="val")
                                             for entry in videos.entries], videos.class_names)
     return DataLoader(ClipSource(as_validation, [int(i) for i in indices], spec, timeout), batch_size=None,
-                      num_workers=workers, worker_init_fn=_one_thread, prefetch_factor=4 if workers else None)
+                      num_workers=workers, worker_init_fn=one_torch_thread, prefetch_factor=4 if workers else None)
