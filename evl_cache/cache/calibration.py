@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..towers.statistics import OUTLIER_RATIO
+from ..towers.statistics import outlier_channels
 from .encodings import ENCODINGS, Channels, Encoding, as_stored
 
 # (tokens' median per-channel relative RMS error, maps' mean L1 error per row) each encoding should keep
@@ -59,7 +59,7 @@ def token_errors(decoded: torch.Tensor, reference: torch.Tensor) -> dict:
     error = decoded.reshape(reference.shape).double() - reference
     rms = reference.pow(2).mean(0).sqrt()
     relative = error.pow(2).mean(0).sqrt() / torch.where(rms > 0, rms, 1.0)
-    outliers = rms > OUTLIER_RATIO * rms.median()
+    outliers = outlier_channels(rms)
     ordinary = relative[~outliers]
     return {"median": float(ordinary.median()), "p99": float(ordinary.quantile(0.99)),
             "outliers": float(relative[outliers].max()) if outliers.any() else None}

@@ -243,6 +243,11 @@ def _add_sink_unit(block: nn.Module, tokens: torch.Tensor, sinks: torch.Tensor, 
         _add_output(block, sign * vector / 20.0, unit)
 
 
+def outlier_channels(rms: torch.Tensor) -> torch.Tensor:
+    """Which channels are outliers, from each channel's RMS [C]: those above OUTLIER_RATIO x the median."""
+    return rms > OUTLIER_RATIO * rms.median()
+
+
 def tower_statistics(tokens: torch.Tensor) -> dict:
     """The outlier-channel and high-norm-token statistics of one block's tokens [..., C]: the spread of
     channel magnitudes (max over median of each channel's RMS), the outlier channels (above
@@ -252,7 +257,7 @@ def tower_statistics(tokens: torch.Tensor) -> dict:
     rms = tokens.pow(2).mean(0).sqrt()
     median = float(rms.median())
     spread = float(rms.max()) / median if median > 0 else math.inf
-    outliers = torch.nonzero(rms > OUTLIER_RATIO * median).flatten()
+    outliers = torch.nonzero(outlier_channels(rms)).flatten()
     ordinary = torch.ones(tokens.shape[-1], dtype=torch.bool)
     ordinary[outliers] = False
     norms = tokens[:, ordinary].norm(dim=-1)
