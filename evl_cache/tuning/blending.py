@@ -62,5 +62,5 @@ def cut_mixed(pixels: Tensor, order: Tensor, lam: float, rng: np.random.Generato
     height, width = pixels.shape[-2:]
     y1, y2, x1, x2 = cut_box(height, width, lam, rng)
     mixed = pixels.clone()
-    mixed[..., y1:y2, x1:x2] = pixels[order][..., y1:y2, x1:x2]
+    mixed[..., y1:y2, x1:x2] = pixels[order, ..., y1:y2, x1:x2]
     return mixed, 1.0 - (y2 - y1) * (x2 - x1) / (height * width)
