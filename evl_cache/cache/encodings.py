@@ -148,7 +148,8 @@ def encode(values: torch.Tensor, enc: Encoding, signed: bool,
         codes, scale = _log_codes(values, enc.levels(False), LOG_RANGE[enc.bits])
     else:
         if kind == "channel":
-            values = (values - channels[0].to(values.device)) / channels[1].to(values.device)
+            centre, spread = _channels_on(channels, values.device)
+            values = (values - centre) / spread
         codes, scale = _linear_codes(values, enc.levels(signed), signed)
     return _packed(codes, enc, signed), scale
 
@@ -214,8 +215,16 @@ def decode(codes: torch.Tensor, scale: torch.Tensor | None, enc: Encoding, signe
         return values.sub_(enc.levels(False)).mul_(step).exp_().mul_(peak).masked_fill_(zero, 0).to(dtype)
     values.mul_(scale.float()[..., None])
     if kind == "channel":
-        values.mul_(channels[1].to(values.device)).add_(channels[0].to(values.device))
+        centre, spread = _channels_on(channels, values.device)
+        values.mul_(spread).add_(centre)
     return values.to(dtype)
+
+
+def _channels_on(channels: Channels, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache's calibration (centre, scale) on `device`. The copies do not wait for the device's queued
+    work (a blocking copy would, every batch): the calibration is fixed, never written while they run."""
+    centre, spread = channels
+    return centre.to(device, non_blocking=True), spread.to(device, non_blocking=True)
 
 
 def _unpacked(codes: torch.Tensor, enc: Encoding, signed: bool, dim: int, dtype: torch.dtype) -> torch.Tensor:
